@@ -1,0 +1,179 @@
+"""The `vllm-lab` command. Argument parsing only; each subcommand calls into its own module.
+
+Exit codes: 0 done, 1 the job ran and found a failure worth a non-zero status, 2 bad input (one line on
+stderr naming what is wrong and how to fix it, printed before anything launches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from vllm_lab.spec import SpecError
+
+
+def _scan_log(args) -> int:
+    from vllm_lab.logscan import cli_scan_log
+
+    return cli_scan_log(args)
+
+
+def _predict(args) -> int:
+    from vllm_lab.predict import cli_predict
+
+    return cli_predict(args)
+
+
+def _preflight(args) -> int:
+    from vllm_lab.predict import cli_preflight
+
+    return cli_preflight(args)
+
+
+def _gpus(args) -> int:
+    from vllm_lab.gpu import cli_gpus
+
+    return cli_gpus(args)
+
+
+def _launch(args) -> int:
+    from vllm_lab.probe import cli_launch
+
+    return cli_launch(args)
+
+
+def _reap(args) -> int:
+    from vllm_lab.launcher import cli_reap
+
+    return cli_reap(args)
+
+
+def _search(args) -> int:
+    from vllm_lab.search import cli_search
+
+    return cli_search(args)
+
+
+def _run(args) -> int:
+    from vllm_lab.batch import cli_run
+
+    return cli_run(args)
+
+
+def _report(args) -> int:
+    from vllm_lab.report import cli_report
+
+    return cli_report(args)
+
+
+def _tiny_model(args) -> int:
+    from vllm_lab.tinymodel import cli_tiny_model
+
+    return cli_tiny_model(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vllm-lab", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("scan-log", help="classify a vLLM log: failure kind, evidence, remedy, capacity facts")
+    s.add_argument("path", help="log file, or - for stdin")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(func=_scan_log)
+
+    s = sub.add_parser("predict", help="KV bytes per token, KV capacity and the largest max_model_len")
+    s.add_argument("--model", required=True, help="model directory, config.json, or a name under params/models")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--gpu", help="GPU profile name (params/gpus), e.g. p40, a100-80gb")
+    g.add_argument("--gpu-memory-gib", type=float, help="GPU memory in GiB")
+    s.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    s.add_argument("--weights-gib", type=float)
+    s.add_argument("--overhead-gib", type=float, help="non-KV memory besides weights (activations, non-torch)")
+    s.add_argument("--kv-cache-gib", type=float, help="KV budget in GiB: capacity comes from it directly")
+    s.add_argument("--kv-cache-dtype", default="auto")
+    s.add_argument("--block-size", type=int, default=16)
+    s.add_argument("--tensor-parallel-size", type=int, default=1)
+    s.add_argument("--vllm-version", default=None)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_predict)
+
+    s = sub.add_parser("preflight", help="what can and cannot start on this card, before any launch")
+    s.add_argument("--model", required=True)
+    s.add_argument("--gpu", required=True, help="GPU profile name, or auto (NVML)")
+    s.add_argument("--vllm-version", default=None)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_preflight)
+
+    s = sub.add_parser("gpus", help="NVML inventory (says so plainly where there is no NVIDIA GPU)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_gpus)
+
+    s = sub.add_parser("launch", help="one trial end to end: launch, requests, stop; prints the record")
+    s.add_argument("--model", required=True)
+    s.add_argument("--vllm-cmd", default=None, help="e.g. 'vllm serve' or '.venv-vllm/bin/python -m vllm.entrypoints.openai.api_server'")
+    s.add_argument("--launcher", default="head", choices=["legacy", "head", "explicit"])
+    s.add_argument("--quantization")
+    s.add_argument("--max-model-len", type=int)
+    m = s.add_mutually_exclusive_group()
+    m.add_argument("--gpu-memory-utilization", type=float)
+    m.add_argument("--kv-cache-memory-bytes", type=int)
+    s.add_argument("--out", default="outputs/adhoc", help="run folder")
+    s.add_argument("--timeout", type=float, default=600.0, help="startup timeout, seconds")
+    s.add_argument("--extra-args", default="", help="extra vLLM args as one string")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_launch)
+
+    s = sub.add_parser("reap", help="stop a vLLM server left alive by an earlier killed run")
+    s.add_argument("run_dir", help="run folder holding server pid files")
+    s.set_defaults(func=_reap)
+
+    s = sub.add_parser("search", help="the largest stable max_model_len, in as few launches as possible")
+    s.add_argument("--model", required=True)
+    s.add_argument("--vllm-cmd", default=None)
+    m = s.add_mutually_exclusive_group(required=True)
+    m.add_argument("--gpu-memory-utilization", type=float)
+    m.add_argument("--kv-cache-memory-bytes", type=int)
+    s.add_argument("--low", type=int, default=None)
+    s.add_argument("--high", type=int, default=None)
+    s.add_argument("--launcher", default="head", choices=["legacy", "head", "explicit"])
+    s.add_argument("--quantization")
+    s.add_argument("--extra-args", default="")
+    s.add_argument("--out", default="outputs/search")
+    s.add_argument("--timeout", type=float, default=600.0)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_search)
+
+    s = sub.add_parser("run", help="run a plan (params/*.yaml) through papermill, then build the report")
+    s.add_argument("plan")
+    s.add_argument("--out", default=None, help="parent folder of the run folder (default outputs/)")
+    s.add_argument("--resume", default=None, help="an earlier run folder: skip trials already recorded")
+    s.add_argument("--dry-run", action="store_true", help="print every trial with its predicted outcome")
+    s.add_argument("--only", action="append", default=None, help="run only this step (repeatable)")
+    s.set_defaults(func=_run)
+
+    s = sub.add_parser("report", help="rebuild report.html and report.md from a run folder's trials.jsonl")
+    s.add_argument("run_dir")
+    s.set_defaults(func=_report)
+
+    s = sub.add_parser("tiny-model", help="build the tiny offline Qwen2-style test model")
+    s.add_argument("out_dir")
+    s.add_argument("--awq", action="store_true", help="a variant whose config.json says AWQ")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_tiny_model)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SpecError as e:
+        print(f"vllm-lab {args.command}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"vllm-lab {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

