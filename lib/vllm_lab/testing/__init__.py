@@ -1,0 +1,1 @@
+"""Test doubles (the fake vLLM server). Results from them always say backend=fake."""

@@ -1,0 +1,384 @@
+"""A test double for the vLLM OpenAI server: takes vLLM's argv, prints vLLM's real log lines, serves HTTP.
+
+Run as `python -m vllm_lab.testing.fake_vllm [serve MODEL | --model MODEL] --max-model-len N ...`.
+Every record it leads to says backend=fake (it prints `FAKE vLLM` in its first line, which the launcher
+reads). It simulates vLLM V1's KV sizing from the model's config.json, so the capacity search can run on it:
+
+    tokens = floor(budget / (16 * bytes_per_token)) * 16
+    budget = --kv-cache-memory-bytes, else total * util - weights - overhead (simulated GPU below)
+
+Environment knobs (all optional):
+    FAKE_VLLM_VERSION      vLLM version whose log wording to print (default 0.10.2)
+    FAKE_VLLM_SCENARIO     normal | hang | die_after_ready | die_mid_request | stubborn_child | flood
+                           | fail:<kind> (print that failure kind's real message, exit 1)
+    FAKE_VLLM_GPU_MIB      simulated GPU memory (default 24576, a Tesla P40)
+    FAKE_VLLM_GPU_CC       simulated compute capability as an int (default 61)
+    FAKE_VLLM_WEIGHTS_GIB  simulated weights (default 5.7)
+    FAKE_VLLM_OVERHEAD_GIB simulated activation + non-torch memory (default 1.2)
+    FAKE_VLLM_FREE_MIB     simulated free memory at start (default: all of it)
+    FAKE_VLLM_UNSTABLE_ABOVE  prompts longer than this hang (a server that starts but is not stable)
+    FAKE_VLLM_START_DELAY  seconds of fake model loading before the outcome (default 0.2)
+    FAKE_VLLM_LINGER       seconds to linger after a fatal line before exiting (default 0)
+    FAKE_VLLM_DIE_AFTER    seconds after ready for die_after_ready (default 1.0)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+GIB = 1024**3
+BLOCK = 16
+
+
+def _vtuple(v: str) -> tuple[int, int]:
+    parts = v.split(".")
+    return int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or 0)
+
+
+class Log:
+    """Prints lines the way vLLM does: V1 prefixes engine lines with `(EngineCore_0 pid=..)`."""
+
+    def __init__(self, version: str):
+        self.version = version
+        self.v1 = _vtuple(version) >= (0, 8)
+
+    def _emit(self, who: str, level: str, src: str, msg: str) -> None:
+        stamp = time.strftime("%m-%d %H:%M:%S")
+        prefix = f"({who} pid={os.getpid()}) " if self.v1 else ""
+        print(f"{prefix}{level} {stamp} [{src}] {msg}", flush=True)
+
+    def api(self, msg: str, level: str = "INFO", src: str = "api_server.py:1") -> None:
+        self._emit("APIServer", level, src, msg)
+
+    def engine(self, msg: str, level: str = "INFO", src: str = "gpu_worker.py:1") -> None:
+        self._emit("EngineCore_0", level, src, msg)
+
+    def raw(self, msg: str) -> None:
+        print(msg, flush=True)
+
+
+def kv_bytes_per_token(cfg: dict) -> int:
+    heads = cfg.get("num_attention_heads", 1)
+    kv_heads = cfg.get("num_key_value_heads", heads)
+    head_dim = cfg.get("head_dim") or cfg.get("hidden_size", 128) // heads
+    return 2 * cfg.get("num_hidden_layers", 1) * kv_heads * head_dim * 2
+
+
+def fmt(n: int) -> str:
+    return f"{n:,}"
+
+
+def failure_lines(kind: str, v: str, ctx: dict) -> list[str]:
+    """The root-cause line (and its exception class) of each failure kind, in the wording of version v."""
+    vt = _vtuple(v)
+    n, m = ctx.get("max_model_len", 32768), ctx.get("tokens", 0)
+    if kind == "kv_cache_insufficient":
+        if vt < (0, 8):
+            return [
+                f"ValueError: The model's max seq len ({n}) is larger than the maximum number of tokens that can "
+                f"be stored in KV cache ({m}). Try increasing `gpu_memory_utilization` or decreasing "
+                "`max_model_len` when initializing the engine."
+            ]
+        model_s = "model's" if vt >= (0, 32) else "models's"
+        need, avail = ctx.get("need_gib", 4.5), ctx.get("avail_gib", 1.0)
+        est = (
+            "Based on the available memory, the estimated maximum model length is . "
+            if vt == (0, 8)  # 0.8.5 prints the sentence without the number (upstream bug)
+            else f"Based on the available memory, the estimated maximum model length is {m}. "
+        )
+        return [
+            f"ValueError: To serve at least one request with the {model_s} max seq len ({n}), ({need:.2f} GiB KV "
+            f"cache is needed, which is larger than the available KV cache memory ({avail:.2f} GiB). {est}Try "
+            "increasing `gpu_memory_utilization` or decreasing `max_model_len` when initializing the engine."
+        ]
+    if kind == "no_kv_memory":
+        return [
+            "ValueError: No available memory for the cache blocks. Try increasing `gpu_memory_utilization` "
+            "when initializing the engine."
+        ]
+    if kind == "gpu_mem_util_unavailable":
+        free, total, util = ctx.get("free_gib", 10.0), ctx.get("total_gib", 24.0), ctx.get("util", 0.9)
+        dev = "" if vt < (0, 11) else " cuda:0"
+        return [
+            f"ValueError: Free memory on device{dev} ({free:.2f}/{total:.2f} GiB) on startup is less than desired "
+            f"GPU memory utilization ({util}, {total * util:.2f} GiB). Decrease GPU memory utilization or reduce "
+            "GPU memory used by other processes."
+        ]
+    if kind == "quantization_mismatch":
+        return [
+            "ValueError: Quantization method specified in the model config (awq) does not match the "
+            "quantization method specified in the `quantization` argument (awq_marlin)."
+        ]
+    if kind == "quantization_unsupported_gpu":
+        q, need = ctx.get("quant", "awq"), ctx.get("min_cc", 75)
+        return [
+            f"ValueError: The quantization method {q} is not supported for the current GPU. Minimum "
+            f"capability: {need}. Current capability: {ctx.get('cc', 61)}."
+        ]
+    if kind == "dtype_unsupported_gpu":
+        return [
+            "ValueError: Bfloat16 is only supported on GPUs with compute capability of at least 8.0. Your "
+            "Tesla P40 GPU has compute capability 6.1. You can use float16 instead by explicitly setting the "
+            "`dtype` flag in CLI, for example: --dtype=half."
+        ]
+    if kind == "gpu_unsupported":
+        return ["RuntimeError: CUDA error: no kernel image is available for execution on the device"]
+    if kind == "cuda_oom":
+        return [
+            "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity "
+            "of 23.87 GiB of which 1.02 GiB is free."
+        ]
+    if kind == "max_len_exceeds_model":
+        d = ctx.get("model_limit", 40960)
+        msg = (
+            f"User-specified max_model_len ({n}) is greater than the derived max_model_len "
+            f"(max_position_embeddings={d} or model_max_length=None in model's config.json). To allow "
+            "overriding this maximum, set the env var VLLM_ALLOW_LONG_MAX_MODEL_LEN=1. VLLM_ALLOW_LONG_MAX_MODEL_LEN "
+            "must be used with extreme caution."
+        )
+        if vt >= (0, 10):
+            return [
+                "pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig",
+                f"  Value error, {msg} [type=value_error, input_value=ArgsKwargs(()), input_type=ArgsKwargs]",
+            ]
+        return [f"ValueError: {msg}"]
+    if kind == "port_in_use":
+        return ["OSError: [Errno 98] Address already in use"]
+    if kind == "model_not_found":
+        return [f"OSError: Invalid repository ID or local directory specified: '{ctx.get('model', 'x')}'."]
+    return ["RuntimeError: something unexpected happened"]
+
+
+def die(log: Log, kind: str, ctx: dict) -> None:
+    log.raw("Traceback (most recent call last):")
+    log.raw('  File "/usr/lib/python3/site-packages/vllm/v1/engine/core.py", line 1, in run_engine_core')
+    for line in failure_lines(kind, log.version, ctx):
+        log.engine(line, level="ERROR", src="core.py:1")
+    if log.v1:
+        log.raw("RuntimeError: Engine core initialization failed. See root cause above. "
+                "Failed core proc(s): {'EngineCore_0': 1}")  # fmt: skip
+    else:
+        log.raw("RuntimeError: Engine process failed to start. See stack trace for the root cause.")
+    # A real vLLM takes a while to wind down after the root cause is printed; fail-fast must not wait for it.
+    time.sleep(float(os.environ.get("FAKE_VLLM_LINGER", "0")))
+    sys.exit(1)
+
+
+def spawn_engine_child(stubborn: bool) -> subprocess.Popen:
+    """V1 starts an EngineCore process; a stubborn one ignores SIGTERM (the launcher must still end it)."""
+    code = (
+        "# fake_vllm EngineCore\nimport signal, time\n"
+        + ("signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" if stubborn else "")
+        + "while True: time.sleep(1)\n"
+    )
+    return subprocess.Popen([sys.executable, "-c", code])
+
+
+def make_handler(state: dict):
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, format, *args):  # vLLM logs access lines; keep them short
+            print(f'INFO:     127.0.0.1 - "{self.command} {self.path}" {args[1] if len(args) > 1 else ""}', flush=True)
+
+        def _json(self, code: int, obj) -> None:
+            body = json.dumps(obj).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            if self.path == "/health":
+                self._json(200, {})
+            elif self.path == "/v1/models":
+                self._json(200, {"object": "list", "data": [
+                    {"id": state["served"], "object": "model", "max_model_len": state["max_model_len"]}]})  # fmt: skip
+            elif self.path == "/version":
+                self._json(200, {"version": state["version"]})
+            elif self.path == "/metrics":
+                body = (
+                    f"vllm:kv_cache_usage_perc{{engine=\"0\"}} {state['usage']}\n"
+                    "vllm:num_requests_running{engine=\"0\"} 0.0\n"
+                    "vllm:num_requests_waiting{engine=\"0\"} 0.0\n"
+                    "vllm:num_preemptions_total{engine=\"0\"} 0.0\n"
+                    f"vllm:cache_config_info{{block_size=\"16\",num_gpu_blocks=\"{state['tokens'] // BLOCK}\"}} 1.0\n"
+                ).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            else:
+                self._json(404, {"detail": "Not Found"})
+
+        def do_POST(self):
+            n = int(self.headers.get("Content-Length") or 0)
+            req = json.loads(self.rfile.read(n) or b"{}")
+            if state["scenario"] == "die_mid_request":
+                os._exit(1)
+            prompt = req.get("prompt", req.get("messages", ""))
+            plen = len(prompt) if isinstance(prompt, list) and all(isinstance(x, int) for x in prompt) else 16
+            max_tokens = int(req.get("max_tokens") or 16)
+            if plen + max_tokens > state["max_model_len"]:
+                self._json(400, {"object": "error", "type": "BadRequestError", "code": 400, "message": (
+                    f"This model's maximum context length is {state['max_model_len']} tokens. However, you requested "
+                    f"{plen + max_tokens} tokens ({plen} in the messages, {max_tokens} in the completion). "
+                    "Please reduce the length of the messages or completion.")})  # fmt: skip
+                return
+            unstable = state["unstable_above"]
+            if unstable is not None and plen > unstable:
+                time.sleep(3600)  # a request that never finishes: the long-request deadline must catch it
+            state["usage"] = min(1.0, plen / max(state["tokens"], 1))
+            text = " hello" * max_tokens
+            if self.path == "/v1/chat/completions":
+                choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
+            else:
+                choice = {"index": 0, "text": text, "finish_reason": "length"}
+            self._json(200, {"id": "cmpl-fake", "object": "text_completion", "model": state["served"],
+                             "choices": [choice],
+                             "usage": {"prompt_tokens": plen, "completion_tokens": max_tokens,
+                                       "total_tokens": plen + max_tokens}})  # fmt: skip
+
+    return Handler
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    if argv and argv[0] == "serve":  # `vllm serve MODEL ...`
+        argv = ["--model", *argv[1:2], *argv[2:]] if len(argv) > 1 else argv[1:]
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-model-len", type=int)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--kv-cache-memory-bytes", type=int)
+    p.add_argument("--quantization")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--served-model-name")
+    args, _unknown = p.parse_known_args(argv)  # real vLLM takes hundreds of flags; ignore the rest
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    env = os.environ
+    version = env.get("FAKE_VLLM_VERSION", "0.10.2")
+    scenario = env.get("FAKE_VLLM_SCENARIO", "normal")
+    log = Log(version)
+    log.api(f"FAKE vLLM (test double, backend=fake) API server version {version}")
+    log.api(f"non-default args: {sys.argv[1:] if argv is None else argv}", src="utils.py:1")
+
+    # Like vLLM >= 0.6.2, bind the port before loading the model.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError:
+        die(log, "port_in_use", {})
+
+    cfg_path = Path(args.model) / "config.json"
+    if not cfg_path.is_file():
+        die(log, "model_not_found", {"model": args.model})
+    cfg = json.loads(cfg_path.read_text())
+    limit = int(cfg.get("max_position_embeddings", 32768))
+    max_len = args.max_model_len or limit
+    ctx: dict = {"max_model_len": max_len, "model_limit": limit}
+    if scenario.startswith("fail:"):
+        die(log, scenario.split(":", 1)[1], ctx)
+    if max_len > limit:
+        die(log, "max_len_exceeds_model", ctx)
+
+    cc = int(env.get("FAKE_VLLM_GPU_CC", "61"))
+    cfg_quant = (cfg.get("quantization_config") or {}).get("quant_method")
+    if args.quantization and cfg_quant and args.quantization != cfg_quant and cc < 80:
+        die(log, "quantization_mismatch", ctx)
+    quant = args.quantization or cfg_quant
+    min_cc = {"awq": 75, "awq_marlin": 80, "gptq": 60, "gptq_marlin": 80, "gguf": 60, "fp8": 80}.get(quant or "", 0)
+    if cc < min_cc:
+        die(log, "quantization_unsupported_gpu", {**ctx, "quant": quant, "min_cc": min_cc, "cc": cc})
+
+    engine = spawn_engine_child(stubborn=scenario == "stubborn_child")
+    time.sleep(float(env.get("FAKE_VLLM_START_DELAY", "0.2")))
+    if scenario == "hang":
+        log.engine("Loading model weights ...")
+        while True:
+            time.sleep(1)
+
+    total_gib = int(env.get("FAKE_VLLM_GPU_MIB", "24576")) / 1024
+    free_gib = int(env.get("FAKE_VLLM_FREE_MIB", str(int(total_gib * 1024)))) / 1024
+    util = args.gpu_memory_utilization
+    weights = float(env.get("FAKE_VLLM_WEIGHTS_GIB", "5.7"))
+    overhead = float(env.get("FAKE_VLLM_OVERHEAD_GIB", "1.2"))
+    if args.kv_cache_memory_bytes is None and _vtuple(version) >= (0, 9) and free_gib < total_gib * util:
+        die(log, "gpu_mem_util_unavailable", {"free_gib": free_gib, "total_gib": total_gib, "util": util})
+    v1 = log.v1
+    log.engine(f"Model loading took {weights:.4f} GiB and 1.23 seconds" if v1 else
+               f"Loading model weights took {weights:.4f} GB")  # fmt: skip
+    budget = args.kv_cache_memory_bytes if args.kv_cache_memory_bytes is not None else (
+        (total_gib * util - weights - overhead) * GIB)  # fmt: skip
+    bpt = kv_bytes_per_token(cfg)
+    blocks = max(0, math.floor(budget / (BLOCK * bpt)))
+    if _vtuple(version) >= (0, 33):
+        blocks = max(0, blocks - 1)  # 0.33 keeps one null block back
+    tokens = blocks * BLOCK
+    avail = budget / GIB
+    if _vtuple(version) >= (0, 10):
+        log.engine(f"Available KV cache memory: {avail:.2f} GiB")
+    if blocks <= 0:
+        if not v1:
+            log.engine("# GPU blocks: 0, # CPU blocks: 2048", src="executor_base.py:1")
+        die(log, "no_kv_memory", ctx)
+    if max_len > tokens:
+        die(log, "kv_cache_insufficient", {**ctx, "tokens": tokens, "need_gib": max_len * bpt / GIB, "avail_gib": avail})
+    conc = tokens / max_len
+    if not v1:
+        log.engine(f"# GPU blocks: {blocks}, # CPU blocks: 2048", src="executor_base.py:1")
+    elif _vtuple(version) >= (0, 32):
+        log.engine(f"GPU KV cache size: {fmt(tokens)} tokens, Maximum concurrency for {fmt(max_len)} tokens per "
+                   f"request: {conc:.2f}x", src="kv_cache_utils.py:1")  # fmt: skip
+    else:
+        log.engine(f"GPU KV cache size: {fmt(tokens)} tokens", src="kv_cache_utils.py:1")
+        log.engine(f"Maximum concurrency for {fmt(max_len)} tokens per request: {conc:.2f}x", src="kv_cache_utils.py:1")
+    log.engine("init engine (profile, create kv cache, warmup model) took 1.50 seconds", src="core.py:1")
+
+    state = {"served": args.served_model_name or args.model, "max_model_len": max_len, "version": version,
+             "tokens": tokens, "usage": 0.0, "scenario": scenario,
+             "unstable_above": int(env["FAKE_VLLM_UNSTABLE_ABOVE"]) if env.get("FAKE_VLLM_UNSTABLE_ABOVE") else None}  # fmt: skip
+    server = ThreadingHTTPServer((args.host, args.port), make_handler(state), bind_and_activate=False)
+    server.socket.close()
+    server.socket = sock  # the socket bound at start, as vLLM does
+    server.server_activate()
+    log.raw("INFO:     Started server process [%d]" % os.getpid())
+    log.raw("INFO:     Waiting for application startup.")
+    log.raw("INFO:     Application startup complete.")
+    if scenario == "flood":
+        threading.Thread(target=_flood, daemon=True).start()
+    if scenario == "die_after_ready":
+        threading.Timer(float(env.get("FAKE_VLLM_DIE_AFTER", "1.0")), lambda: os._exit(3)).start()
+
+    def _stop(signum, frame):
+        engine.terminate()
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, _stop)
+    server.serve_forever()
+
+
+def _flood() -> None:
+    line = "DEBUG " + "x" * 200
+    while True:
+        print(line, flush=False)
+
+
+if __name__ == "__main__":
+    main()
