@@ -1,0 +1,366 @@
+"""Seaborn figures of a run's trials, saved as PNG (Agg canvas; nothing is ever shown).
+
+Each `<name>_figure(df)` returns a matplotlib Figure or None when there is nothing to plot; each
+`plot_<name>(df, path)` saves that figure and returns the path (or None). Measured, predicted and fake
+figures never look alike: filled markers are measurements, hollow dashed ones predictions, x markers and
+hatching the fake backend (a test double).
+Figures are built without pyplot on an Agg canvas of their own, so importing this module never changes the
+process's matplotlib backend (a notebook's inline backend keeps working: display(fig) shows a figure).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+from vllm_lab.hypotheses import memory_axis_name, prepare
+
+OUTCOME_COLORS = {"ready": "#2a9d47", "failed": "#d1372c", "timeout": "#e08a1e", "unstable": "#8a4fbf"}
+FAKE = "fake"
+FAKE_LABEL = "fake backend (test double)"
+PREDICTED_LABEL = "predicted (memory model, not measured)"
+VLLM_ESTIMATE_LABEL = "vLLM's estimate on a failed start"
+SEARCH_LABEL = "largest stable max_model_len (search)"
+DPI = 110
+
+
+def _frame(df: pd.DataFrame) -> pd.DataFrame:
+    return df if "memory_kind" in df.columns else prepare(df)
+
+
+def _new(figsize: tuple[float, float]):
+    """A figure on its own Agg canvas (no pyplot state, nothing to close) and its one axes."""
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots()
+
+
+def _save(fig: Figure | None, path: str | Path) -> Path | None:
+    if fig is None:
+        return None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    return path
+
+
+def _is_fake(rows: pd.DataFrame) -> pd.Series:
+    return rows["backend"].eq(FAKE).fillna(False).astype(bool)
+
+
+def _fake_suffix(rows: pd.DataFrame) -> str:
+    fake = _is_fake(rows)
+    if len(rows) and fake.all():
+        return "  [FAKE backend: test double, not a measurement]"
+    return "  [includes fake-backend rows]" if fake.any() else ""
+
+
+# ---- (a) outcome grid --------------------------------------------------------------------------------
+
+
+def grid_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """Trials placed on the launcher x max_model_len x memory grid (search-step launches excluded if others exist)."""
+    df = _frame(df)
+    rows = df[df["launcher"].notna() & df["max_model_len"].notna()]
+    plain = rows[~rows["step"].astype("string").str.contains("search", na=False)]
+    return plain if not plain.empty else rows
+
+
+def _cell_text(g: pd.DataFrame) -> str:
+    ready = int(g["started"].sum())
+    kinds = [str(f) for f in g["failure"].where(g["failure"].notna(), g["outcome"]) if f != "ready"]
+    text = "ready" if not kinds else max(set(kinds), key=kinds.count)
+    if len(g) > 1:
+        text += f"\n{ready}/{len(g)} ready"
+    if _is_fake(g).any():
+        text += "\n(fake)"
+    return text
+
+
+def outcome_grid_figure(df: pd.DataFrame) -> Figure | None:
+    rows = grid_rows(df)
+    if rows.empty:
+        return None
+    rows = rows.assign(
+        row=rows["launcher"].astype(str) + " · len " + rows["max_model_len"].astype(int).astype(str)
+    )
+    col_order = rows.sort_values("memory_setting", na_position="first")["memory_label"].unique()
+    row_order = rows.sort_values(["launcher", "max_model_len"])["row"].unique()
+    rates = rows.pivot_table(index="row", columns="memory_label", values="started", aggfunc="mean")
+    rates = rates.reindex(index=row_order, columns=col_order).astype(float)
+    texts = rows.groupby(["row", "memory_label"]).apply(_cell_text, include_groups=False)
+    annot = np.array([[texts.get((r, c), "not run") for c in col_order] for r in row_order], dtype=object)
+    fig, ax = _new((2.6 * len(col_order) + 2.5, 0.75 * len(row_order) + 1.6))
+    ax.set_facecolor("#eeeeee")
+    sns.heatmap(
+        rates,
+        ax=ax,
+        cmap="RdYlGn",
+        vmin=0,
+        vmax=1,
+        linewidths=1,
+        linecolor="white",
+        cbar_kws={"label": "share of trials that started"},
+    )
+    for (i, j), text in np.ndenumerate(annot):
+        ax.text(j + 0.5, i + 0.5, text, ha="center", va="center", fontsize=8)
+    ax.set(xlabel="memory setting", ylabel="launcher · max_model_len")
+    ax.set_title(
+        "Outcome per configuration (cell text: outcome or failure kind)" + _fake_suffix(rows), fontsize=10
+    )
+    return fig
+
+
+def plot_outcome_grid(df: pd.DataFrame, path: str | Path) -> Path | None:
+    return _save(outcome_grid_figure(df), path)
+
+
+# ---- (b) capacity against memory setting -------------------------------------------------------------
+
+
+def _memory_x(rows: pd.DataFrame) -> pd.Series:
+    """x values: utilization as is, KV budgets in MiB."""
+    scale = 1.0 if rows["memory_kind"].eq("util").all() else 2**20
+    return rows["memory_setting"].astype(float) / scale
+
+
+def _largest_stable(rows: pd.DataFrame) -> pd.DataFrame:
+    stable = rows[rows["stable"] & rows["step"].astype("string").str.contains("search", na=False)]
+    return stable.groupby("x", as_index=False)["max_model_len"].max()
+
+
+def _dodge(x: pd.Series) -> float:
+    """A small x offset so series at the same memory setting sit side by side instead of on top of each other."""
+    span = float(x.max() - x.min()) or abs(float(x.max())) or 1.0
+    return span * 0.025
+
+
+def capacity_figure(df: pd.DataFrame) -> Figure | None:
+    """Measured kv_cache_tokens (filled), predictions (hollow, dashed), fake (x), vLLM's estimate, search result."""
+    df = _frame(df)
+    rows = df[df["memory_kind"].notna()]
+    if rows.empty:
+        return None
+    kind = rows["memory_kind"].mode().iloc[0]
+    rows = rows[rows["memory_kind"].eq(kind)]
+    rows = rows.assign(x=_memory_x(rows))
+    d = _dodge(rows["x"])
+    fig, ax = _new((7.5, 4.8))
+    drawn = _draw_measured(ax, rows, -d) + _draw_predicted(ax, rows) + _draw_estimates(ax, rows, d)
+    stable = _largest_stable(rows)
+    if not stable.empty:
+        ax.plot(
+            stable["x"] + 2 * d,
+            stable["max_model_len"],
+            "s",
+            color="#1f4e9c",
+            markersize=8,
+            label=SEARCH_LABEL,
+        )
+        drawn += 1
+    if not drawn:
+        return None
+    ax.set(xlabel=memory_axis_name(kind) + ("" if kind == "util" else " in MiB"), ylabel="tokens")
+    ax.set_xlim(rows["x"].min() - 6 * d, rows["x"].max() + 6 * d)
+    ax.set_ylim(bottom=0, top=ax.get_ylim()[1] * 1.15)
+    ax.set_title("KV capacity against memory setting" + _fake_suffix(rows), fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def _draw_measured(ax, rows: pd.DataFrame, dx: float) -> int:
+    measured = rows[rows["kv_cache_tokens"].notna()]
+    for backend, g in measured.groupby(measured["backend"].fillna("unknown")):
+        if backend == FAKE:
+            ax.plot(
+                g["x"] + dx, g["kv_cache_tokens"], "x", color="#777777", markersize=9, mew=2, label=FAKE_LABEL
+            )
+        else:
+            ax.plot(
+                g["x"] + dx,
+                g["kv_cache_tokens"],
+                "o",
+                color="#2a9d47",
+                markersize=8,
+                label=f"measured ({backend})",
+            )
+    return measured["backend"].nunique(dropna=False) if not measured.empty else 0
+
+
+def _draw_predicted(ax, rows: pd.DataFrame) -> int:
+    pred = rows[rows["predicted_kv_cache_tokens"].notna()][
+        ["x", "predicted_kv_cache_tokens"]
+    ].drop_duplicates()
+    if pred.empty:
+        return 0
+    pred = pred.groupby("x", as_index=False).mean().sort_values("x")
+    ax.plot(
+        pred["x"],
+        pred["predicted_kv_cache_tokens"],
+        "o--",
+        mfc="none",
+        color="#555555",
+        markersize=8,
+        label=PREDICTED_LABEL,
+    )
+    return 1
+
+
+def _draw_estimates(ax, rows: pd.DataFrame, dx: float) -> int:
+    est = rows[rows["estimated_max_model_len"].notna()]
+    if est.empty:
+        return 0
+    ax.plot(
+        est["x"] + dx,
+        est["estimated_max_model_len"],
+        "^",
+        color="#e08a1e",
+        markersize=8,
+        label=VLLM_ESTIMATE_LABEL,
+    )
+    return 1
+
+
+def plot_capacity(df: pd.DataFrame, path: str | Path) -> Path | None:
+    return _save(capacity_figure(df), path)
+
+
+# ---- (c) seconds to outcome --------------------------------------------------------------------------
+
+
+def seconds_figure(df: pd.DataFrame) -> Figure | None:
+    df = _frame(df)
+    rows = df[df["seconds_to_outcome"].notna()].reset_index(drop=True)
+    if rows.empty:
+        return None
+    fig, ax = _new((8, 0.32 * len(rows) + 1.6))
+    colors = [OUTCOME_COLORS.get(o, "#999999") for o in rows["outcome"]]
+    fake = _is_fake(rows)
+    bars = ax.barh(
+        range(len(rows)), rows["seconds_to_outcome"].astype(float), color=colors, edgecolor="black"
+    )
+    for bar, is_fake in zip(bars, fake, strict=True):
+        bar.set_hatch("//" if is_fake else "")
+    ax.set_yticks(range(len(rows)), [str(t) for t in rows["trial_id"]], fontsize=8)
+    ax.invert_yaxis()
+    handles = [Patch(color=OUTCOME_COLORS[o], label=o) for o in OUTCOME_COLORS if o in set(rows["outcome"])]
+    if fake.any():
+        handles.append(Patch(facecolor="white", edgecolor="black", hatch="//", label=FAKE_LABEL))
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.set(xlabel="seconds to outcome (ready, failure or timeout)", ylabel="trial (in run order)")
+    ax.set_title("Seconds to outcome per trial" + _fake_suffix(rows), fontsize=10)
+    return fig
+
+
+def plot_seconds(df: pd.DataFrame, path: str | Path) -> Path | None:
+    return _save(seconds_figure(df), path)
+
+
+# ---- (d) GPU memory timeline -------------------------------------------------------------------------
+
+
+def _timeline(value) -> np.ndarray | None:
+    if not isinstance(value, list | tuple) or not value:
+        return None
+    points = np.asarray([p for p in value if isinstance(p, list | tuple) and len(p) >= 2], dtype=float)
+    return points if len(points) else None
+
+
+def timeline_figure(df: pd.DataFrame) -> Figure | None:
+    df = _frame(df)
+    series = [
+        (r, t)
+        for r, t in zip(df.itertuples(index=False), map(_timeline, df["gpu_memory_timeline"]), strict=True)
+        if t is not None
+    ]
+    if not series:
+        return None
+    fig, ax = _new((8, 4.5))
+    for rec, points in series:
+        style = {"ls": ":", "marker": "x"} if rec.backend == FAKE else {"ls": "-"}
+        label = f"{rec.trial_id} ({rec.outcome}{', fake' if rec.backend == FAKE else ''})"
+        ax.plot(points[:, 0], points[:, 1], label=label, **style)
+    total = pd.to_numeric(df["gpu_total_mib"], errors="coerce").max()
+    if pd.notna(total):
+        ax.axhline(total, color="black", lw=1, ls="--", label=f"GPU total {total:.0f} MiB")
+    ax.set(xlabel="seconds since launch", ylabel="GPU memory used (MiB)")
+    ax.set_title("GPU memory while starting (NVML samples)" + _fake_suffix(df), fontsize=10)
+    ax.legend(fontsize=7, loc="best")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def plot_timeline(df: pd.DataFrame, path: str | Path) -> Path | None:
+    return _save(timeline_figure(df), path)
+
+
+# ---- (e) search trajectory ---------------------------------------------------------------------------
+
+
+def search_rows(df: pd.DataFrame) -> pd.DataFrame:
+    df = _frame(df)
+    rows = df[df["step"].astype("string").str.contains("search", na=False) & df["max_model_len"].notna()]
+    return rows.assign(launch=rows.groupby(["launcher", "memory_label"], dropna=False).cumcount() + 1)
+
+
+def search_figure(df: pd.DataFrame) -> Figure | None:
+    rows = search_rows(df)
+    if rows.empty:
+        return None
+    fig, ax = _new((7.5, 4.5))
+    for (launcher, mem), g in rows.groupby(["launcher", "memory_label"], dropna=False):
+        ax.plot(g["launch"], g["max_model_len"], "-", color="#aaaaaa", zorder=1)
+        ax.annotate(
+            f"{launcher}, {mem}",
+            (g["launch"].iloc[-1], g["max_model_len"].iloc[-1]),
+            fontsize=8,
+            xytext=(6, 0),
+            textcoords="offset points",
+        )
+    _search_markers(ax, rows)
+    ax.set(xlabel="launch number", ylabel="max_model_len")
+    ax.set_xticks(sorted(rows["launch"].unique()))
+    ax.set_xlim(0.5, rows["launch"].max() + 1.2)  # room for the series labels
+    ax.set_title("Search for the largest stable max_model_len" + _fake_suffix(rows), fontsize=10)
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def _search_markers(ax, rows: pd.DataFrame) -> None:
+    kinds = {
+        "stable (long request ok)": (rows["stable"], "o", OUTCOME_COLORS["ready"]),
+        "started, long request not ok": (rows["started"] & ~rows["stable"], "D", OUTCOME_COLORS["timeout"]),
+        "failed to start": (~rows["started"], "X", OUTCOME_COLORS["failed"]),
+    }
+    for label, (mask, marker, color) in kinds.items():
+        g = rows[mask]
+        if not g.empty:
+            ax.scatter(
+                g["launch"], g["max_model_len"], marker=marker, color=color, s=70, zorder=2, label=label
+            )
+
+
+def plot_search(df: pd.DataFrame, path: str | Path) -> Path | None:
+    return _save(search_figure(df), path)
+
+
+PLOTS = {
+    "outcome_grid": plot_outcome_grid,
+    "capacity": plot_capacity,
+    "seconds_to_outcome": plot_seconds,
+    "gpu_memory_timeline": plot_timeline,
+    "search_trajectory": plot_search,
+}
+
+
+def write_plots(df: pd.DataFrame, plots_dir: str | Path) -> dict[str, Path | None]:
+    """Every figure as plots_dir/<name>.png; None for a figure with nothing to plot."""
+    return {name: fn(df, Path(plots_dir) / f"{name}.png") for name, fn in PLOTS.items()}

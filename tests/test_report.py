@@ -1,0 +1,250 @@
+"""report.md / report.html / plots from synthetic trials.jsonl fixtures (P40 factorial, fake-only, torn+mixed)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import nbformat
+import pytest
+from vllm_lab import plots, report
+from vllm_lab.cli import main
+from vllm_lab.record import read_records
+from vllm_lab.redact import redact_text
+
+pytestmark = pytest.mark.unit
+
+RUNS = Path(__file__).parent / "fixtures" / "runs"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SECRETS = ("hf_abcdefghijklmnopqrstuvwxyz123456", "sk-abcdefghijklmnopqrstuvwxyz0123")
+SECTIONS = [
+    "## Verdict",
+    "## Outcome grid",
+    "## Capacity against memory setting",
+    "## Seconds to outcome",
+    "## GPU memory timeline",
+    "## Trials",
+]
+
+
+def copy_run(name: str, tmp_path_factory) -> Path:
+    """Reports are written next to trials.jsonl (and torn lines set aside): never into the fixture folder."""
+    dest = tmp_path_factory.mktemp(name) / name
+    shutil.copytree(RUNS / name, dest)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
+    out = {}
+    for name in ("p40_factorial", "fake_only", "torn_partial"):
+        run_dir = copy_run(name, tmp_path_factory)
+        out[name] = (run_dir, report.build_report(run_dir))
+    return out
+
+
+def md(built, name: str) -> str:
+    return built[name][1]["md"].read_text()
+
+
+def html(built, name: str) -> str:
+    return built[name][1]["html"].read_text()
+
+
+def section(text: str, heading: str) -> str:
+    start = text.index(heading)
+    nxt = text.find("\n## ", start + len(heading))
+    return text[start : nxt if nxt != -1 else None]
+
+
+def test_sections_in_order_verdict_first(built):
+    text = md(built, "p40_factorial")
+    positions = [text.index(s) for s in SECTIONS]
+    assert positions == sorted(positions)
+    assert re.findall(r"^## .*", text, re.M)[0] == "## Verdict"
+
+
+def test_verdict_names_what_works_and_the_hypotheses(built):
+    verdict = section(md(built, "p40_factorial"), "## Verdict")
+    assert "**Works:** launcher `head`, max_model_len 20480, util 0.85" in verdict
+    assert "Supported: H2, H3. Refuted: H1, H4. Not tested: none." in verdict
+    assert "| head | util 0.85 | 20480 | 03_max_context_search-head-len20480-u0.85 |" in verdict
+    assert "| legacy | util 0.85 | none stable |" in verdict
+
+
+def test_working_configs_best_first(built):
+    df = report.load_run(built["p40_factorial"][0])
+    working = report.working_configs(df)
+    assert working["max_model_len"].tolist() == [20480, 16384, 21504]  # stable ones first, then started-only
+    assert working["long request"].tolist() == ["ok", "ok", "failed"]
+    assert set(working["launcher"]) == {"head"}
+
+
+def test_every_trial_in_the_table_with_its_evidence(built):
+    run_dir, _ = built["p40_factorial"]
+    table = section(md(built, "p40_factorial"), "## Trials")
+    lines = table.splitlines()
+    rows = read_records(run_dir).rows
+    assert len([line for line in lines if line.startswith("| ") and not line.startswith("| #")]) == len(rows)
+    for rec in rows:
+        line = next(line for line in lines if f"| {rec['trial_id']} |" in line)
+        assert redact_text(rec["evidence"]).replace("|", "\\|") in line
+        assert f"| {rec['outcome']} |" in line
+        if rec["failure"]:
+            assert f"| {rec['failure']} |" in line
+
+
+def test_plots_are_png_files_linked_relatively(built):
+    run_dir, paths = built["p40_factorial"]
+    names = {"outcome_grid", "capacity", "seconds_to_outcome", "gpu_memory_timeline", "search_trajectory"}
+    assert names <= set(paths)
+    text = md(built, "p40_factorial")
+    for name in names:
+        assert paths[name].parent == run_dir / "plots"
+        assert paths[name].read_bytes()[:8] == PNG_MAGIC
+        assert f"![{name}](plots/{name}.png)" in text
+
+
+def test_fake_run_says_so_at_the_top(built):
+    text = md(built, "fake_only")
+    banner = "FAKE backend: test double, not a measurement"
+    assert text.index(banner) < text.index("## Verdict")
+    assert banner in html(built, "fake_only")
+    assert banner not in md(built, "p40_factorial")
+    assert "Mixed backends" not in md(built, "p40_factorial")
+
+
+def test_fake_run_has_no_timeline_or_search_and_says_why(built):
+    _, paths = built["fake_only"]
+    assert "gpu_memory_timeline" not in paths and "search_trajectory" not in paths
+    text = md(built, "fake_only")
+    assert "No GPU memory was sampled" in section(text, "## GPU memory timeline")
+    assert "no max_model_len search step" in text
+
+
+def test_mixed_run_labels_each_row(built):
+    text = md(built, "torn_partial")
+    assert "Mixed backends: 1 of 4 trials" in text
+    trials = section(text, "## Trials")
+    assert trials.count("fake (test double)") == 1
+    assert "| 00_smoke-explicit-len4096-kv8388608 | 00_smoke | fake (test double) |" in trials
+
+
+def test_torn_line_is_reported_and_kept_aside(built):
+    run_dir, _ = built["torn_partial"]
+    text = md(built, "torn_partial")
+    assert "**1 torn line(s)**" in text.split("## Verdict")[0]
+    assert (run_dir / "trials.jsonl.torn").read_text().startswith('{"run_id": "cpu-partial"')
+    assert len(section(text, "## Trials").splitlines()) == 2 + 2 + 4  # heading, blank, header, rule, 4 trials
+
+
+def test_capacity_figure_labels_measured_predicted_and_fake_differently(built):
+    real = report.load_run(built["p40_factorial"][0])
+    fig = plots.capacity_figure(real)
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert "measured (vllm-cuda)" in labels and plots.PREDICTED_LABEL in labels
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    assert lines["measured (vllm-cuda)"].get_marker() == "o"
+    assert lines["measured (vllm-cuda)"].get_markerfacecolor() != "none"
+    assert lines[plots.PREDICTED_LABEL].get_markerfacecolor() == "none"
+    assert lines[plots.PREDICTED_LABEL].get_linestyle() == "--"
+    fake = plots.capacity_figure(report.load_run(built["fake_only"][0]))
+    fake_labels = [t.get_text() for t in fake.axes[0].get_legend().get_texts()]
+    assert plots.FAKE_LABEL in fake_labels and not any(t.startswith("measured") for t in fake_labels)
+    assert "FAKE" in fake.axes[0].get_title()
+
+
+def test_capacity_table_marks_fake_numbers(built):
+    text = section(md(built, "fake_only"), "## Capacity against memory setting")
+    assert "kv_cache_tokens (measured)" in text and "predicted_kv_cache_tokens (prediction)" in text
+    assert "16368 (fake)" in text
+
+
+def test_html_has_no_code_input(built):
+    page = html(built, "p40_factorial")
+    code_cells = re.findall(r'<div class="jp-Cell jp-CodeCell[^"]*"', page)
+    assert code_cells and all("jp-mod-noInput" in c for c in code_cells)
+    assert "highlight hl-ipython3" not in page
+    assert "data:image/png;base64," in page
+    assert "Supported: H2, H3" in page
+
+
+def test_secrets_never_reach_md_or_html(built):
+    raw = (RUNS / "p40_factorial" / "trials.jsonl").read_text()
+    assert all(s in raw for s in SECRETS)  # the fixture really plants them
+    for name in built:
+        for text in (md(built, name), html(built, name)):
+            assert not any(s in text for s in SECRETS)
+    assert "***REDACTED***" in section(md(built, "p40_factorial"), "## Trials")
+
+
+def test_export_html_hides_inputs_and_redacts_outputs(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("SOURCE_MARKER_42 = 'never shown'")
+    cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text=f"visible output {SECRETS[0]}\n")]
+    nb.cells = [nbformat.v4.new_markdown_cell("# Executed report"), cell]
+    nb_path = tmp_path / "99_report.ipynb"
+    nbformat.write(nb, nb_path)
+    page = report.export_html(nb_path, tmp_path / "report.html").read_text()
+    assert "visible output" in page and "Executed report" in page
+    assert "SOURCE_MARKER_42" not in page and SECRETS[0] not in page
+
+
+def test_verdict_markdown_for_the_notebook(built):
+    v = report.verdict(report.load_run(built["fake_only"][0]))
+    assert v["banner"].startswith("**FAKE backend")
+    assert v["hypotheses"].set_index("id").loc["H4", "verdict"] == "supported"
+    assert v["markdown"].startswith("**Works:**")
+    assert "| H4 | only a combination of knobs fails | supported |" in v["markdown"]
+
+
+def test_markdown_table_escapes_cells():
+    import pandas as pd
+
+    text = report.markdown_table(pd.DataFrame({"a": ["x|y\nz <b>"], "b": [None]}))
+    assert text.splitlines()[2] == "| x\\|y z &lt;b> | — |"
+
+
+def test_cli_prints_paths_and_exits_0(tmp_path_factory, capsys):
+    run_dir = copy_run("fake_only", tmp_path_factory)
+    assert main(["report", str(run_dir)]) == 0
+    printed = capsys.readouterr().out.split()
+    assert str(run_dir / "report.md") in printed and str(run_dir / "report.html") in printed
+    assert all(Path(p).exists() for p in printed)
+
+
+def test_cli_without_trials_exits_2_with_one_line(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "trials.jsonl" in err
+    assert not (tmp_path / "report.md").exists()
+
+
+def test_empty_trials_file_still_reports(tmp_path):
+    (tmp_path / "trials.jsonl").write_text("")
+    paths = report.build_report(tmp_path)
+    assert "**No trials recorded.**" in paths["md"].read_text()
+    assert set(paths) == {"md", "html"}
+
+
+def test_search_plot_follows_launch_order(built):
+    df = report.load_run(built["p40_factorial"][0])
+    rows = plots.search_rows(df)
+    assert rows["launch"].tolist() == [1, 2, 3, 4, 5]
+    assert rows["max_model_len"].tolist() == [16384, 24576, 20480, 22528, 21504]
+    assert plots.search_figure(report.load_run(built["fake_only"][0])) is None
+
+
+def test_outcome_grid_annotates_failure_kinds(built):
+    fig = plots.outcome_grid_figure(report.load_run(built["p40_factorial"][0]))
+    texts = {t.get_text() for t in fig.axes[0].texts}
+    assert {"ready", "kv_cache_insufficient", "gpu_mem_util_unavailable"} <= texts
+    assert any(t.startswith("quantization_mismatch\n0/2 ready") for t in texts)
+
+
+def test_report_reads_only_the_record(built):
+    run_dir, _ = built["p40_factorial"]
+    rows = [json.loads(line) for line in (run_dir / "trials.jsonl").read_text().splitlines()]
+    assert len(report.load_run(run_dir)) == len(rows)
