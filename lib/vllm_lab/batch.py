@@ -1,0 +1,191 @@
+"""Run a plan: each step's notebook through papermill, in plan order, then the report notebook.
+
+The only module that imports papermill. A failed trial is a row in trials.jsonl, never the end of the
+batch; a notebook that raises is kept (papermill saves it with the error) and reported, and the batch goes on.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vllm_lab import record
+from vllm_lab.paths import NOTEBOOK_DIR, OUTPUTS_DIR
+from vllm_lab.plan import Plan, load_plan
+from vllm_lab.spec import SpecError
+
+KERNEL = "python3"
+START_TIMEOUT_S = 120
+REPORT_NOTEBOOK = "99_report"
+LOCK_NAME = "vllm-lab.lock"
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    notebooks: list[Path] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # "step: what went wrong"
+    report_paths: dict = field(default_factory=dict)
+
+
+def new_run_dir(plan: Plan, out: str | None) -> Path:
+    from vllm_lab.probe import new_run_id
+
+    parent = Path(out) if out else OUTPUTS_DIR
+    d = parent / f"{new_run_id()}-{plan.name}"
+    d.mkdir(parents=True, exist_ok=False)
+    return d
+
+
+class DeviceLock:
+    """One batch per machine at a time: two batches on one GPU would measure each other."""
+
+    def __init__(self, wait: bool):
+        self.wait = wait
+        self.path = Path(os.environ.get("VLLM_LAB_LOCK_DIR", "/tmp")) / LOCK_NAME
+        self.fd: int | None = None
+
+    def __enter__(self):
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "another batch"
+            os.close(self.fd)
+            raise SpecError(
+                f"lock: another vllm-lab batch is running on this machine (pid {holder}); wait for it, "
+                "or run with VLLM_LAB_WAIT_LOCK=1 to queue behind it"
+            ) from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+
+
+class TrialProgress:
+    """A progress bar over trials, fed by trials.jsonl growing (the notebooks run in a kernel)."""
+
+    def __init__(self, run_dir: Path, total: int | None):
+        from tqdm import tqdm
+
+        self.run_dir = run_dir
+        self.bar = tqdm(total=total, unit="trial", desc="trials", file=sys.stderr, dynamic_ncols=True)
+        self.start = len(record.read_records(run_dir, keep_torn_aside=False).rows)
+        self.bar.update(self.start)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self):
+        seen = self.start
+        while not self._stop.wait(1.0):
+            n = len(record.read_records(self.run_dir, keep_torn_aside=False).rows)
+            if n > seen:
+                self.bar.update(n - seen)
+                seen = n
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.bar.close()
+
+
+def execute(notebook: str, out_path: Path, parameters: dict, timeout_s: float) -> str | None:
+    """Run one notebook; return None on success or a one-line error (the executed notebook is kept)."""
+    import papermill as pm
+
+    try:
+        pm.execute_notebook(
+            str(NOTEBOOK_DIR / f"{notebook}.ipynb"), str(out_path), parameters=parameters, kernel_name=KERNEL,
+            start_timeout=START_TIMEOUT_S, execution_timeout=int(timeout_s), progress_bar=False,
+            cwd=str(NOTEBOOK_DIR.parent), log_output=False,
+        )  # fmt: skip
+    except pm.PapermillExecutionError as e:
+        return f"{e.ename}: {e.evalue}".splitlines()[0]
+    except Exception as e:  # kernel died, timeout, ...: keep going with the next step
+        return f"{type(e).__name__}: {e}".splitlines()[0]
+    return None
+
+
+def run_plan(plan_path: str, *, out: str | None = None, resume: str | None = None, dry_run: bool = False,
+             only: list[str] | None = None) -> RunSummary:  # fmt: skip
+    plan = load_plan(plan_path, check_command=not dry_run)
+    steps = [s for s in plan.steps if not only or s.name in only]
+    if only and len(steps) != len(set(only)):
+        missing = sorted(set(only) - {s.name for s in plan.steps})
+        raise SpecError(f"--only: no step named {missing[0]!r}; steps are {', '.join(s.name for s in plan.steps)}")
+    if dry_run:
+        from vllm_lab.dryrun import print_dry_run
+
+        print_dry_run(plan, steps)
+        return RunSummary(run_dir=Path("-"))
+    if resume:
+        run_dir = Path(resume)
+        if not run_dir.is_dir():
+            raise SpecError(f"--resume: {resume} is not a run folder; pass an earlier outputs/<run_id> folder")
+    else:
+        run_dir = None
+    wait = os.environ.get("VLLM_LAB_WAIT_LOCK") == "1"
+    with DeviceLock(wait=wait):
+        run_dir = run_dir or new_run_dir(plan, out)
+        summary = RunSummary(run_dir=run_dir)
+        nb_dir = run_dir / "notebooks"
+        nb_dir.mkdir(exist_ok=True)
+        print(f"run folder: {run_dir}", flush=True)
+        from vllm_lab.dryrun import expected_trial_count
+
+        with TrialProgress(run_dir, expected_trial_count(plan, steps)):
+            for step in steps:
+                out_nb = nb_dir / f"{step.name}.ipynb"
+                err = execute(step.notebook, out_nb, plan.notebook_parameters(step, run_dir), step.timeout_s)
+                summary.notebooks.append(out_nb)
+                if err:
+                    summary.errors.append(f"{step.name}: {err}")
+                    print(f"step {step.name} raised {err} (notebook kept: {out_nb})", file=sys.stderr, flush=True)
+        summary.report_paths = build_report(run_dir, nb_dir, summary)
+    return summary
+
+
+def build_report(run_dir: Path, nb_dir: Path, summary: RunSummary) -> dict:
+    """The report notebook renders the figures; report.md and report.html come from the records."""
+    from vllm_lab.report import build_report as write_reports
+    from vllm_lab.report import export_html
+
+    out_nb = nb_dir / f"{REPORT_NOTEBOOK}.ipynb"
+    err = execute(REPORT_NOTEBOOK, out_nb, {"RUN_DIR": str(run_dir)}, 900)
+    paths = write_reports(run_dir)
+    if err:
+        summary.errors.append(f"{REPORT_NOTEBOOK}: {err}")
+    else:
+        paths["html"] = export_html(out_nb, run_dir / "report.html")
+    paths["report_notebook"] = out_nb
+    return paths
+
+
+def cli_run(args) -> int:
+    t0 = time.monotonic()
+    summary = run_plan(args.plan, out=args.out, resume=args.resume, dry_run=args.dry_run, only=args.only)
+    if args.dry_run:
+        return 0
+    print(f"\nrun folder: {summary.run_dir}  ({time.monotonic() - t0:.0f} s)")
+    print(f"trials:     {summary.run_dir / record.TRIALS_FILE}")
+    for name, path in summary.report_paths.items():
+        if path:
+            print(f"{name + ':':<11} {path}")
+    for nb in summary.notebooks:
+        print(f"notebook:   {nb}")
+    for e in summary.errors:
+        print(f"ERROR in {e}", file=sys.stderr)
+    return 1 if summary.errors else 0

@@ -1,0 +1,23 @@
+"""Where things live: the repo's notebooks and outputs, and relative paths that work from any cwd.
+
+A notebook rerun in JupyterLab runs in notebooks/, papermill from the repo root runs in the root; a
+relative path in a parameter or a plan is tried against the cwd, then the given base, then the repo root.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+OUTPUTS_DIR = REPO_ROOT / "outputs"
+
+
+def resolve_path(p: str, base: Path | None = None) -> str:
+    path = Path(p).expanduser()
+    if path.is_absolute():
+        return str(path)
+    for root in (Path.cwd(), base, REPO_ROOT):
+        if root is not None and (root / path).exists():
+            return str((root / path).resolve())
+    return str(path)  # let validation name it as missing

@@ -1,0 +1,197 @@
+"""A plan (params/*.yaml): the model, the vLLM command, defaults, and the steps (notebook + parameters).
+
+Everything is checked before anything runs: unknown keys, wrong types, values out of range, a missing
+model folder, a vLLM command that does not exist, duplicate step names, an unknown notebook. Each problem
+is one SpecError line naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from vllm_lab.paths import NOTEBOOK_DIR, resolve_path
+from vllm_lab.spec import LAUNCHERS, SpecError, Trial, check_vllm_cmd
+
+PLAN_KEYS = {"name", "description", "model", "vllm_cmd", "gpu", "vllm_version", "defaults", "steps"}
+DEFAULT_KEYS = {"extra_args", "env", "startup_timeout_s", "request_timeout_s", "launcher", "quantization",
+                "step_timeout_s"}  # fmt: skip
+STEP_KEYS = {"name", "notebook", "parameters", "timeout_s", "model"}
+# Notebook parameters the batch fills from the plan itself; a step may not set them.
+PLAN_OWNED = {"RUN_DIR", "STEP", "MODEL", "VLLM_CMD", "EXTRA_ARGS", "ENV", "STARTUP_TIMEOUT_S", "REQUEST_TIMEOUT_S"}
+
+
+@dataclass
+class Step:
+    name: str
+    notebook: str
+    parameters: dict
+    timeout_s: float
+    model: str
+
+
+@dataclass
+class Plan:
+    path: Path
+    name: str
+    model: str
+    vllm_cmd: str
+    defaults: dict
+    steps: list[Step] = field(default_factory=list)
+    gpu: str | None = None
+    vllm_version: str | None = None
+
+    def notebook_parameters(self, step: Step, run_dir: Path) -> dict:
+        d = self.defaults
+        base = {
+            "RUN_DIR": str(run_dir), "STEP": step.name, "MODEL": step.model, "VLLM_CMD": self.vllm_cmd,
+            "EXTRA_ARGS": list(d.get("extra_args", [])), "ENV": dict(d.get("env", {})),
+            "STARTUP_TIMEOUT_S": float(d.get("startup_timeout_s", 600)),
+            "REQUEST_TIMEOUT_S": float(d.get("request_timeout_s", 120)),
+        }  # fmt: skip
+        declared = notebook_parameter_defaults(step.notebook)  # papermill only warns on extra names
+        return {k: v for k, v in {**base, **step.parameters}.items() if k in declared}
+
+
+def _type_name(v) -> str:
+    return type(v).__name__
+
+
+def _expect(where: str, value, types, example: str):
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise SpecError(f"{where}: {value!r} is a {_type_name(value)}, expected e.g. {example}")
+    if not isinstance(value, types):
+        raise SpecError(f"{where}: {value!r} is a {_type_name(value)}, expected e.g. {example}")
+    return value
+
+
+def _unknown(where: str, got: dict, allowed: set) -> None:
+    extra = sorted(set(got) - allowed)
+    if extra:
+        raise SpecError(f"{where}{extra[0]}: unknown key; allowed keys are {', '.join(sorted(allowed))}")
+
+
+# Range rules for notebook parameters, by name. (papermill itself only warns on unknown names.)
+def check_parameter(where: str, name: str, value) -> None:
+    if value is None:
+        return
+    if name in ("MAX_MODEL_LEN", "LOW", "HIGH", "BLOCK_SIZE") or name == "KV_CACHE_MEMORY_BYTES":
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise SpecError(f"{where}{name}: {value!r} must be a positive integer")
+    elif name == "GPU_MEMORY_UTILIZATION":
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+            raise SpecError(f"{where}{name}: {value!r} must be a fraction in (0, 1], e.g. 0.85")
+    elif name == "LAUNCHER":
+        if value not in LAUNCHERS:
+            raise SpecError(f"{where}{name}: {value!r} is not one of {', '.join(LAUNCHERS)}")
+    elif name in ("LAUNCHERS", "MAX_MODEL_LENS", "UTILIZATIONS", "KV_BUDGETS_BYTES"):
+        _expect(f"{where}{name}", value, list, "[16384, 22256]")
+        inner = {"LAUNCHERS": "LAUNCHER", "MAX_MODEL_LENS": "MAX_MODEL_LEN", "UTILIZATIONS": "GPU_MEMORY_UTILIZATION",
+                 "KV_BUDGETS_BYTES": "KV_CACHE_MEMORY_BYTES"}[name]  # fmt: skip
+        if not value:
+            raise SpecError(f"{where}{name}: is empty; give at least one value")
+        for v in value:
+            check_parameter(where, inner, v)
+
+
+def notebook_parameter_defaults(notebook: str) -> dict:
+    """Names and defaults of a notebook's `parameters` cell (papermill's own inspection)."""
+    import papermill
+
+    path = NOTEBOOK_DIR / f"{notebook}.ipynb"
+    info = papermill.inspect_notebook(str(path))
+    out = {}
+    for name, p in info.items():
+        try:
+            out[name] = eval(p["default"], {}, {})  # defaults are literals in our notebooks
+        except Exception:
+            out[name] = None
+    return out
+
+
+def load_plan(path: str | Path, *, check_command: bool = True) -> Plan:
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"plan: {path} does not exist; pass a YAML plan such as params/demo-cpu.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise SpecError(f"plan: {path} is not valid YAML{at}; fix the syntax") from None
+    if not raw:
+        raise SpecError(f"plan: {path} is empty; it needs model, vllm_cmd and steps")
+    _expect("plan", raw, dict, "a mapping with model, vllm_cmd, steps")
+    _unknown("plan key ", raw, PLAN_KEYS)
+    for key in ("model", "vllm_cmd", "steps"):
+        if key not in raw:
+            raise SpecError(f"{key}: missing; every plan needs model, vllm_cmd and steps")
+    model = resolve_path(_expect("model", raw["model"], str, "'.cache/models/tiny-qwen2'"), base=path.parent)
+    vllm_cmd = raw["vllm_cmd"]
+    _expect("vllm_cmd", vllm_cmd, (str, list), "'vllm serve'")
+    vllm_cmd = _resolve_cmd(vllm_cmd, path.parent)
+    if check_command:
+        check_vllm_cmd(vllm_cmd)
+    defaults = raw.get("defaults") or {}
+    _expect("defaults", defaults, dict, "{extra_args: [--enforce-eager]}")
+    _unknown("defaults.", defaults, DEFAULT_KEYS)
+    _expect("defaults.extra_args", defaults.get("extra_args", []), list, "[--enforce-eager]")
+    _expect("defaults.env", defaults.get("env", {}), dict, "{VLLM_ENABLE_V1_MULTIPROCESSING: '0'}")
+    for k in ("startup_timeout_s", "request_timeout_s", "step_timeout_s"):
+        if k in defaults and (isinstance(defaults[k], bool) or not isinstance(defaults[k], int | float) or defaults[k] <= 0):
+            raise SpecError(f"defaults.{k}: {defaults[k]!r} must be a positive number of seconds")
+    steps_raw = _expect("steps", raw["steps"], list, "a list of {name, notebook, parameters}")
+    if not steps_raw:
+        raise SpecError("steps: is empty; add at least one step (name, notebook, parameters)")
+    steps, seen = [], set()
+    for i, s in enumerate(steps_raw):
+        steps.append(_load_step(i, s, seen, model, defaults, path.parent))
+    plan = Plan(path=path, name=str(raw.get("name") or path.stem), model=model, vllm_cmd=vllm_cmd,
+                defaults=defaults, steps=steps, gpu=raw.get("gpu"), vllm_version=raw.get("vllm_version"))  # fmt: skip
+    # One trial built from the defaults must itself be valid (model folder, launcher ...).
+    Trial(model=model, vllm_cmd=vllm_cmd, extra_args=list(defaults.get("extra_args", [])),
+          env={str(k): str(v) for k, v in defaults.get("env", {}).items()}).validate(check_command=False)  # fmt: skip
+    return plan
+
+
+def _resolve_cmd(cmd, base: Path):
+    """A relative interpreter path in the command (.venv-vllm/bin/python) is taken from the repo root."""
+    parts = cmd.split() if isinstance(cmd, str) else list(cmd)
+    if parts and ("/" in parts[0]) and not parts[0].startswith("/"):
+        parts[0] = resolve_path(parts[0], base=base)
+    return " ".join(parts) if isinstance(cmd, str) else parts
+
+
+def _load_step(i: int, s, seen: set, model: str, defaults: dict, base: Path) -> Step:
+    where = f"steps[{i}]"
+    _expect(where, s, dict, "{name: 01_restore, notebook: 01_restore_launcher, parameters: {...}}")
+    _unknown(f"{where}.", s, STEP_KEYS)
+    name = s.get("name")
+    if not name or not isinstance(name, str):
+        raise SpecError(f"{where}.name: missing; give each step a unique name")
+    if name in seen:
+        raise SpecError(f"{where}.name: duplicate step name {name!r}; step names must be unique")
+    seen.add(name)
+    nb = s.get("notebook")
+    if nb not in available_notebooks():
+        raise SpecError(f"{where}.notebook: {nb!r} is not a notebook; choose one of {', '.join(available_notebooks())}")
+    params = s.get("parameters") or {}
+    _expect(f"{where}.parameters", params, dict, "{MAX_MODEL_LEN: 16384}")
+    known = notebook_parameter_defaults(nb)
+    for k, v in params.items():
+        if k in PLAN_OWNED:
+            raise SpecError(f"{where}.parameters.{k}: is set by the plan itself (model, vllm_cmd, defaults); remove it")
+        if k not in known:
+            raise SpecError(f"{where}.parameters.{k}: unknown parameter of {nb}; known: {', '.join(sorted(set(known) - PLAN_OWNED))}")
+        check_parameter(f"{where}.parameters.", k, v)
+    timeout = s.get("timeout_s", defaults.get("step_timeout_s", 3600))
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+        raise SpecError(f"{where}.timeout_s: {timeout!r} must be a positive number of seconds")
+    step_model = resolve_path(s["model"], base=base) if s.get("model") else model
+    return Step(name=name, notebook=nb, parameters=params, timeout_s=float(timeout), model=step_model)
+
+
+def available_notebooks() -> list[str]:
+    return sorted(p.stem for p in NOTEBOOK_DIR.glob("*.ipynb"))

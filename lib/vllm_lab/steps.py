@@ -1,0 +1,139 @@
+"""What each notebook step runs, as plain functions, so notebooks stay thin and the batch can plan ahead.
+
+A notebook's parameters become `StepParams`; `planned_trials` says which trials a step will launch (the
+batch's --dry-run uses it); `run_or_reuse` launches a trial unless the run folder already recorded it
+(that is how --resume skips finished work).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vllm_lab import record
+from vllm_lab.spec import DEFAULT_VLLM_CMD, SpecError, Trial
+
+NOTEBOOKS = ("00_preflight", "01_restore_launcher", "02_context_budget", "03_max_context_search", "04_hypotheses")
+
+
+@dataclass
+class StepParams:
+    """The parameters every trial notebook takes (UPPER_CASE in the notebook, lower here)."""
+
+    run_dir: str
+    step: str
+    model: str
+    vllm_cmd: str | list[str] = DEFAULT_VLLM_CMD
+    launcher: str = "head"
+    quantization: str | None = None
+    max_model_len: int | None = None
+    gpu_memory_utilization: float | None = None
+    kv_cache_memory_bytes: int | None = None
+    extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    startup_timeout_s: float = 600.0
+    request_timeout_s: float = 120.0
+
+    def trial(self, **override) -> Trial:
+        values = {
+            "model": self.model, "launcher": self.launcher, "quantization": self.quantization,
+            "max_model_len": self.max_model_len, "gpu_memory_utilization": self.gpu_memory_utilization,
+            "kv_cache_memory_bytes": self.kv_cache_memory_bytes, "vllm_cmd": self.vllm_cmd,
+            "extra_args": list(self.extra_args), "env": dict(self.env), "startup_timeout_s": self.startup_timeout_s,
+            "request_timeout_s": self.request_timeout_s, "step": self.step,
+        }  # fmt: skip
+        values.update(override)
+        return Trial(**values)
+
+
+def memory_levels(utils: list | None, kv_budgets: list | None) -> list[dict]:
+    """The memory factor's levels: util fractions on a GPU, KV budgets in bytes on the CPU build."""
+    if kv_budgets:
+        return [{"kv_cache_memory_bytes": int(b), "gpu_memory_utilization": None} for b in kv_budgets]
+    if utils:
+        return [{"gpu_memory_utilization": float(u), "kv_cache_memory_bytes": None} for u in utils]
+    raise SpecError("memory levels: give UTILIZATIONS (e.g. [0.85, 0.95]) or KV_BUDGETS_BYTES")
+
+
+def factorial_trials(p: StepParams, launchers: list[str], lengths: list[int], mems: list[dict]) -> list[Trial]:
+    """H1-H4 as a full factorial: launcher x max_model_len x memory setting."""
+    return [p.trial(launcher=lch, max_model_len=int(n), **m) for lch, n, m in itertools.product(launchers, lengths, mems)]
+
+
+def run_or_reuse(trial: Trial, run_dir: str | Path) -> dict:
+    """Launch the trial unless this run folder already recorded it (resume)."""
+    from vllm_lab.probe import run_trial
+
+    for row in record.read_records(run_dir).rows:
+        if row.get("trial_id") == trial.trial_id:
+            return row
+    return run_trial(trial, run_dir)
+
+
+def run_trials(trials: list[Trial], run_dir: str | Path, progress: bool = True) -> list[dict]:
+    """Run trials in order; a failed trial is a row, never the end of the step."""
+    out = []
+    for t in trials:
+        rec = run_or_reuse(t, run_dir)
+        if progress:
+            print(f"{t.trial_id}: {rec['outcome']} {rec.get('failure') or ''}".rstrip(), flush=True)
+        out.append(rec)
+    return out
+
+
+def records_frame(records: list[dict]):
+    """A compact table of records for a notebook's output."""
+    import pandas as pd
+
+    cols = ["trial_id", "backend", "launcher", "quantization", "max_model_len", "gpu_memory_utilization",
+            "kv_cache_memory_bytes", "outcome", "failure", "kv_cache_tokens", "estimated_max_model_len",
+            "long_request_ok", "seconds_to_outcome", "evidence"]  # fmt: skip
+    return pd.DataFrame(records, columns=cols) if records else pd.DataFrame(columns=cols)
+
+
+def step_params(nb: dict) -> StepParams:
+    """A notebook's UPPER_CASE parameters -> StepParams (unknown names are ignored here; plans check them)."""
+    from vllm_lab.paths import resolve_path
+
+    names = {f.upper(): f for f in StepParams.__dataclass_fields__}
+    values = {names[k]: v for k, v in nb.items() if k in names}
+    values["model"] = resolve_path(values["model"])
+    cmd = values.get("vllm_cmd", DEFAULT_VLLM_CMD)
+    parts = cmd.split() if isinstance(cmd, str) else list(cmd)
+    if parts and "/" in parts[0] and not parts[0].startswith("/"):
+        parts[0] = resolve_path(parts[0])  # .venv-vllm/bin/python from the repo root, whatever the cwd
+    values["vllm_cmd"] = parts
+    values["env"] = {str(k): str(v) for k, v in (values.get("env") or {}).items()}
+    return StepParams(**values)
+
+
+def planned_trials(notebook: str, nb: dict) -> list[Trial] | None:
+    """The trials a step will launch; None where the count depends on what vLLM reports (the search)."""
+    p = step_params(nb)
+    if notebook in ("01_restore_launcher", "02_context_budget"):
+        return [p.trial()]
+    if notebook == "04_hypotheses":
+        mems = memory_levels(nb.get("UTILIZATIONS"), nb.get("KV_BUDGETS_BYTES"))
+        return factorial_trials(p, nb["LAUNCHERS"], nb["MAX_MODEL_LENS"], mems)
+    return None
+
+
+def search_step(p: StepParams, low: int | None, high: int | None):
+    """Step 4: the largest stable max_model_len at this memory setting; every launch is a recorded trial."""
+    from vllm_lab import search
+
+    def launch(n: int) -> dict:
+        return run_or_reuse(p.trial(max_model_len=int(n), trial_id=f"{p.step}-len{n}"), p.run_dir)
+
+    return search.search_max_model_len(launch, low=low, high=high, model_limit=model_limit(p.model))
+
+
+def model_limit(model: str) -> int | None:
+    import json
+
+    try:
+        cfg = json.loads((Path(model) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return cfg.get("max_position_embeddings")
