@@ -1,0 +1,966 @@
+"""The largest stable max_model_len (and the highest memory setting that starts) in as few launches as possible.
+
+Stable means: at one memory setting, vLLM (a) starts with that --max-model-len and (b) completes one request
+whose prompt fills it to within one block, within the probe's deadline (outcome ``ready`` and
+``long_request_ok``). The answer is found to block precision (16 tokens): the largest multiple of the block
+size that is stable, with the evidence that one block more is not.
+
+Why not plain bisection
+-----------------------
+Bisection on pass/fail needs about log2(range / block) launches: 11 for 16384..40960. But vLLM says more than
+pass or fail, and says it in different words per version (reference/vllm-facts.md, sections 1-3):
+
+* V1 failure (>= ~0.9): "... the estimated maximum model length is N." N is V1's own binary search over the
+  KV memory it has, so it is the exact block capacity (a multiple of 16), and V1 sizes the KV cache without
+  looking at max_model_len (the profiling pass runs max_num_batched_tokens, not max_model_len).
+* 0.8.5 prints that sentence without the number, but the same line holds "(x GiB KV cache is needed, which
+  is larger than the available KV cache memory (y GiB)": capacity is about n * y / x (2-decimal rounding, so
+  approximate: a prediction, never a proof).
+* V0 failure: "... maximum number of tokens that can be stored in KV cache (M)": exact for that launch, but
+  without chunked prefill V0's activation peak grows with max_model_len, so M depends on the n launched.
+* Success: "GPU KV cache size: N tokens" (0.8.5+) or "# GPU blocks: n" (x 16): the capacity of that launch.
+
+So the search predicts, launches, reads the capacity vLLM reports, jumps there and confirms with the long
+request. It bisects only where reports are missing (old or unknown versions) or where they contradict each
+other; where they contradict because capacity falls as max_model_len grows (V0), the last two reports are
+interpolated linearly to the fixed point capacity(n) = n. A launch that starts but fails the long request
+(``unstable``: e.g. a request of exactly the fitted length that never finishes) is a failure of that n: the
+next launch steps one block down, and bisects between the last known good and it if that fails too.
+
+The bracket and the +1-block rule
+---------------------------------
+The search keeps a bracket (good, bad): good is the largest n launched that was stable; bad is the smallest n
+*proven* not stable. The answer is final when bad = good + 1 block: "one block more fails" is then part of
+the answer, never assumed. What proves that n fails:
+
+1. a launch at some m <= n that was not stable (failed, timeout, unstable): stability is monotone in n;
+2. the model's limit: a launch failed with max_len_exceeds_model and named the derived limit d (or the caller
+   passed ``model_limit``): every n > d fails;
+3. Rule A, a capacity report R from a launch at m <= n with R < n. Capacity never grows with max_model_len
+   (constant in V1, falling in V0 without chunked prefill), so capacity(n) <= capacity(m) = R < n. The
+   confirming launch's own "KV cache size: N tokens" is such a report: when it equals the answer, the
+   answer + 16 is proven to fail without a launch. The long request fills max_model_len, so a request at
+   n > R tokens cannot complete even in 0.33, which keeps a null block back and could start there;
+4. Rule B, V1's estimate E from a failed launch at any n: "estimated maximum model length is E" comes only
+   from V1, whose capacity does not depend on max_model_len, so every n > E fails. Trusted only while every
+   exact report (from launches at different n) agrees with it after rounding to blocks.
+
+Where the reports contradict the launches (a stable launch above a report-proven failure), rules 3 and 4
+are switched off for the rest of the search and the bracket is rebuilt from launches alone: when in doubt,
+the +1 block is launched.
+
+Launch counts (16384..40960, vLLM reporting the capacity; see tests/test_search.py and benchmarks/):
+a too-high first launch fails with the exact estimate E (V1) or M (V0 with chunked prefill); the launch at E
+starts, completes the long request and reports "KV cache size: E tokens" -> the answer, and E + 16 is proven
+by rule A (and B): 2 launches. A too-low first launch reports the capacity on success: the same 2. 0.8.5
+(no number): 3. V0 with a growing activation peak: 3-4 (interpolation). Unstable exact edge: 3. No reports
+at all: exactly plain bisection. Guided launches are clamped so that bisection can still finish within plain
+bisection's worst case over the same range (ceil(log2(candidates))), so the search never needs more launches
+than that; without a first guess the first launch is bisection's own midpoint.
+
+The memory axis
+---------------
+``search_max_memory`` finds the highest gpu_memory_utilization (or KV budget) that starts, at precision 0.01.
+vLLM's auto_tune steps down from 0.98 by 0.01 (up to 9 launches). Here the first launch is at the top; V1's
+"Free memory on device (F/T GiB) on startup is less than desired GPU memory utilization (U, R GiB)" gives
+F/T, so the answer is floor(F/T / 0.01) * 0.01 (with the 2-decimal rounding of F and T taken against us): one
+more launch confirms it, and the next step up is proven by the same report (free memory is assumed to stay
+put between launches). Otherwise it bisects. Failures that mean "too little memory" (kv_cache_insufficient,
+no_kv_memory) bound the answer from below instead of above.
+
+The algorithm never launches anything itself: it takes ``launch(max_model_len) -> record`` (a result record,
+keys as record.FIELDS). ``trial_launcher`` builds one from probe.run_trial; ``SimulatedVllm`` is a pure-Python
+stand-in that writes each version's log lines into records, for tests and the benchmark.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vllm_lab import record
+from vllm_lab.spec import DEFAULT_VLLM_CMD, SpecError, Trial
+
+BLOCK = 16
+STEP = "03_max_context_search"
+MAX_LAUNCHES = 64  # a safety stop, far above any search here (bisection of 1..1M tokens is 16)
+
+# Failure kinds that max_model_len does not change: searching on would only repeat them.
+UNRELATED_FAILURES = frozenset({
+    "port_in_use", "model_not_found", "quantization_mismatch", "quantization_unsupported_gpu",
+    "dtype_unsupported_gpu", "gpu_unsupported", "gpu_mem_util_unavailable",
+})  # fmt: skip
+# On the memory axis: failures that mean too LITTLE memory (more would help).
+TOO_LITTLE_MEMORY = frozenset({"kv_cache_insufficient", "no_kv_memory"})
+MEMORY_UNRELATED = frozenset(UNRELATED_FAILURES - {"gpu_mem_util_unavailable"} | {"max_len_exceeds_model"})
+
+
+# ---- reading a record -----------------------------------------------------------------------------------
+
+
+def passes(rec: dict) -> bool:
+    """Stable: started and completed the request that fills max_model_len."""
+    return rec.get("outcome") == "ready" and rec.get("long_request_ok") is True
+
+
+def started(rec: dict) -> bool:
+    """The server came up (whatever the long request did)."""
+    return rec.get("outcome") in ("ready", "unstable")
+
+
+_NUM = r"(\d[\d,]*)"
+_RE_ESTIMATE = re.compile(r"estimated maximum model length is\s*" + _NUM)
+_RE_ESTIMATE_EMPTY = re.compile(r"estimated maximum model length is\s*\.")
+_RE_V0_MAX = re.compile(r"maximum number of tokens that can be stored in KV cache\s*\(" + _NUM + r"\)")
+_RE_GIB_RATIO = re.compile(
+    r"\(\s*([\d.]+)\s*GiB KV cache is needed, which is larger than the available KV cache memory\s*\(\s*([\d.]+)\s*GiB"
+)
+_RE_LIMIT = re.compile(r"derived max_model_len\s*\([^)=]*=\s*(\d+)")
+_RE_FREE = re.compile(r"\(\s*([\d.]+)\s*/\s*([\d.]+)\s*GiB\s*\)\s*on startup is less than desired")
+
+
+def _int(s: str) -> int:
+    return int(s.replace(",", ""))
+
+
+@dataclass(frozen=True)
+class Report:
+    """A capacity vLLM reported at one launch: tokens of KV it can hold (``exact``) or a rough estimate."""
+
+    n: int  # the max_model_len launched
+    tokens: int
+    kind: str  # estimate (V1 failure) | v0_max (V0 failure) | kv_cache (a start) | approx (0.8.5 GiB ratio)
+
+    @property
+    def exact(self) -> bool:
+        return self.kind != "approx"
+
+
+def capacity_report(rec: dict) -> Report | None:
+    """The capacity one record reveals, from the evidence line first (it names the version's wording)."""
+    n = rec.get("max_model_len")
+    if not isinstance(n, int):
+        return None
+    ev = str(rec.get("evidence") or "")
+    if rec.get("outcome") == "failed":
+        if m := _RE_ESTIMATE.search(ev):
+            return Report(n, _int(m.group(1)), "estimate")
+        if m := _RE_V0_MAX.search(ev):
+            return Report(n, _int(m.group(1)), "v0_max")
+        est = rec.get("estimated_max_model_len")
+        if isinstance(est, int) and not _RE_ESTIMATE_EMPTY.search(ev):
+            return Report(n, est, "estimate")
+        kv = rec.get("kv_cache_tokens")
+        if isinstance(kv, int) and rec.get("failure") == "kv_cache_insufficient":
+            return Report(n, kv, "v0_max")
+        if m := _RE_GIB_RATIO.search(ev):
+            need, avail = float(m.group(1)), float(m.group(2))
+            if need > 0.005 and avail > 0.005:  # tiny models print 0.00: no information
+                # Rounding taken against us: the low end of what the printed values allow.
+                return Report(n, int(n * (avail - 0.005) / (need + 0.005)), "approx")
+        return None
+    kv = rec.get("kv_cache_tokens")
+    if (isinstance(kv, int) and kv > 0 and started(rec)) or (
+        isinstance(kv, int) and rec.get("outcome") == "timeout"
+    ):
+        return Report(n, kv, "kv_cache")
+    return None
+
+
+def model_limit_from(rec: dict) -> int | None:
+    """The model's own limit named by a max_len_exceeds_model failure."""
+    if rec.get("failure") != "max_len_exceeds_model":
+        return None
+    m = _RE_LIMIT.search(str(rec.get("evidence") or ""))
+    return int(m.group(1)) if m else None
+
+
+def free_total_from(rec: dict) -> tuple[float, float] | None:
+    """(free, total) GiB from "Free memory on device (F/T GiB) on startup is less than desired ..."."""
+    m = _RE_FREE.search(str(rec.get("evidence") or ""))
+    if not m:
+        return None
+    free, total = float(m.group(1)), float(m.group(2))
+    return (free, total) if total > 0 else None
+
+
+# ---- results ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SearchResult:
+    max_model_len: int | None  # None: even `low` is not stable (or the search stopped before any success)
+    launches: int
+    seconds: float  # wall clock of the whole search
+    trials: list[dict]  # the records, in launch order
+    reason: str  # how it concluded, in one line
+    plus_one_fails: bool | None = (
+        None  # answer + 1 block proven not stable (None: not applicable / unchecked)
+    )
+    plus_one_evidence: str = ""
+    method: str = "search"  # search | naive_bisect
+    steps: list[dict] = field(default_factory=list)  # per launch: max_model_len, why, outcome, stable
+    low: int | None = None
+    high: int | None = None
+    block_size: int = BLOCK
+    launch_seconds: float = 0.0  # sum of the records' seconds_to_outcome (simulated time for SimulatedVllm)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class MemorySearchResult:
+    value: float | int | None  # the highest setting that starts (None: nothing in range does)
+    launches: int
+    seconds: float
+    trials: list[dict]
+    reason: str
+    axis: str = "gpu_memory_utilization"
+    precision: float = 0.01
+    plus_one_fails: bool | None = None
+    plus_one_evidence: str = ""
+    method: str = "search"  # search | auto_tune
+    steps: list[dict] = field(default_factory=list)
+    launch_seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _launch_seconds(trials: list[dict]) -> float:
+    return round(sum(float(r.get("seconds_to_outcome") or 0.0) for r in trials), 3)
+
+
+def _describe(rec: dict) -> str:
+    kind = rec.get("failure")
+    out = str(rec.get("outcome"))
+    return f"{out} ({kind})" if kind else out
+
+
+# ---- the max_model_len search ----------------------------------------------------------------------------
+
+
+class _LenSearch:
+    """State of one search, in block units (k means max_model_len = k * block)."""
+
+    def __init__(self, launch, low, high, block, first_guess, model_limit, max_launches):
+        if block <= 0:
+            raise ValueError("block_size must be positive")
+        self.launch_fn = launch
+        self.b = block
+        self.low_k = max(1, math.ceil((low if low is not None else block) / block))
+        self.high_k = None if high is None else high // block
+        self.cap_k = None if model_limit is None else model_limit // block
+        self.cap_why = None if model_limit is None else f"the model's limit is {model_limit} (given)"
+        if self.high_k is not None and self.high_k < self.low_k:
+            raise ValueError(f"high ({high}) is below low ({low}) at block {block}")
+        self.first_guess = first_guess
+        self.max_launches = max_launches
+        self.records: list[dict] = []
+        self.steps: list[dict] = []
+        self.launched: dict[int, dict] = {}
+        self.good = self.low_k - 1  # sentinel: nothing stable known
+        self.good_why = ""
+        self.reports: list[Report] = []
+        self.trust_reports = True
+        self.notes: list[str] = []
+        self.stepdowns = 0
+        top = self.top()
+        self.budget = None if top is None else _ceil_log2(top + 1 - (self.low_k - 1))
+
+    # -- bounds --
+    def top(self) -> int | None:
+        vals = [v for v in (self.high_k, self.cap_k) if v is not None]
+        return min(vals) if vals else None
+
+    def bad(self) -> tuple[int | None, str]:
+        """Smallest k proven not stable (or the range's end), and why."""
+        cands: list[tuple[int, str]] = []
+        for k, rec in self.launched.items():
+            if not passes(rec) and k > self.good:
+                cands.append((k, f"the launch at {k * self.b} was {_describe(rec)}"))
+        if self.cap_k is not None:
+            cands.append((self.cap_k + 1, self.cap_why or "the model's limit"))
+        if self.high_k is not None and (self.cap_k is None or self.high_k < self.cap_k):
+            cands.append((self.high_k + 1, "TOP"))
+        if self.trust_reports:
+            cands.extend(self._report_bads())
+        if not cands:
+            return None, ""
+        return min(cands, key=lambda c: c[0])
+
+    def _report_bads(self) -> list[tuple[int, str]]:
+        out = []
+        exact = [r for r in self.reports if r.exact]
+        for r in exact:
+            rk = r.tokens // self.b
+            if r.kind == "kv_cache" or r.kind == "v0_max" or r.kind == "estimate":
+                k = max(r.n // self.b, rk + 1)
+                out.append((k, f"the launch at {r.n} reported a capacity of {r.tokens} tokens < {k * self.b} "
+                               "(capacity never grows with max_model_len)"))  # fmt: skip
+            if r.kind == "estimate" and self.consistent():
+                out.append((rk + 1, f"vLLM V1 estimated the maximum model length at {r.tokens} (launch at {r.n}); "
+                                    "V1's capacity does not depend on max_model_len and every report agrees"))  # fmt: skip
+        return out
+
+    def consistent(self) -> bool:
+        return len({r.tokens // self.b for r in self.reports if r.exact}) <= 1
+
+    # -- prediction --
+    def predict(self) -> tuple[int, str] | None:
+        exact = [r for r in self.reports if r.exact]
+        if exact and self.consistent():
+            r = exact[-1]
+            return r.tokens // self.b, f"the capacity vLLM reported ({r.tokens} tokens, {r.kind})"
+        if exact:
+            pts: list[Report] = []
+            for r in reversed(exact):
+                if all(p.n != r.n for p in pts):
+                    pts.append(r)
+                if len(pts) == 2:
+                    break
+            if len(pts) == 2:
+                (n1, c1), (n2, c2) = (pts[0].n, pts[0].tokens), (pts[1].n, pts[1].tokens)
+                slope = (c2 - c1) / (n2 - n1)
+                if slope < 1:
+                    fixed = (c1 - slope * n1) / (1 - slope)
+                    return int(fixed // self.b), (
+                        f"capacity depends on max_model_len (reports {c2} at {n2}, {c1} at {n1}): "
+                        f"interpolated fixed point {fixed:.0f}"
+                    )
+            return None
+        approx = [r for r in self.reports if not r.exact]
+        if approx:
+            r = approx[-1]
+            return r.tokens // self.b, f"about {r.tokens} tokens (from the GiB figures at {r.n})"
+        return None
+
+    def next_launch(self, bad: int | None) -> tuple[int, str] | None:
+        good = self.good
+        if not self.records:  # the first launch
+            if self.first_guess is not None:
+                k = max(self.low_k, int(self.first_guess) // self.b)
+                top = self.top()
+                if top is not None:
+                    k = min(k, top)
+                k2 = self._clamp(k, bad)
+                why = "first guess" + (
+                    f" {self.first_guess} moved to keep bisection's worst case" if k2 != k else ""
+                )
+                return k2, why
+            if bad is None:
+                return self.low_k, "low (no upper bound known)"
+            return (good + bad) // 2, "midpoint"
+        guided = self._guided(bad)
+        if guided is not None:
+            return guided
+        if bad is None:
+            return (
+                max(self.low_k, 2 * good) if good >= self.low_k else self.low_k
+            ), "doubling (no upper bound)"
+        return (good + bad) // 2, "bisection"
+
+    def _guided(self, bad: int | None) -> tuple[int, str] | None:
+        pred = self.predict()
+        if pred is None:
+            return None
+        k, why = pred
+        good = self.good
+        top = self.top()
+        if top is not None and k > top:
+            k, why = top, f"{why}, capped at {top * self.b}"
+        if bad is not None and k >= bad:
+            last = self.records[-1]
+            if self.stepdowns >= 1 and not passes(last):
+                return None  # one block down did not help: bisect
+            k, why = bad - 1, f"one block below {bad * self.b} ({why})"
+            self.stepdowns += 1
+        else:
+            self.stepdowns = 0
+        if k <= good:
+            if bad is not None and good + 1 < bad:
+                k, why = good + 1, f"+1 block check ({why} does not prove it)"
+            else:
+                return None
+        if k < self.low_k:
+            k = self.low_k
+        if k in self.launched:
+            return None
+        k2 = self._clamp(k, bad)
+        if k2 != k:
+            why += f"; moved from {k * self.b} to keep bisection's worst case"
+        return k2, why
+
+    def _clamp(self, k: int, bad: int | None) -> int:
+        """Keep a guided launch where bisection can still finish within plain bisection's worst case."""
+        good = self.good
+        if bad is None or self.budget is None:
+            return k
+        k = min(max(k, good + 1), bad - 1)
+        left = self.budget - len(self.records) - 1
+        if left < 0:
+            return (good + bad) // 2
+        span = 2**left
+        lo, hi = bad - span, good + span
+        if lo > hi:
+            return (good + bad) // 2
+        return min(max(k, lo, good + 1), hi, bad - 1)
+
+    # -- the loop --
+    def run(self) -> tuple[int | None, str, bool | None, str]:
+        while True:
+            bad, bad_why = self.bad()
+            if self.good >= self.low_k and bad is not None and bad <= self.good:
+                # A stable launch at or above a report-proven failure: reports cannot be trusted here.
+                self.trust_reports = False
+                self.notes.append("capacity reports contradicted a launch; using launches only")
+                bad, bad_why = self.bad()
+            if bad is not None and bad <= self.good + 1:
+                return self._conclude(bad, bad_why)
+            if len(self.records) >= self.max_launches:
+                return self._stop(f"stopped after {len(self.records)} launches (max_launches)")
+            nxt = self.next_launch(bad)
+            if nxt is None:  # cannot happen with an open bracket; kept as a guard
+                return self._stop("no launch left to try")
+            k, why = nxt
+            if k in self.launched:
+                k, why = ((self.good + bad) // 2, "bisection") if bad is not None else (k, why)
+                if k in self.launched:
+                    return self._stop("no untried launch left in the bracket")
+            rec = self.launch_fn(k * self.b)
+            self.records.append(rec)
+            self.launched[k] = rec
+            ok = passes(rec)
+            self.steps.append({"max_model_len": k * self.b, "why": why, "outcome": rec.get("outcome"),
+                               "failure": rec.get("failure"), "stable": ok})  # fmt: skip
+            if ok and k > self.good:
+                self.good, self.good_why = k, why
+            rep = capacity_report(rec)
+            if rep is not None:
+                self.reports.append(rep)
+            limit = model_limit_from(rec)
+            if limit is not None:
+                lk = limit // self.b
+                if self.cap_k is None or lk < self.cap_k:
+                    self.cap_k = lk
+                    self.cap_why = f"the model's limit is {limit} (named by the launch at {k * self.b})"
+            if rec.get("outcome") == "failed" and rec.get("failure") in UNRELATED_FAILURES:
+                return self._stop(
+                    f"stopped: the launch at {k * self.b} failed with {rec.get('failure')}, which max_model_len "
+                    f"does not change: {str(rec.get('evidence') or '')[:200]}"
+                )
+
+    def _answer(self) -> int | None:
+        return self.good * self.b if self.good >= self.low_k else None
+
+    def _conclude(self, bad: int, bad_why: str) -> tuple[int | None, str, bool | None, str]:
+        ans = self._answer()
+        if ans is None:
+            return None, f"even low ({self.low_k * self.b}) is not stable: {bad_why}", True, bad_why
+        if bad_why == "TOP":
+            return ans, f"{self.good_why}, confirmed stable; it is the top of the range, +1 block not checked", None, (
+                "not checked: the answer is the top of the searched range")  # fmt: skip
+        if bad_why.startswith("the model's limit"):
+            return ans, f"{self.good_why}, confirmed stable; capped: {bad_why}", True, bad_why
+        how = "bisected" if not any(s["why"] not in ("midpoint", "bisection") for s in self.steps) else (
+            f"{self.good_why}, confirmed stable")  # fmt: skip
+        return ans, f"{how}; +1 block ({ans + self.b}) fails: {bad_why}", True, bad_why
+
+    def _stop(self, why: str) -> tuple[int | None, str, bool | None, str]:
+        return self._answer(), why, None, "not established: the search stopped early"
+
+
+def _ceil_log2(n: int) -> int:
+    return max(0, math.ceil(math.log2(n))) if n > 1 else 0
+
+
+def search_max_model_len(
+    launch: Callable[[int], dict],
+    *,
+    low: int | None,
+    high: int | None,
+    block_size: int = BLOCK,
+    first_guess: int | None = None,
+    model_limit: int | None = None,
+    max_launches: int = MAX_LAUNCHES,
+) -> SearchResult:
+    """The largest stable max_model_len in [low, high] (block multiples), guided by vLLM's capacity reports.
+
+    ``launch(n)`` runs one full trial at max_model_len n and returns its result record. ``first_guess`` (e.g.
+    the memory model's prediction) replaces the first midpoint; ``model_limit`` caps the answer (a launch that
+    fails with max_len_exceeds_model finds it too). ``high=None`` searches upward from ``low`` (reports, then
+    doubling) until a failure bounds it.
+    """
+    t0 = time.monotonic()
+    s = _LenSearch(launch, low, high, block_size, first_guess, model_limit, max_launches)
+    ans, reason, plus_one, evidence = s.run()
+    if s.notes:
+        reason += " (" + "; ".join(dict.fromkeys(s.notes)) + ")"
+    return SearchResult(
+        max_model_len=ans, launches=len(s.records), seconds=round(time.monotonic() - t0, 3), trials=s.records,
+        reason=reason, plus_one_fails=plus_one, plus_one_evidence=evidence, method="search", steps=s.steps,
+        low=s.low_k * block_size, high=high, block_size=block_size, launch_seconds=_launch_seconds(s.records),
+    )  # fmt: skip
+
+
+def naive_bisect(launch: Callable[[int], dict], low: int, high: int, block_size: int = BLOCK) -> SearchResult:
+    """The baseline: plain bisection on stable / not stable, reading nothing else (the notes' step 4)."""
+    t0 = time.monotonic()
+    low_k, high_k = math.ceil(low / block_size), high // block_size
+    good, bad = low_k - 1, high_k + 1
+    records, steps = [], []
+    bad_rec = None
+    while bad - good > 1:
+        k = (good + bad) // 2
+        rec = launch(k * block_size)
+        records.append(rec)
+        ok = passes(rec)
+        steps.append({"max_model_len": k * block_size, "why": "bisection", "outcome": rec.get("outcome"),
+                      "failure": rec.get("failure"), "stable": ok})  # fmt: skip
+        if ok:
+            good = k
+        else:
+            bad, bad_rec = k, rec
+    ans = good * block_size if good >= low_k else None
+    if bad_rec is None:
+        plus, ev = None, "not checked: the answer is the top of the searched range"
+    else:
+        plus, ev = True, f"the launch at {bad * block_size} was {_describe(bad_rec)}"
+    reason = (
+        f"bisected; +1 block: {ev}" if ans is not None else f"even low ({low_k * block_size}) is not stable"
+    )
+    return SearchResult(
+        max_model_len=ans, launches=len(records), seconds=round(time.monotonic() - t0, 3), trials=records,
+        reason=reason, plus_one_fails=plus, plus_one_evidence=ev, method="naive_bisect", steps=steps,
+        low=low_k * block_size, high=high, block_size=block_size, launch_seconds=_launch_seconds(records),
+    )  # fmt: skip
+
+
+# ---- the memory axis -------------------------------------------------------------------------------------
+
+
+def search_max_memory(
+    launch_mem: Callable[[float], dict],
+    *,
+    low: float = 0.5,
+    high: float = 0.98,
+    precision: float = 0.01,
+    first_guess: float | None = None,
+    axis: str = "gpu_memory_utilization",
+    require_long_request: bool = False,
+    max_launches: int = MAX_LAUNCHES,
+) -> MemorySearchResult:
+    """The highest memory setting in [low, high] (to ``precision``) at which vLLM starts.
+
+    ``launch_mem(value)`` runs one trial at that gpu_memory_utilization (or KV budget, axis
+    "kv_cache_memory_bytes", values then whole bytes). Starts means outcome ready or unstable (the long
+    request is the max_model_len axis's business) unless ``require_long_request``.
+    """
+    t0 = time.monotonic()
+    p = precision
+    integral = float(p).is_integer() and axis != "gpu_memory_utilization"
+
+    def val(k: int) -> float | int:
+        return int(k * p) if integral else round(k * p, 10)
+
+    low_k, high_k = math.ceil(low / p - 1e-9), math.floor(high / p + 1e-9)
+    if high_k < low_k:
+        raise ValueError(f"high ({high}) is below low ({low})")
+    ok_fn = passes if require_long_request else started
+    good, floor_k = low_k - 1, low_k - 1  # floor_k: largest setting proven too LOW
+    bad, bad_why = high_k + 1, "TOP"
+    records: list[dict] = []
+    steps: list[dict] = []
+    launched: set[int] = set()
+    proven_by_report: tuple[int, str] | None = None
+    report_picks: list[
+        tuple[int, str]
+    ] = []  # from the last free/total report: its best value, then its safe one
+    stop = None
+    first: tuple[int, str] = (
+        (min(high_k, max(low_k, math.floor(first_guess / p + 1e-9))), "first guess")
+        if first_guess is not None
+        else (high_k, "top of the range (where auto_tune starts)")
+    )
+    while True:
+        lo = max(good, floor_k)
+        if proven_by_report and proven_by_report[0] < bad and (good < low_k or proven_by_report[0] > good):
+            bad, bad_why = proven_by_report
+        if bad <= lo + 1:
+            break
+        if len(records) >= max_launches:
+            stop = f"stopped after {len(records)} launches (max_launches)"
+            break
+        picks = (
+            [first] if not records else [c for c in report_picks if lo < c[0] < bad and c[0] not in launched]
+        )
+        k, why = picks[0] if picks and lo < picks[0][0] < bad else ((lo + bad) // 2, "bisection")
+        rec = launch_mem(val(k))
+        records.append(rec)
+        launched.add(k)
+        ok = ok_fn(rec)
+        steps.append({axis: val(k), "why": why, "outcome": rec.get("outcome"), "failure": rec.get("failure"),
+                      "started": ok})  # fmt: skip
+        kind = rec.get("failure")
+        if ok:
+            good = max(good, k)
+        elif rec.get("outcome") == "failed" and kind in MEMORY_UNRELATED:
+            stop = f"stopped: the launch at {val(k)} failed with {kind}, which the memory setting does not change"
+            break
+        elif rec.get("outcome") == "failed" and kind in TOO_LITTLE_MEMORY:
+            floor_k = max(floor_k, k)
+        elif k < bad:
+            bad, bad_why = k, f"the launch at {val(k)} was {_describe(rec)}"
+        ft = free_total_from(rec) if axis == "gpu_memory_utilization" else None
+        if ft is not None:
+            free, total = ft
+            # F and T are printed to 2 decimals: the true ratio lies between these two.
+            hi_ratio, lo_ratio = (free + 0.005) / (total - 0.005), max(0.0, free - 0.005) / (total + 0.005)
+            k_hi, k_lo = math.floor(hi_ratio / p + 1e-9), math.floor(lo_ratio / p + 1e-9)
+            proven_by_report = (k_hi + 1, (
+                f"free memory at start was {free}/{total} GiB: at most {hi_ratio:.4f} of the device, so "
+                f"{val(k_hi + 1)} cannot be granted"))  # fmt: skip
+            src = f"free/total memory reported ({free}/{total} GiB)"
+            report_picks = [(k_hi, src), (k_lo, src + ", rounded down")]
+    ans = val(good) if good >= low_k and good >= floor_k else None
+    if stop:
+        reason, plus, ev = stop, None, "not established: the search stopped early"
+    elif ans is None:
+        parts = [] if bad_why == "TOP" else [f"from {val(bad)} up: {bad_why}"]
+        if floor_k >= low_k:
+            parts.append(f"up to {val(floor_k)}: too little memory for the KV cache")
+        reason, plus, ev = (
+            f"nothing in [{low}, {high}] starts; " + "; ".join(parts or ["every launch failed"]),
+            None,
+            "",
+        )
+    elif bad_why == "TOP":
+        reason, plus, ev = "the top of the range starts", None, "not checked: the top of the searched range"
+    else:
+        how = "bisected" if all(s["why"] in ("bisection", "top of the range (where auto_tune starts)") for s in steps) else (
+            "free/total memory reported, confirmed")  # fmt: skip
+        reason, plus, ev = f"{how}; one step more ({val(good + 1)}) fails: {bad_why}", True, bad_why
+    return MemorySearchResult(
+        value=ans, launches=len(records), seconds=round(time.monotonic() - t0, 3), trials=records, reason=reason,
+        axis=axis, precision=precision, plus_one_fails=plus, plus_one_evidence=ev, method="search", steps=steps,
+        launch_seconds=_launch_seconds(records),
+    )  # fmt: skip
+
+
+def auto_tune_baseline(
+    launch_mem: Callable[[float], dict], *, start: float = 0.98, step: float = 0.01, steps: int = 9
+) -> MemorySearchResult:
+    """vLLM's benchmarks/auto_tune: start at 0.98 and step down by 0.01 until the server starts."""
+    t0 = time.monotonic()
+    records, log = [], []
+    ans = None
+    for i in range(steps):
+        u = round(start - i * step, 4)
+        rec = launch_mem(u)
+        records.append(rec)
+        ok = started(rec)
+        log.append({"gpu_memory_utilization": u, "why": "step down", "outcome": rec.get("outcome"),
+                    "failure": rec.get("failure"), "started": ok})  # fmt: skip
+        if ok:
+            ans = u
+            break
+    return MemorySearchResult(
+        value=ans, launches=len(records), seconds=round(time.monotonic() - t0, 3), trials=records,
+        reason="stepped down from the top" if ans is not None else f"nothing from {start} down {steps} steps starts",
+        plus_one_fails=True if ans is not None and records and len(records) > 1 else None, method="auto_tune",
+        steps=log, launch_seconds=_launch_seconds(records),
+    )  # fmt: skip
+
+
+# ---- a simulated vLLM (for tests and the benchmark) ------------------------------------------------------
+
+GIB = 1024**3
+QWEN3_8B_BYTES_PER_TOKEN = 36 * 8 * 128 * 2 * 2  # 147456: 36 layers, 8 KV heads, head_dim 128, fp16, K and V
+LOG_FORMATS = ("v1", "v0.8.5", "v0", "none")
+_VERSIONS = {"v1": "0.11.0", "v0.8.5": "0.8.5", "v0": "0.6.6.post1", "none": "0.4.0"}
+
+
+@dataclass
+class SimulatedVllm:
+    """A pure-Python launch: capacity in tokens, records as each vLLM version would leave them.
+
+    capacity(n) = floor16(capacity - activation_slope * n) (slope > 0: V0's activation peak growing with
+    max_model_len, no chunked prefill). n starts iff n <= model_limit and n <= capacity(n); the long request
+    completes iff it also holds n <= unstable_above (a request longer than that never finishes).
+    log_format: v1 (estimate on failure, KV tokens on start), v0.8.5 (estimate without the number), v0 (the
+    maximum tokens in KV cache, "# GPU blocks"), none (pass or fail only).
+    """
+
+    capacity: int
+    log_format: str = "v1"
+    activation_slope: float = 0.0
+    model_limit: int | None = None
+    unstable_above: int | None = None
+    report_offset: int = 0  # a version whose reports overstate the capacity by this many tokens
+    bytes_per_token: int = QWEN3_8B_BYTES_PER_TOKEN
+    block_size: int = BLOCK
+    seconds_ready: float = 16.0  # the CPU build's timings (reference/vllm-facts.md section 7)
+    seconds_failed: float = 20.0
+    seconds_request: float = 2.0
+    calls: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"log_format: {self.log_format!r} is not one of {LOG_FORMATS}")
+
+    def capacity_at(self, n: int) -> int:
+        c = self.capacity - self.activation_slope * n
+        return max(0, int(c // self.block_size) * self.block_size)
+
+    def starts(self, n: int) -> bool:
+        return (self.model_limit is None or n <= self.model_limit) and n <= self.capacity_at(n)
+
+    def stable(self, n: int) -> bool:
+        return self.starts(n) and (self.unstable_above is None or n <= self.unstable_above)
+
+    def edge(self, low: int, high: int) -> int | None:
+        """The true answer: the largest stable block multiple in [low, high] (stability is monotone here)."""
+        b = self.block_size
+        best = None
+        for n in range(math.ceil(low / b) * b, high + 1, b):
+            if self.stable(n):
+                best = n
+        return best
+
+    def __call__(self, n: int) -> dict:
+        self.calls.append(n)
+        fmt = self.log_format
+        base = dict(max_model_len=n, vllm_version=_VERSIONS[fmt], backend="fake", note="simulated",
+                    step=STEP, trial_id=f"search-len{n}")  # fmt: skip
+        if self.model_limit is not None and n > self.model_limit:
+            d = self.model_limit
+            ev = (
+                f"User-specified max_model_len ({n}) is greater than the derived max_model_len "
+                f"(max_position_embeddings={d} or model_max_length=None in model's config.json). To allow "
+                "overriding this maximum, set the env var VLLM_ALLOW_LONG_MAX_MODEL_LEN=1."
+            )
+            if fmt == "none":
+                ev = "ValueError: max_model_len is too large"
+            return record.new_record(**base, outcome="failed", failure="max_len_exceeds_model", evidence=ev,
+                                     seconds_to_outcome=self.seconds_failed / 4)  # fmt: skip
+        cap = self.capacity_at(n)
+        if n > cap:
+            return record.new_record(**base, outcome="failed", failure="kv_cache_insufficient",
+                                     seconds_to_outcome=self.seconds_failed, **self._failure(n, cap))  # fmt: skip
+        ok = self.unstable_above is None or n <= self.unstable_above
+        kv = None if fmt == "none" else cap + self.report_offset
+        return record.new_record(
+            **base, outcome="ready" if ok else "unstable", kv_cache_tokens=kv, served_max_model_len=n,
+            long_request_ok=ok, long_request_tokens=n, chat_ok=True,
+            seconds_to_outcome=self.seconds_ready + self.seconds_request,
+            evidence=None if ok else f"a request of {n} tokens did not complete within 120 s",
+        )  # fmt: skip
+
+    def _failure(self, n: int, cap: int) -> dict:
+        fmt = self.log_format
+        cap += self.report_offset
+        if fmt == "v0":
+            return {"evidence": (
+                f"ValueError: The model's max seq len ({n}) is larger than the maximum number of tokens that can "
+                f"be stored in KV cache ({cap}). Try increasing `gpu_memory_utilization` or decreasing "
+                "`max_model_len` when initializing the engine."), "kv_cache_tokens": cap}  # fmt: skip
+        if fmt == "none":
+            return {
+                "evidence": "RuntimeError: Engine process failed to start. See stack trace for the root cause."
+            }
+        need, avail = n * self.bytes_per_token / GIB, (cap + self.block_size - 1) * self.bytes_per_token / GIB
+        est = "" if fmt == "v0.8.5" else f"{cap}"
+        return {
+            "evidence": (
+                f"ValueError: To serve at least one request with the models's max seq len ({n}), ({need:.2f} GiB KV "
+                f"cache is needed, which is larger than the available KV cache memory ({avail:.2f} GiB). Based on "
+                f"the available memory, the estimated maximum model length is {est}. Try increasing "
+                "`gpu_memory_utilization` or decreasing `max_model_len` when initializing the engine."
+            ),
+            "estimated_max_model_len": cap if est else None,
+            "available_kv_gib": round(avail, 2),
+        }
+
+
+@dataclass
+class SimulatedGpu:
+    """A pure-Python launch on the memory axis: free/total GiB at start, as V1 (>= 0.9) or older reports it.
+
+    v1: util * total > free fails with "Free memory on device (F/T GiB) ...". none: the same launches fail
+    with a bare CUDA out of memory. Below ``min_util`` the KV cache is too small (kv_cache_insufficient).
+    """
+
+    total_gib: float = 23.87
+    free_gib: float = 22.05
+    log_format: str = "v1"
+    min_util: float = 0.5
+    seconds_ready: float = 16.0
+    seconds_failed: float = 8.0
+    calls: list[float] = field(default_factory=list)
+
+    def edge(self, precision: float = 0.01) -> float:
+        return math.floor(self.free_gib / self.total_gib / precision + 1e-9) * precision
+
+    def __call__(self, util: float) -> dict:
+        self.calls.append(util)
+        base = dict(gpu_memory_utilization=util, note="simulated", backend="fake", step="search-memory",
+                    vllm_version="0.11.0" if self.log_format == "v1" else "0.6.6.post1")  # fmt: skip
+        if util * self.total_gib > self.free_gib:
+            if self.log_format == "v1":
+                ev = (f"ValueError: Free memory on device cuda:0 ({self.free_gib:.2f}/{self.total_gib:.2f} GiB) on "
+                      f"startup is less than desired GPU memory utilization ({util}, {util * self.total_gib:.2f} "
+                      "GiB). Decrease GPU memory utilization or reduce GPU memory used by other processes.")  # fmt: skip
+                kind = "gpu_mem_util_unavailable"
+            else:
+                ev, kind = (
+                    "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 1.00 GiB.",
+                    "cuda_oom",
+                )
+            return record.new_record(**base, outcome="failed", failure=kind, evidence=ev,
+                                     seconds_to_outcome=self.seconds_failed)  # fmt: skip
+        if util < self.min_util:
+            return record.new_record(**base, outcome="failed", failure="kv_cache_insufficient",
+                                     evidence="ValueError: ... KV cache is needed ...",
+                                     seconds_to_outcome=self.seconds_failed)  # fmt: skip
+        return record.new_record(**base, outcome="ready", long_request_ok=True,
+                                 seconds_to_outcome=self.seconds_ready)  # fmt: skip
+
+
+# ---- wiring: real trials ---------------------------------------------------------------------------------
+
+
+def trial_launcher(
+    template: Trial, run_dir: str | Path, *, run_trial: Callable[[Trial, Path], dict] | None = None
+) -> Callable[[int], dict]:
+    """launch(n): run ``template`` at max_model_len n through probe.run_trial (one record appended per call)."""
+    if run_trial is None:
+        from vllm_lab.probe import run_trial
+    run_dir = Path(run_dir)
+
+    def launch(n: int) -> dict:
+        trial = dataclasses.replace(template, max_model_len=int(n), step=STEP, trial_id=f"search-len{n}")
+        return run_trial(trial, run_dir)
+
+    return launch
+
+
+def memory_launcher(
+    template: Trial,
+    run_dir: str | Path,
+    *,
+    axis: str = "gpu_memory_utilization",
+    run_trial: Callable[[Trial, Path], dict] | None = None,
+) -> Callable[[float], dict]:
+    """launch_mem(value): run ``template`` at that gpu_memory_utilization (or KV budget in bytes)."""
+    if run_trial is None:
+        from vllm_lab.probe import run_trial
+    run_dir = Path(run_dir)
+
+    def launch_mem(value: float) -> dict:
+        if axis == "gpu_memory_utilization":
+            over = {"gpu_memory_utilization": float(value), "kv_cache_memory_bytes": None}
+        else:
+            over = {"kv_cache_memory_bytes": int(value), "gpu_memory_utilization": None}
+        trial = dataclasses.replace(template, **over, step=STEP, trial_id=f"search-mem{value}")
+        return run_trial(trial, run_dir)
+
+    return launch_mem
+
+
+def default_first_guess(trial: Trial) -> int | None:
+    """The memory model's KV capacity for a KV budget (None where it cannot say: a guess, never a result)."""
+    if trial.kv_cache_memory_bytes is None:
+        return None
+    try:
+        cfg = json.loads((Path(trial.model) / "config.json").read_text())
+        from vllm_lab.memory import predict_kv_tokens_from_budget
+
+        guess = predict_kv_tokens_from_budget(cfg, trial.kv_cache_memory_bytes)
+    except Exception:  # a guess must never stop a search
+        return None
+    return int(guess) if isinstance(guess, int | float) and guess > 0 else None
+
+
+def model_max_position(model: str) -> int | None:
+    """max_position_embeddings from the model's config.json: the default top of the range (not a proven cap)."""
+    try:
+        cfg = json.loads((Path(model) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    v = cfg.get("max_position_embeddings")
+    return int(v) if isinstance(v, int) and v > 0 else None
+
+
+def run_search(
+    template: Trial,
+    run_dir: str | Path,
+    *,
+    low: int | None = None,
+    high: int | None = None,
+    predict_first_guess: Callable[[Trial], int | None] | None = default_first_guess,
+    run_trial: Callable[[Trial, Path], dict] | None = None,
+) -> SearchResult:
+    """search_max_model_len over real launches of ``template``; writes <run_dir>/search.json."""
+    guess = predict_first_guess(template) if predict_first_guess else None
+    if high is None:
+        high = model_max_position(template.model)
+    res = search_max_model_len(trial_launcher(template, run_dir, run_trial=run_trial), low=low, high=high,
+                               first_guess=guess)  # fmt: skip
+    out = Path(run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    from vllm_lab.redact import redact_obj
+
+    (out / "search.json").write_text(json.dumps(redact_obj(res.to_dict()), default=str, indent=1) + "\n")
+    return res
+
+
+def cli_search(args) -> int:
+    """`vllm-lab search`: 0 found, 1 nothing stable (or stopped), 2 bad input (SpecError, before any launch)."""
+    if args.low is not None and args.low <= 0:
+        raise SpecError(f"--low: {args.low} must be a positive number of tokens, e.g. 16384")
+    if args.high is not None and args.high <= 0:
+        raise SpecError(f"--high: {args.high} must be a positive number of tokens, e.g. 40960")
+    if args.low is not None and args.high is not None and args.high < args.low:
+        raise SpecError(f"--high: {args.high} is below --low {args.low}; give a range low <= high")
+    template = Trial(
+        model=args.model, launcher=args.launcher, quantization=args.quantization,
+        max_model_len=args.high or args.low, gpu_memory_utilization=args.gpu_memory_utilization,
+        kv_cache_memory_bytes=args.kv_cache_memory_bytes, vllm_cmd=args.vllm_cmd or DEFAULT_VLLM_CMD,
+        extra_args=shlex.split(args.extra_args or ""), startup_timeout_s=args.timeout, step=STEP,
+        trial_id="search",
+    ).validate()  # fmt: skip
+    res = run_search(template, args.out, low=args.low, high=args.high)
+    if args.json:
+        from vllm_lab.redact import redact_obj
+
+        print(json.dumps(redact_obj(res.to_dict()), default=str))
+    else:
+        print(format_result(res))
+        print(f"records: {Path(args.out) / record.TRIALS_FILE}; summary: {Path(args.out) / 'search.json'}")
+    return 0 if res.max_model_len is not None else 1
+
+
+def format_result(res: SearchResult) -> str:
+    head = (
+        f"largest stable max_model_len: {res.max_model_len}"
+        if res.max_model_len is not None
+        else "no stable max_model_len in range"
+    )
+    lines = [f"{head} ({res.launches} launches, {res.seconds:.1f} s)", f"  {res.reason}"]
+    for s in res.steps:
+        mark = "stable" if s["stable"] else (s["outcome"] + (f" {s['failure']}" if s["failure"] else ""))
+        lines.append(f"  {s['max_model_len']:>8}  {mark:<34} {s['why']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use `vllm-lab search`")

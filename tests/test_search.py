@@ -1,0 +1,441 @@
+"""The max_model_len search and the memory search, driven by a simulated vLLM (pure Python, no processes).
+
+Every scenario asserts: the answer is the true edge (the largest stable multiple of 16), one block more is
+not stable, the result says why, and the search never launches more than plain bisection on that scenario.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from vllm_lab import record
+from vllm_lab.cli import main
+from vllm_lab.search import (
+    STEP,
+    SimulatedGpu,
+    SimulatedVllm,
+    auto_tune_baseline,
+    capacity_report,
+    free_total_from,
+    model_limit_from,
+    naive_bisect,
+    search_max_memory,
+    search_max_model_len,
+    trial_launcher,
+)
+from vllm_lab.spec import Trial
+
+pytestmark = pytest.mark.unit
+
+LOW, HIGH, B = 16384, 40960, 16
+BISECT_WORST = math.ceil(math.log2((HIGH - LOW) // B + 2))  # 11: plain bisection's worst case on this range
+
+# name: (simulator settings, search kwargs, most launches allowed)
+SCENARIOS = {
+    # V1 (>= ~0.9): a failure names the exact capacity, a start reports "KV cache size: N tokens".
+    "v1 P40 22256": (dict(capacity=22256, log_format="v1"), {}, 2),
+    "v1 above midpoint": (dict(capacity=35000, log_format="v1"), {}, 2),
+    "v1 guess too high": (dict(capacity=22256, log_format="v1"), dict(first_guess=32000), 2),
+    "v1 guess too low": (dict(capacity=30008, log_format="v1"), dict(first_guess=25000), 2),
+    "v1 guess exact": (dict(capacity=25000, log_format="v1"), dict(first_guess=24992), 1),
+    # 0.8.5: the sentence without the number; the GiB figures give an approximate capacity.
+    "0.8.5 no number": (dict(capacity=22256, log_format="v0.8.5"), {}, 3),
+    "0.8.5 above midpoint": (dict(capacity=35000, log_format="v0.8.5"), {}, 2),
+    # V0: "maximum number of tokens that can be stored in KV cache (M)", "# GPU blocks: n".
+    "v0 static": (dict(capacity=22256, log_format="v0"), {}, 2),
+    "v0 activation grows 0.1": (dict(capacity=25000, log_format="v0", activation_slope=0.1), {}, 4),
+    "v0 activation grows 0.3": (dict(capacity=30000, log_format="v0", activation_slope=0.3), {}, 4),
+    "v0 activation grows 0.5": (dict(capacity=40000, log_format="v0", activation_slope=0.5), {}, 4),
+    "v0 activation grows 0.9": (dict(capacity=60000, log_format="v0", activation_slope=0.9), {}, 4),
+    # No reports at all (old or unknown versions): bisection.
+    "no reports": (dict(capacity=22256, log_format="none"), {}, BISECT_WORST),
+    "no reports high": (dict(capacity=39000, log_format="none"), {}, BISECT_WORST),
+    "no reports with guess": (dict(capacity=22256, log_format="none"), dict(first_guess=22000), BISECT_WORST),
+    # Starts at the reported capacity, but a request of exactly that length never completes.
+    "v1 unstable exact edge": (dict(capacity=22256, log_format="v1", unstable_above=22240), {}, 4),
+    "v1 unstable edge, good known": (dict(capacity=30008, log_format="v1", unstable_above=29984), {}, 3),
+    "v0 unstable exact edge": (dict(capacity=22256, log_format="v0", unstable_above=22240), {}, 4),
+    "v1 unstable far below": (dict(capacity=22256, log_format="v1", unstable_above=19000), {}, BISECT_WORST),
+    "no reports unstable edge": (
+        dict(capacity=22256, log_format="none", unstable_above=22240),
+        {},
+        BISECT_WORST,
+    ),
+    # Reports that overstate the capacity (contradicted by the launches).
+    "v1 overstates by a block": (dict(capacity=22256, log_format="v1", report_offset=16), {}, 4),
+    "v1 overstates by 5 blocks": (dict(capacity=22256, log_format="v1", report_offset=80), {}, BISECT_WORST),
+    # The model's own limit below the capacity.
+    "model limit found": (dict(capacity=60000, log_format="v1", model_limit=32768), {}, 3),
+    "model limit given": (
+        dict(capacity=60000, log_format="v1", model_limit=32768),
+        dict(model_limit=32768),
+        2,
+    ),
+    "model limit no reports": (dict(capacity=60000, log_format="none", model_limit=32768), {}, BISECT_WORST),
+    "capacity above range": (dict(capacity=60000, log_format="v1"), {}, 3),
+    # Even `low` fails.
+    "v1 low fails": (dict(capacity=8000, log_format="v1"), {}, 1),
+    "0.8.5 low fails": (dict(capacity=8000, log_format="v0.8.5"), {}, 3),
+    "v0 low fails": (dict(capacity=8000, log_format="v0"), {}, 3),
+    "no reports low fails": (dict(capacity=8000, log_format="none"), {}, BISECT_WORST),
+    "v1 low is the edge": (dict(capacity=16384, log_format="v1"), {}, 2),
+}
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_search_finds_the_edge_in_few_launches(name):
+    sim_kw, search_kw, most = SCENARIOS[name]
+    sim = SimulatedVllm(**sim_kw)
+    edge = sim.edge(LOW, HIGH)
+    res = search_max_model_len(sim, low=LOW, high=HIGH, **search_kw)
+    naive = naive_bisect(SimulatedVllm(**sim_kw), LOW, HIGH)
+
+    assert res.max_model_len == edge, res.steps
+    assert naive.max_model_len == edge
+    assert res.launches == len(res.trials) == len(sim.calls) == len(res.steps)
+    assert res.launches <= most, (res.launches, res.steps)
+    assert res.launches <= naive.launches, (res.launches, naive.launches, res.steps)
+    assert res.launches <= BISECT_WORST
+    assert len(set(sim.calls)) == len(sim.calls), "launched the same max_model_len twice"
+    assert all(n % B == 0 and LOW <= n <= HIGH for n in sim.calls)
+    assert res.reason
+    if edge is None:
+        assert not sim.stable(LOW)
+        assert "even low" in res.reason
+    elif edge + B <= HIGH:
+        assert not sim.stable(edge + B)  # the simulator's truth: one block more is not stable
+        assert res.plus_one_fails is True and res.plus_one_evidence
+    else:
+        assert res.plus_one_fails is None and "not checked" in res.plus_one_evidence
+    if search_kw.get("first_guess") is None and sim_kw["log_format"] == "none":
+        assert res.launches == naive.launches  # without reports or a guess it is plain bisection
+
+
+def test_v1_too_high_first_launch_two_launches_and_plus_one_proven_by_the_report():
+    sim = SimulatedVllm(capacity=22256, log_format="v1")
+    res = search_max_model_len(sim, low=LOW, high=HIGH, first_guess=32000)
+    assert sim.calls == [32000, 22256]
+    assert res.max_model_len == 22256 and res.launches == 2
+    assert 22272 not in sim.calls  # the +1 block was proven, not launched
+    assert res.plus_one_fails is True
+    assert "22256" in res.plus_one_evidence
+    assert res.trials[0]["estimated_max_model_len"] == 22256
+
+
+def test_v1_too_low_first_launch_reads_kv_cache_size():
+    sim = SimulatedVllm(capacity=30008, log_format="v1")
+    res = search_max_model_len(sim, low=LOW, high=HIGH, first_guess=25000)
+    assert sim.calls == [24992, 30000]
+    assert res.max_model_len == 30000
+    assert "capacity never grows" in res.plus_one_evidence
+
+
+def test_unstable_edge_steps_down_one_block_and_the_unstable_launch_is_the_plus_one_evidence():
+    sim = SimulatedVllm(capacity=30008, log_format="v1", unstable_above=29984)
+    res = search_max_model_len(sim, low=LOW, high=HIGH)
+    assert sim.calls == [28672, 30000, 29984]
+    assert [t["outcome"] for t in res.trials] == ["ready", "unstable", "ready"]
+    assert res.max_model_len == 29984
+    assert "30000 was unstable" in res.plus_one_evidence
+
+
+def test_unstable_edge_with_nothing_stable_yet_keeps_bisections_worst_case():
+    # Stepping down one block right away could leave 367 candidates for 8 launches if it failed too: the
+    # search first confirms a point bisection can afford, then steps down.
+    sim = SimulatedVllm(capacity=22256, log_format="v1", unstable_above=22240)
+    res = search_max_model_len(sim, low=LOW, high=HIGH)
+    assert sim.calls[:2] == [28672, 22256] and sim.calls[-1] == 22240
+    assert res.max_model_len == 22240 and res.launches == 4
+
+
+def test_contradicting_reports_fall_back_to_launches():
+    # The version reports 5 blocks more than it can hold: the launches decide, and +1 is launched.
+    sim = SimulatedVllm(capacity=22256, log_format="v1", report_offset=80)
+    res = search_max_model_len(sim, low=LOW, high=HIGH)
+    assert res.max_model_len == 22256
+    assert 22272 in sim.calls
+    assert "22272" in res.plus_one_evidence
+
+
+def test_activation_peak_growing_with_max_model_len_is_interpolated():
+    sim = SimulatedVllm(capacity=30000, log_format="v0", activation_slope=0.3)
+    res = search_max_model_len(sim, low=LOW, high=HIGH)
+    assert res.max_model_len == sim.edge(LOW, HIGH) == 23072
+    assert any("interpolated" in s["why"] for s in res.steps)
+    # V0's failure report is not trusted beyond the launch that printed it (it depends on max_model_len).
+    assert res.steps[1]["max_model_len"] < res.max_model_len
+
+
+def test_model_limit_found_by_a_failed_launch_caps_the_answer():
+    sim = SimulatedVllm(capacity=60000, log_format="v1", model_limit=32768)
+    res = search_max_model_len(sim, low=LOW, high=HIGH)
+    assert res.max_model_len == 32768
+    assert any(t["failure"] == "max_len_exceeds_model" for t in res.trials)
+    assert "model's limit is 32768" in res.reason
+
+
+def test_low_failing_returns_none():
+    for fmt in ("v1", "v0", "v0.8.5", "none"):
+        sim = SimulatedVllm(capacity=8000, log_format=fmt)
+        res = search_max_model_len(sim, low=LOW, high=HIGH)
+        assert res.max_model_len is None, fmt
+        assert res.plus_one_fails is True
+
+
+def test_no_high_searches_upward():
+    for fmt in ("v1", "v0", "none"):
+        sim = SimulatedVllm(capacity=50008, log_format=fmt)
+        res = search_max_model_len(sim, low=LOW, high=None)
+        assert res.max_model_len == 50000, (fmt, res.steps)
+        assert not sim.stable(50000 + 16)
+        assert res.plus_one_fails is True
+    sim = SimulatedVllm(capacity=50000, log_format="v1")
+    assert search_max_model_len(sim, low=LOW, high=None).launches <= 2
+
+
+def test_failure_unrelated_to_max_model_len_stops_the_search():
+    calls = []
+
+    def launch(n):
+        calls.append(n)
+        return record.new_record(max_model_len=n, outcome="failed", failure="port_in_use",
+                                 evidence="OSError: [Errno 98] Address already in use")  # fmt: skip
+
+    res = search_max_model_len(launch, low=LOW, high=HIGH)
+    assert calls == [28672]
+    assert res.max_model_len is None and res.plus_one_fails is None
+    assert "port_in_use" in res.reason
+
+
+def test_timeouts_count_as_not_stable():
+    sim = SimulatedVllm(capacity=22256, log_format="none")
+
+    def launch(n):
+        rec = sim(n)
+        if n > 20008 and rec["outcome"] == "ready":
+            rec.update(outcome="timeout", long_request_ok=None)
+        return rec
+
+    res = search_max_model_len(launch, low=LOW, high=HIGH)
+    assert res.max_model_len == 20000
+
+
+def test_bad_range_is_refused():
+    with pytest.raises(ValueError):
+        search_max_model_len(SimulatedVllm(capacity=20000), low=40960, high=16384)
+
+
+# ---- reading vLLM's words ------------------------------------------------------------------------------
+
+
+def _failed(n, evidence, **kw):
+    return record.new_record(max_model_len=n, outcome="failed", failure="kv_cache_insufficient", evidence=evidence,
+                             **kw)  # fmt: skip
+
+
+def test_capacity_report_per_version():
+    v1 = ("(EngineCore_0 pid=1) ERROR ... ValueError: To serve at least one request with the models's max seq len "
+          "(32768), (4.50 GiB KV cache is needed, which is larger than the available KV cache memory (3.06 GiB). "
+          "Based on the available memory, the estimated maximum model length is 22,256. Try increasing ...")  # fmt: skip
+    r = capacity_report(_failed(32768, v1))
+    assert (r.tokens, r.kind, r.exact) == (22256, "estimate", True)
+
+    v085 = v1.replace("22,256. Try", ". Try")
+    r = capacity_report(_failed(32768, v085))
+    assert r.kind == "approx" and not r.exact
+    assert 21500 < r.tokens <= 22256
+
+    v0 = ("ValueError: The model's max seq len (32768) is larger than the maximum number of tokens that can be "
+          "stored in KV cache (22256). Try increasing `gpu_memory_utilization` ...")  # fmt: skip
+    r = capacity_report(_failed(32768, v0))
+    assert (r.tokens, r.kind) == (22256, "v0_max")
+
+    tiny = v1.replace("4.50", "0.00").replace("3.06", "0.00").replace("22,256. Try", ". Try")
+    assert capacity_report(_failed(4096, tiny)) is None  # tiny models print 0.00 GiB: no information
+
+    ok = record.new_record(max_model_len=16384, outcome="ready", long_request_ok=True, kv_cache_tokens=22256)
+    r = capacity_report(ok)
+    assert (r.n, r.tokens, r.kind) == (16384, 22256, "kv_cache")
+    assert capacity_report(record.new_record(max_model_len=16384, outcome="ready")) is None
+    # A field filled by the log scanner is enough when the evidence line is missing.
+    assert capacity_report(_failed(32768, None, estimated_max_model_len=1792)).tokens == 1792
+
+
+def test_model_limit_and_free_memory_parsing():
+    pyd = ("  Value error, User-specified max_model_len (65536) is greater than the derived max_model_len "
+           "(max_position_embeddings=40960 or model_max_length=None in model's config.json). To allow ...")  # fmt: skip
+    rec = record.new_record(
+        max_model_len=65536, outcome="failed", failure="max_len_exceeds_model", evidence=pyd
+    )
+    assert model_limit_from(rec) == 40960
+    ev = ("ValueError: Free memory on device cuda:0 (22.05/23.87 GiB) on startup is less than desired GPU memory "
+          "utilization (0.95, 22.68 GiB). Decrease GPU memory utilization ...")  # fmt: skip
+    assert free_total_from({"evidence": ev}) == (22.05, 23.87)
+    cpu = "Available memory on node 0 (9.66/10.71 GiB) on startup is less than desired CPU memory utilization"
+    assert free_total_from({"evidence": cpu}) == (9.66, 10.71)
+    assert free_total_from({"evidence": "CUDA out of memory"}) is None
+
+
+# ---- the memory axis -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["v1", "none"])
+@pytest.mark.parametrize("free", [22.05, 23.5, 21.48, 19.9, 15.0])
+def test_memory_search_beats_auto_tune(fmt, free):
+    gpu = SimulatedGpu(free_gib=free, log_format=fmt)
+    res = search_max_memory(gpu)
+    auto = auto_tune_baseline(SimulatedGpu(free_gib=free, log_format=fmt))
+    assert res.value == pytest.approx(gpu.edge())
+    assert res.launches < 9
+    if auto.value is not None:
+        assert auto.value == pytest.approx(res.value)
+    if fmt == "v1":
+        assert res.launches <= 3
+        assert res.launches <= auto.launches
+    if res.value < 0.98:
+        assert res.plus_one_fails is True and res.plus_one_evidence
+
+
+def test_memory_search_two_launches_from_free_total():
+    gpu = SimulatedGpu(free_gib=22.05, total_gib=23.87)
+    res = search_max_memory(gpu)
+    assert gpu.calls == [0.98, 0.92]
+    assert res.value == 0.92 and res.launches == 2
+    assert "22.05/23.87" in res.plus_one_evidence
+
+
+def test_memory_search_nothing_starts():
+    res = search_max_memory(SimulatedGpu(free_gib=11.0))  # 0.46 of the device is free, below low=0.5
+    assert res.value is None and res.launches == 1
+    res = search_max_memory(SimulatedGpu(free_gib=22.05, min_util=0.95))  # too little KV below, no room above
+    assert res.value is None
+    assert "too little memory" in res.reason
+
+
+def test_memory_search_kv_budget_axis():
+    mib = 1 << 20
+    calls = []
+
+    def launch(b):
+        calls.append(b)
+        assert isinstance(b, int)
+        ok = b <= 300 * mib
+        return record.new_record(kv_cache_memory_bytes=b, outcome="ready" if ok else "failed",
+                                 failure=None if ok else "cuda_oom")  # fmt: skip
+
+    res = search_max_memory(
+        launch, low=64 * mib, high=1024 * mib, precision=mib, axis="kv_cache_memory_bytes"
+    )
+    assert res.value == 300 * mib
+    assert res.launches <= 1 + math.ceil(math.log2(1024 - 64 + 1))
+
+
+# ---- wiring ----------------------------------------------------------------------------------------------
+
+
+def test_trial_launcher_builds_one_trial_per_launch(tmp_path):
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    seen: list[Trial] = []
+
+    def fake_run_trial(trial, run_dir):
+        seen.append(trial)
+        assert Path(run_dir) == tmp_path / "run"
+        return SimulatedVllm(capacity=20000)(trial.max_model_len)
+
+    template = Trial(
+        model=str(model), kv_cache_memory_bytes=8 << 20, vllm_cmd="python -m x", extra_args=["-e"]
+    )
+    launch = trial_launcher(template, tmp_path / "run", run_trial=fake_run_trial)
+    rec = launch(16384)
+    assert rec["outcome"] == "ready"
+    t = seen[0]
+    assert (t.max_model_len, t.step, t.trial_id) == (16384, STEP, "search-len16384")
+    assert t.kv_cache_memory_bytes == 8 << 20 and t.extra_args == ["-e"]
+    assert template.max_model_len is None  # the template is not modified
+
+
+@pytest.fixture
+def stub_probe(monkeypatch, tmp_path):
+    """A stand-in vllm_lab.probe whose run_trial simulates V1 with 22256 tokens and appends records."""
+    trials: list[Trial] = []
+    sim = SimulatedVllm(capacity=22256, log_format="v1")
+
+    def run_trial(trial, run_dir):
+        trials.append(trial)
+        rec = sim(trial.max_model_len)
+        rec.update(trial_id=trial.trial_id, step=trial.step, model=trial.model)
+        record.append_record(run_dir, rec)
+        return rec
+
+    mod = types.ModuleType("vllm_lab.probe")
+    mod.run_trial = run_trial
+    monkeypatch.setitem(sys.modules, "vllm_lab.probe", mod)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"max_position_embeddings": 40960}))
+    return types.SimpleNamespace(trials=trials, model=model, sim=sim)
+
+
+def test_cli_search_json(stub_probe, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["search", "--model", str(stub_probe.model), "--vllm-cmd", sys.executable,
+               "--kv-cache-memory-bytes", str(8 << 20), "--low", "16384", "--high", "40960", "--out", str(out),
+               "--json"])  # fmt: skip
+    assert rc == 0
+    obj = json.loads(capsys.readouterr().out)
+    assert obj["max_model_len"] == 22256
+    assert obj["launches"] == 2 and isinstance(obj["seconds"], float)
+    assert [(t["max_model_len"], t["outcome"]) for t in obj["trials"]] == [
+        (28672, "failed"),
+        (22256, "ready"),
+    ]
+    assert [t.trial_id for t in stub_probe.trials] == ["search-len28672", "search-len22256"]
+    assert all(t.step == STEP for t in stub_probe.trials)
+    assert len(record.read_records(out).rows) == 2
+    assert json.loads((out / "search.json").read_text())["max_model_len"] == 22256
+
+
+def test_cli_search_text_and_default_high(stub_probe, tmp_path, capsys):
+    rc = main(["search", "--model", str(stub_probe.model), "--vllm-cmd", sys.executable,
+               "--gpu-memory-utilization", "0.9", "--out", str(tmp_path / "o")])  # fmt: skip
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "largest stable max_model_len: 22256" in text
+    assert max(stub_probe.sim.calls) <= 40960  # high defaulted to max_position_embeddings
+
+
+def test_cli_search_nothing_stable_exits_1(stub_probe, tmp_path, capsys):
+    stub_probe.sim.capacity = 1000
+    rc = main(["search", "--model", str(stub_probe.model), "--vllm-cmd", sys.executable,
+               "--kv-cache-memory-bytes", "1000", "--low", "16384", "--high", "40960", "--out", str(tmp_path / "o")])  # fmt: skip
+    assert rc == 1
+    assert "no stable max_model_len" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["--low", "0"], ["--low", "40960", "--high", "16384"], ["--vllm-cmd", "/nonexistent/vllm"]],
+)
+def test_cli_search_bad_input_exits_2_before_launching(stub_probe, tmp_path, capsys, extra):
+    argv = [
+        "search",
+        "--model",
+        str(stub_probe.model),
+        "--kv-cache-memory-bytes",
+        "1000",
+        "--out",
+        str(tmp_path),
+    ]
+    if "--vllm-cmd" not in extra:
+        argv += ["--vllm-cmd", sys.executable]
+    rc = main(argv + extra)
+    assert rc == 2
+    assert capsys.readouterr().err.startswith("vllm-lab search: ")
+    assert stub_probe.trials == []
