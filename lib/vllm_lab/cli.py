@@ -83,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("predict", help="KV bytes per token, KV capacity and the largest max_model_len")
     s.add_argument("--model", required=True, help="model directory, config.json, or a name under params/models")
-    g = s.add_mutually_exclusive_group(required=True)
-    g.add_argument("--gpu", help="GPU profile name (params/gpus), e.g. p40, a100-80gb")
+    g = s.add_mutually_exclusive_group(required=False)  # one of them, unless --kv-cache-gib gives the budget
+    g.add_argument("--gpu", help="GPU profile name (params/gpus), e.g. p40, a100-80gb; or auto (NVML)")
     g.add_argument("--gpu-memory-gib", type=float, help="GPU memory in GiB")
     s.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     s.add_argument("--weights-gib", type=float)
@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True)
     s.add_argument("--gpu", required=True, help="GPU profile name, or auto (NVML)")
     s.add_argument("--vllm-version", default=None)
+    s.add_argument("--overhead-gib", type=float, help="non-KV memory besides weights (default band 0.5-2.0 GiB)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_preflight)
 

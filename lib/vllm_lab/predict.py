@@ -1,0 +1,333 @@
+"""`vllm-lab predict` and `vllm-lab preflight`: what can work on this card, before any launch.
+
+predict: KV bytes per token, KV capacity and the largest max_model_len for one setting (memory.py).
+preflight: every launcher x quantization x dtype combination on one card: can it start, and if not the
+message vLLM would print (compat.py), with the predicted largest max_model_len at 0.85 and 0.95.
+`predict_trial_outcome` is the same judgement for one planned trial (the batch's --dry-run).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from vllm_lab import compat, memory
+from vllm_lab.gpu import GpuProfile, inventory, list_gpu_profiles, load_gpu_profile, profile_from_device
+from vllm_lab.spec import SpecError
+
+PREFLIGHT_UTILIZATIONS = (0.85, 0.95)
+DTYPES = ("auto", "float16", "bfloat16")
+
+
+# --------------------------------------------------------------------------------------------- inputs
+
+
+def resolve_gpu(name: str | GpuProfile | None) -> GpuProfile | None:
+    """A profile from a name/alias, or from NVML for 'auto' (SpecError with the fix when there is no GPU)."""
+    if name is None or isinstance(name, GpuProfile):
+        return name
+    if str(name).lower() != "auto":
+        return load_gpu_profile(str(name))
+    inv = inventory()
+    devs = inv.visible_devices if inv.available else []
+    if not devs:
+        known = ", ".join(p.aliases[0] if p.aliases else p.name for p in list_gpu_profiles())
+        why = inv.reason or "no visible GPU (CUDA_VISIBLE_DEVICES selects none)"
+        raise SpecError(f"gpu: auto found no GPU here ({why}); pass --gpu NAME, one of {known}")
+    return profile_from_device(devs[0])
+
+
+def _facts(model: Any) -> memory.ModelFacts:
+    return memory.load_model(model)
+
+
+# --------------------------------------------------------------------------------------------- predict
+
+
+def predict_for(
+    model: Any, gpu: str | GpuProfile | None = None, *, gpu_memory_gib: float | None = None, **kw: Any
+) -> memory.Prediction:
+    """memory.predict with a GPU profile (or name) supplying the memory size."""
+    prof = resolve_gpu(gpu)
+    if prof is not None and gpu_memory_gib is None:
+        gpu_memory_gib = prof.memory_gib
+    p = memory.predict(model, gpu_memory_gib=gpu_memory_gib, **kw)
+    p.inputs["gpu"] = prof.name if prof else None
+    return p
+
+
+def _size(gib: float) -> str:
+    return f"{gib:.2f} GiB" if abs(gib) >= 1 else f"{gib * 1024:.1f} MiB"
+
+
+def _fmt_pred(p: memory.Prediction) -> str:
+    i = p.inputs
+    lines = [f"model {p.model}: {p.kv_bytes_per_token:,} KV bytes per token ({p.kv_bytes_per_token / 1024:.1f} KiB), "
+             f"{p.bytes_per_block:,} bytes per {p.block_size}-token block; model limit {p.model_max_len:,}"]  # fmt: skip
+    if p.requested_gib is not None:
+        gpu = f"{i.get('gpu')} " if i.get("gpu") else ""
+        lines.append(
+            f"GPU {gpu}{i['gpu_memory_gib']:.2f} GiB x {i['gpu_memory_utilization']} = {p.requested_gib:.2f} GiB; "
+            f"weights {p.weights_gib:.2f} GiB ({'ESTIMATED, ' if p.weights_estimated else ''}{p.weights_source}); "
+            f"overhead {p.overhead_gib:.2f} GiB ({p.overhead_source})"
+        )
+    lines.append(
+        f"available KV {p.available_kv_gib:.2f} GiB -> {p.num_blocks:,} blocks, KV cache {p.kv_cache_tokens:,} tokens"
+    )
+    cap = " (capped by the model's limit)" if p.capped_by_model else ""
+    lines.append(f"largest max_model_len that starts: {p.max_model_len:,}{cap}")
+    b = p.band
+    if b["max_model_len"][0] != b["max_model_len"][1]:
+        lines.append(
+            f"band (overhead {p.overhead_high_gib:g}..{p.overhead_low_gib:g} GiB): KV {b['kv_cache_tokens'][0]:,}.."
+            f"{b['kv_cache_tokens'][1]:,} tokens, max_model_len {b['max_model_len'][0]:,}..{b['max_model_len'][1]:,}"
+        )
+    lines.extend(f"note: {n}" for n in p.notes)
+    return "\n".join(lines)
+
+
+def cli_predict(args) -> int:
+    gpu = getattr(args, "gpu", None)
+    p = predict_for(
+        args.model, gpu, gpu_memory_gib=getattr(args, "gpu_memory_gib", None),
+        gpu_memory_utilization=args.gpu_memory_utilization, weights_gib=args.weights_gib,
+        overhead_gib=args.overhead_gib, kv_cache_gib=args.kv_cache_gib, kv_cache_dtype=args.kv_cache_dtype,
+        block_size=args.block_size, tensor_parallel_size=getattr(args, "tensor_parallel_size", 1) or 1,
+        vllm_version=args.vllm_version,
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps(p.to_dict(), indent=2, default=str))
+    else:
+        print(_fmt_pred(p))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- preflight
+
+
+@dataclass
+class PreflightRow:
+    launcher: str
+    quantization: str | None  # the --quantization flag the launcher passes (None: no flag)
+    dtype: str
+    can_start: bool
+    failure: str | None
+    message: str  # what vLLM would print, or a short "starts" note
+    effective_quantization: str | None
+    effective_dtype: str | None
+    max_model_len_085: int | None = None
+    max_model_len_095: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Preflight:
+    model: str
+    gpu: dict
+    vllm_version: str | None
+    model_facts: dict
+    rows: list[PreflightRow]
+    memory: dict  # util -> prediction dict (what the memory alone allows, whatever the verdicts)
+    summary: list[str]
+    alternatives: list[str]
+
+    @property
+    def any_can_start(self) -> bool:
+        return any(r.can_start for r in self.rows)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["any_can_start"] = self.any_can_start
+        return d
+
+    def table_rows(self) -> list[dict]:
+        """Rows as plain dicts (for a pandas DataFrame)."""
+        return [asdict(r) for r in self.rows]
+
+
+def _quant_candidates(facts: memory.ModelFacts) -> list[str]:
+    """The explicit launcher's flags worth trying: the config's method and its Marlin variant."""
+    m = facts.quant.method
+    if m in ("awq", "gptq"):
+        return [m, f"{m}_marlin"]
+    return [m] if m else []
+
+
+def preflight(
+    model: Any, gpu: str | GpuProfile, vllm_version: str | None = None, *,
+    utilizations: tuple[float, ...] = PREFLIGHT_UTILIZATIONS, overhead_gib: float | None = None,
+) -> Preflight:  # fmt: skip
+    facts = _facts(model)
+    prof = resolve_gpu(gpu)
+    if prof is None:
+        raise SpecError("gpu: preflight needs a GPU; pass --gpu NAME (e.g. p40) or --gpu auto")
+    combos: list[tuple[str, str | None]] = [("legacy", None), ("head", None)]
+    combos += [("explicit", q) for q in _quant_candidates(facts)]
+    preds = {u: memory.predict(facts, gpu_memory_gib=prof.memory_gib, gpu_memory_utilization=u,
+                               overhead_gib=overhead_gib, vllm_version=vllm_version) for u in utilizations}  # fmt: skip
+    rows = []
+    for launcher, q in combos:
+        for d in DTYPES:
+            v = compat.evaluate_launch(facts, cc=prof.cc_int, gpu_name=prof.name, launcher=launcher,
+                                       quantization=q, dtype=d, vllm_version=vllm_version, model_name=facts.name)  # fmt: skip
+            row = PreflightRow(
+                launcher=launcher, quantization=v.flag, dtype=d, can_start=v.can_start, failure=v.kind,
+                message=v.message or f"starts ({v.effective_quantization or 'unquantized'}, {v.effective_dtype})",
+                effective_quantization=v.effective_quantization, effective_dtype=v.effective_dtype, notes=v.notes,
+            )  # fmt: skip
+            if v.can_start:  # every dtype here is 16-bit, so the KV cost is the same for all rows
+                row.max_model_len_085 = preds[utilizations[0]].max_model_len
+                row.max_model_len_095 = preds[utilizations[-1]].max_model_len
+            rows.append(row)
+    mem = {f"{u:.2f}": p.to_dict() for u, p in preds.items()}
+    pf = Preflight(
+        model=facts.name, gpu=prof.to_dict(), vllm_version=vllm_version, model_facts=facts.to_dict(), rows=rows,
+        memory=mem, summary=[], alternatives=[],
+    )  # fmt: skip
+    pf.summary, pf.alternatives = _summarize(pf, facts, prof, vllm_version, preds, utilizations)
+    return pf
+
+
+def _summarize(pf, facts, prof, vllm_version, preds, utils) -> tuple[list[str], list[str]]:
+    s: list[str] = []
+    alt: list[str] = []
+    cc = prof.cc_int
+    ver = vllm_version or f"{'.'.join(map(str, compat.ASSUMED_VERSION))} (assumed)"
+    if facts.quant.method == "awq" and not compat.awq_path_exists(cc, vllm_version):
+        s.append(
+            f"Mainline vLLM {ver} has no AWQ path on {prof.name} (compute capability {prof.compute_capability}) "
+            "whatever the flag: awq needs 7.5, awq_marlin 8.0"
+            + (", and vLLM's CUDA builds do not target this GPU at all." if cc < compat.vllm_min_capability(vllm_version) else ".")
+        )  # fmt: skip
+    ok = [r for r in pf.rows if r.can_start]
+    if ok:
+        best = max(ok, key=lambda r: r.max_model_len_095 or 0)
+        s.append(
+            f"{len(ok)} of {len(pf.rows)} combinations can start, e.g. launcher {best.launcher}"
+            f"{' --quantization ' + best.quantization if best.quantization else ''} --dtype {best.dtype} "
+            f"({best.effective_quantization or 'unquantized'}, {best.effective_dtype})."
+        )
+    else:
+        kinds = sorted({r.failure for r in pf.rows if r.failure})
+        s.append(f"None of the {len(pf.rows)} combinations can start on {prof.name}: {', '.join(kinds)}.")
+    p85 = preds[utils[0]]
+    s.append(
+        f"Memory alone (weights {p85.weights_gib:.2f} GiB{' estimated' if p85.weights_estimated else ''}): "
+        + ", ".join(f"{u:.2f} -> max_model_len {preds[u].max_model_len:,}" for u in utils)
+        + f" (model limit {facts.max_len:,}; KV {p85.kv_bytes_per_token / 1024:.0f} KiB per token)."
+    )  # fmt: skip
+    if cc < compat.vllm_min_capability(vllm_version) or not ok:
+        fp16_gib = (facts.param_count or memory.config_param_count(facts)) * 2 / memory.GIB
+        fits = fp16_gib < prof.memory_gib * 0.95 - 1.0
+        alt.append(
+            f"an fp16 (unquantized) checkpoint of this model: weights about {fp16_gib:.1f} GiB, which "
+            + ("fits" if fits else "does NOT fit")
+            + f" in {prof.memory_gib:.1f} GiB"
+            + (" - on Pascal it needs a Pascal-enabled build (community vLLM forks) or transformers" if cc < 70 else "")
+        )  # fmt: skip
+        alt.append(
+            "a GPTQ checkpoint where the build supports this GPU (vLLM's gptq kernels need only compute capability 6.0)"
+        )
+        alt.append(
+            "a GGUF quantization (e.g. Q4_K_M, Q8_0) in llama.cpp or Ollama, which run on Pascal and newer"
+        )
+        s.append("What does work on this card: " + "; ".join(alt) + ".")
+    return s, alt
+
+
+def format_preflight(pf: Preflight) -> str:
+    g = pf.gpu
+    head = (f"preflight: model {pf.model} on {g['name']} (cc {g['compute_capability']}, {g['memory_gib']:.1f} GiB), "
+            f"vLLM {pf.vllm_version or 'version not given'}")  # fmt: skip
+    cols = f"{'launcher':<9} {'--quantization':<15} {'--dtype':<9} {'starts':<6} {'failure':<29} {'len@0.85':>9} {'len@0.95':>9}"
+    out = [head, "", cols, "-" * len(cols)]
+    for r in pf.rows:
+        out.append(
+            f"{r.launcher:<9} {r.quantization or '(none)':<15} {r.dtype:<9} {'yes' if r.can_start else 'NO':<6} "
+            f"{r.failure or '-':<29} {r.max_model_len_085 or '-'!s:>9} {r.max_model_len_095 or '-'!s:>9}"
+        )
+        out.append(f"    {r.message}")
+    out.append("")
+    out.extend(pf.summary)
+    return "\n".join(out)
+
+
+def cli_preflight(args) -> int:
+    pf = preflight(args.model, args.gpu, args.vllm_version, overhead_gib=getattr(args, "overhead_gib", None))
+    if args.json:
+        print(json.dumps(pf.to_dict(), indent=2, default=str))
+    else:
+        print(format_preflight(pf))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- one trial
+
+
+def predict_trial_outcome(
+    model_dir: Any,
+    gpu_profile_or_none: str | GpuProfile | None,
+    launcher: str,
+    quantization: str | None,
+    max_model_len: int | None,
+    gpu_memory_utilization: float | None,
+    kv_cache_memory_bytes: int | None,
+    vllm_version: str | None = None,
+    *,
+    dtype: str = "auto",
+    overhead_gib: float | None = None,
+    block_size: int | None = None,
+) -> dict:
+    """One planned trial: outcome "ready" | "failed", the failure kind, why, and the predicted capacity.
+
+    With kv_cache_memory_bytes no GPU profile is needed (capacity comes from the budget). Without a GPU
+    profile the CPU build is assumed: GPU-dependent rules are not checked, no Marlin (so a legacy awq_marlin
+    flag on an AWQ checkpoint predicts the config-mismatch failure) and 128-token blocks unless block_size
+    says otherwise (16 with a GPU profile).
+    """
+    facts = _facts(model_dir)
+    prof = resolve_gpu(gpu_profile_or_none) if gpu_profile_or_none else None
+    v = compat.evaluate_launch(
+        facts, cc=prof.cc_int if prof else None, gpu_name=prof.name if prof else "NVIDIA", launcher=launcher,
+        quantization=quantization, dtype=dtype, max_model_len=max_model_len, vllm_version=vllm_version,
+        model_name=facts.name,
+    )  # fmt: skip
+    out: dict = {"outcome": "ready", "failure": None, "reason": "", "predicted_kv_cache_tokens": None,
+                 "predicted_max_model_len": None}  # fmt: skip
+    pred = None
+    bs = block_size or (memory.DEFAULT_BLOCK_SIZE if prof is not None else memory.CPU_BLOCK_SIZE)
+    if kv_cache_memory_bytes is not None:
+        pred = memory.predict(
+            facts, kv_cache_memory_bytes=int(kv_cache_memory_bytes), vllm_version=vllm_version, block_size=bs
+        )
+    elif prof is not None:
+        pred = memory.predict(facts, gpu_memory_gib=prof.memory_gib, gpu_memory_utilization=gpu_memory_utilization or 0.9,
+                              overhead_gib=overhead_gib, vllm_version=vllm_version)  # fmt: skip
+    if pred is not None:
+        out["predicted_kv_cache_tokens"], out["predicted_max_model_len"] = (
+            pred.kv_cache_tokens,
+            pred.max_model_len,
+        )
+    if not v.can_start:
+        out.update(outcome="failed", failure=v.kind, reason=v.message)
+        return out
+    want = max_model_len or facts.max_len
+    if pred is None:
+        out["reason"] = "starts by the config rules; no memory prediction (give a GPU profile or a KV budget)"
+        return out
+    if pred.max_model_len <= 0:
+        out.update(outcome="failed", failure="no_kv_memory",
+                   reason="No available memory for the cache blocks. Try increasing `gpu_memory_utilization` "
+                          "when initializing the engine.")  # fmt: skip
+    elif want > pred.max_model_len:
+        band = pred.band["max_model_len"]
+        out.update(outcome="failed", failure="kv_cache_insufficient", reason=(
+            f"max_model_len {want} needs more KV cache than the predicted {_size(pred.available_kv_gib)}; "
+            f"the estimated maximum model length is {pred.max_model_len}"
+            + (f" (band {band[0]}..{band[1]})" if band[0] != band[1] else "")
+        ))  # fmt: skip
+    else:
+        out["reason"] = (f"starts: {want} <= predicted largest max_model_len {pred.max_model_len} "
+                         f"({pred.kv_cache_tokens} KV tokens)")  # fmt: skip
+    return out
