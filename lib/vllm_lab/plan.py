@@ -131,6 +131,8 @@ def load_plan(path: str | Path, *, check_command: bool = True) -> Plan:
     model = resolve_path(_expect("model", raw["model"], str, "'.cache/models/tiny-qwen2'"), base=path.parent)
     vllm_cmd = raw["vllm_cmd"]
     _expect("vllm_cmd", vllm_cmd, (str, list), "'vllm serve'")
+    if not (vllm_cmd.split() if isinstance(vllm_cmd, str) else vllm_cmd):
+        raise SpecError("vllm_cmd: is empty; set it to `vllm serve` or `/path/to/python -m vllm.entrypoints.openai.api_server`")
     vllm_cmd = _resolve_cmd(vllm_cmd, path.parent)
     if check_command:
         check_vllm_cmd(vllm_cmd)
@@ -190,7 +192,25 @@ def _load_step(i: int, s, seen: set, model: str, defaults: dict, base: Path) -> 
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
         raise SpecError(f"{where}.timeout_s: {timeout!r} must be a positive number of seconds")
     step_model = resolve_path(s["model"], base=base) if s.get("model") else model
+    _check_model_limit(f"{where}.parameters.", step_model, params)
     return Step(name=name, notebook=nb, parameters=params, timeout_s=float(timeout), model=step_model)
+
+
+def _check_model_limit(where: str, model: str, params: dict) -> None:
+    """A max_model_len above the model's own limit is a typo, not an experiment (vLLM refuses it anyway)."""
+    from vllm_lab.steps import model_limit
+
+    limit = model_limit(model)
+    if not limit:
+        return
+    for name in ("MAX_MODEL_LEN", "HIGH", "MAX_MODEL_LENS"):
+        values = params.get(name)
+        for v in values if isinstance(values, list) else [values]:
+            if isinstance(v, int) and v > limit:
+                raise SpecError(
+                    f"{where}{name}: {v} is above the model's limit ({limit}, max_position_embeddings in "
+                    f"config.json); use at most {limit}"
+                )
 
 
 def available_notebooks() -> list[str]:
