@@ -213,15 +213,16 @@ def _summarize(pf, facts, prof, vllm_version, preds, utils) -> tuple[list[str], 
         s.append(f"None of the {len(pf.rows)} combinations can start on {prof.name}: {', '.join(kinds)}.")
     p85 = preds[utils[0]]
     s.append(
-        f"Memory alone (weights {p85.weights_gib:.2f} GiB{' estimated' if p85.weights_estimated else ''}): "
-        + ", ".join(f"{u:.2f} -> max_model_len {preds[u].max_model_len:,}" for u in utils)
-        + f" (model limit {facts.max_len:,}; KV {p85.kv_bytes_per_token / 1024:.0f} KiB per token)."
+        f"Memory alone (weights {_size(p85.weights_gib)}{' estimated' if p85.weights_estimated else ''}): "
+        + ", ".join(f"{u:.2f} -> max_model_len {preds[u].max_model_len:,} ({preds[u].kv_cache_tokens:,} KV tokens)"
+                    for u in utils)
+        + f" (model limit {facts.max_len:,}; KV {p85.kv_bytes_per_token:,} bytes per token)."
     )  # fmt: skip
     if cc < compat.vllm_min_capability(vllm_version) or not ok:
         fp16_gib = (facts.param_count or memory.config_param_count(facts)) * 2 / memory.GIB
         fits = fp16_gib < prof.memory_gib * 0.95 - 1.0
         alt.append(
-            f"an fp16 (unquantized) checkpoint of this model: weights about {fp16_gib:.1f} GiB, which "
+            f"an fp16 (unquantized) checkpoint of this model: weights about {_size(fp16_gib)}, which "
             + ("fits" if fits else "does NOT fit")
             + f" in {prof.memory_gib:.1f} GiB"
             + (" - on Pascal it needs a Pascal-enabled build (community vLLM forks) or transformers" if cc < 70 else "")
