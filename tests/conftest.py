@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+
+from vllm_lab.launcher import OWNER_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_CMD = f"{sys.executable} -m vllm_lab.testing.fake_vllm"
@@ -64,21 +67,30 @@ def processes_in_session(sid: int) -> list[int]:
     return out
 
 
+# Servers launched by this test run (also from notebook kernels, which inherit this) carry our pid.
+os.environ[OWNER_ENV] = str(os.getpid())
+
+
+def launched_by_this_run() -> list[psutil.Process]:
+    """Live processes whose environment says this pytest process (or a kernel it started) launched them."""
+    mine = {str(os.getpid())}
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get(OWNER_ENV) in mine and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except (psutil.Error, OSError):
+            pass
+    return found
+
+
 @pytest.fixture(autouse=True)
 def no_leftover_vllm(request):
-    """After every test, no fake or real vLLM started by this test run may survive."""
-    before = {p.pid for p in psutil.process_iter()}
+    """After every test, no server launched by this test run may survive (other sessions' servers are left alone)."""
+    before = {p.pid for p in launched_by_this_run()}
     yield
-    left = []
-    for p in psutil.process_iter(["cmdline"]):
-        if p.pid in before:
-            continue
-        cmd = " ".join(p.info.get("cmdline") or [])
-        if "fake_vllm" in cmd or "vllm.entrypoints" in cmd:
-            try:
-                if p.status() != psutil.STATUS_ZOMBIE:
-                    left.append((p.pid, cmd[:120]))
-                    p.kill()
-            except psutil.Error:
-                pass
-    assert not left, f"processes survived {request.node.name}: {left}"
+    left = [p for p in launched_by_this_run() if p.pid not in before]
+    for p in left:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    assert not left, f"processes survived {request.node.name}: {[p.pid for p in left]}"

@@ -29,6 +29,9 @@ from vllm_lab.redact import redact_argv, redact_text
 from vllm_lab.spec import SpecError, Trial, split_cmd
 
 POLL_S = 0.05
+READ_CHUNK_BYTES = 4 << 20
+MAX_LOG_COPY_BYTES = 64 << 20
+OWNER_ENV = "VLLM_LAB_OWNER"  # set in every launched server's environment: which process launched it
 STOP_GRACE_S = 8.0
 
 
@@ -159,17 +162,16 @@ def _session_members(sid: int) -> list[psutil.Process]:
 
 
 def stop_tree(pid: int, grace_s: float = STOP_GRACE_S) -> list[int]:
-    """Terminate, wait, kill: the process, its descendants and its whole session. Returns survivor pids."""
-    try:
-        root = psutil.Process(pid)
-        sid = os.getsid(pid)
-    except (psutil.NoSuchProcess, ProcessLookupError):
-        return []
-    procs = {root.pid: root}
+    """Terminate, wait, kill: the process, its descendants and its whole session. Returns survivor pids.
+
+    Every server is started as the leader of its own session (sid == pid), so the session is swept even
+    when the leader is already gone and its children were re-parented to init.
+    """
+    procs: dict[int, psutil.Process] = {p.pid: p for p in _session_members(pid)}
     with contextlib.suppress(psutil.Error):
+        root = psutil.Process(pid)
+        procs[root.pid] = root
         procs.update({c.pid: c for c in root.children(recursive=True)})
-    if sid == pid:  # only our own session: never sweep the caller's session
-        procs.update({p.pid: p for p in _session_members(sid)})
     for p in procs.values():
         with contextlib.suppress(psutil.Error):
             p.terminate()
@@ -178,12 +180,11 @@ def stop_tree(pid: int, grace_s: float = STOP_GRACE_S) -> list[int]:
         with contextlib.suppress(psutil.Error):
             p.kill()
     _gone, alive = psutil.wait_procs(alive, timeout=5)
-    if sid == pid:  # anything spawned during the kill
-        late = [p for p in _session_members(sid) if p.pid not in procs]
-        for p in late:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-        alive += psutil.wait_procs(late, timeout=5)[1]
+    late = [p for p in _session_members(pid) if p.pid not in procs]  # anything spawned during the kill
+    for p in late:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    alive += psutil.wait_procs(late, timeout=5)[1]
     return [p.pid for p in alive if _really_alive(p)]
 
 
@@ -236,26 +237,43 @@ class VllmServer:
         self.base_url = f"http://{trial.host if trial.host != '0.0.0.0' else '127.0.0.1'}:{self.port}"
         self.log_path = self.run_dir / "logs" / f"{trial.trial_id}.log"
         self._raw_log: Path | None = None
-        self._copied = 0  # bytes of the raw log already copied (redacted) into log_path
+        self._read = 0  # bytes of the raw log already read
+        self._copied = 0  # bytes written to the redacted copy
         self.survivors: list[int] = []
 
     # The raw log lives in the launch's private TMPDIR (0700); the run folder only gets the redacted copy.
-    def _copy_log(self) -> list[str]:
+    # A flooding server must not fill the run folder: the copy stops at MAX_LOG_COPY_BYTES (lines are still
+    # scanned for fatal causes), and each read takes at most READ_CHUNK_BYTES.
+    def _copy_log(self, *, final: bool = False) -> list[str]:
         if not self._raw_log or not self._raw_log.exists():
             return []
-        with open(self._raw_log, "rb") as f:
-            f.seek(self._copied)
-            chunk = f.read()
-        cut = chunk.rfind(b"\n") + 1  # only whole lines; the rest waits for the next read
-        if self.proc is None or self.proc.poll() is not None:
-            cut = len(chunk)
-        if not cut:
-            return []
-        text = chunk[:cut].decode(errors="replace")
-        self._copied += cut
+        lines: list[str] = []
+        while True:
+            with open(self._raw_log, "rb") as f:
+                f.seek(self._read)
+                chunk = f.read(READ_CHUNK_BYTES)
+            cut = chunk.rfind(b"\n") + 1  # only whole lines; the rest waits for the next read
+            if final and len(chunk) < READ_CHUNK_BYTES:
+                cut = len(chunk)
+            if not cut:
+                return lines
+            text = chunk[:cut].decode(errors="replace")
+            self._read += cut
+            self._write_copy(text)
+            lines += text.splitlines()
+            if not final:
+                return lines
+
+    def _write_copy(self, text: str) -> None:
+        room = MAX_LOG_COPY_BYTES - self._copied
+        if room <= 0:
+            return
+        data = redact_text(text)
+        if len(data) > room:
+            data = data[:room] + f"\n[vllm-lab: log copy stopped at {MAX_LOG_COPY_BYTES} bytes]\n"
         with open(self.log_path, "a") as out:
-            out.write(redact_text(text))
-        return text.splitlines()
+            out.write(data)
+        self._copied += len(data)
 
     def start(self) -> LaunchResult:
         refuse_if_survivors(self.run_dir)
@@ -264,7 +282,7 @@ class VllmServer:
         self.tmp = Path(tempfile.mkdtemp(prefix="vllm-lab-"))  # short path: ZMQ ipc sockets live here
         env = {**os.environ, **self.trial.env, "TMPDIR": str(self.tmp),
                "VLLM_CACHE_ROOT": str(self.tmp / "vllm-cache"), "XDG_CACHE_HOME": str(self.tmp / "xdg-cache"),
-               "PYTHONUNBUFFERED": "1"}  # fmt: skip
+               "PYTHONUNBUFFERED": "1", OWNER_ENV: os.environ.get(OWNER_ENV, str(os.getpid()))}  # fmt: skip
         if Path(self.trial.model).is_dir():
             env.setdefault("HF_HUB_OFFLINE", "1")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -315,7 +333,10 @@ class VllmServer:
                     return "failed", kind  # fail fast: do not wait for the process to wind down
                 marker_seen = marker_seen or logscan.READY_MARKER in line
             if self.proc.poll() is not None:
-                self._copy_log()
+                for line in self._copy_log(final=True):
+                    kind = logscan.classify_line(line)
+                    if kind:
+                        return "failed", kind
                 return "failed", None
             if marker_seen and self._healthy():
                 return "ready", None
@@ -345,7 +366,7 @@ class VllmServer:
         self.survivors = stop_tree(self.proc.pid)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=1)
-        self._copy_log()
+        self._copy_log(final=True)
         if not self.survivors:
             if self.pidfile:
                 self.pidfile.unlink(missing_ok=True)

@@ -375,9 +375,13 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _flood() -> None:
+    """A chatty server (debug logging): several MB/s for as long as it runs."""
     line = "DEBUG " + "x" * 200
     while True:
-        print(line, flush=False)
+        for _ in range(2000):
+            print(line, flush=False)
+        sys.stdout.flush()
+        time.sleep(0.05)
 
 
 if __name__ == "__main__":
