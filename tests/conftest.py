@@ -10,7 +10,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from vllm_lab.launcher import OWNER_ENV
 
 ROOT = Path(__file__).resolve().parents[1]

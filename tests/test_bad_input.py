@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import ROOT
-
 from vllm_lab import cli
 
 pytestmark = pytest.mark.unit
@@ -118,7 +117,7 @@ def test_bad_plan(env, capsys, case, build, words):
 
 CLI_CASES = [
     ("scan-log-missing", lambda e: ["scan-log", str(e["tmp"] / "nope.log")], "nope.log"),
-    ("scan-log-directory", lambda e: ["scan-log", str(e["tmp"])], str("scan-log")),
+    ("scan-log-directory", lambda e: ["scan-log", str(e["tmp"])], "scan-log"),
     ("launch-util-1.5", lambda e: ["launch", "--model", e["model"], "--vllm-cmd", e["cmd"], "--gpu-memory-utilization", "1.5", "--out", str(e["run"])], "gpu_memory_utilization"),
     ("launch-model-missing", lambda e: ["launch", "--model", str(e["tmp"] / "nope"), "--vllm-cmd", e["cmd"], "--out", str(e["run"])], "model"),
     ("launch-no-vllm", lambda e: ["launch", "--model", e["model"], "--vllm-cmd", "/no/such/python -m vllm", "--out", str(e["run"])], "vllm_cmd"),

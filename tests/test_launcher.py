@@ -6,12 +6,19 @@ import json
 import os
 import socket
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 from conftest import FAKE_CMD, fake_env, processes_in_session
-
-from vllm_lab.launcher import LaunchRefused, VllmServer, build_argv, legacy_quantization_flag, live_servers, reap
+from vllm_lab.launcher import (
+    LaunchRefused,
+    VllmServer,
+    build_argv,
+    legacy_quantization_flag,
+    live_servers,
+    reap,
+)
 from vllm_lab.spec import Trial
 
 pytestmark = pytest.mark.fake
@@ -34,7 +41,12 @@ def trial(model, **kw) -> Trial:
 @pytest.mark.unit
 @pytest.mark.parametrize(
     ("name", "flag"),
-    [("Qwen3-8B-AWQ", "awq_marlin"), ("/m/llama-gguf", "gguf"), ("x/Qwen-GPTQ-Int4", "gptq"), ("Qwen3-8B", None)],
+    [
+        ("Qwen3-8B-AWQ", "awq_marlin"),
+        ("/m/llama-gguf", "gguf"),
+        ("x/Qwen-GPTQ-Int4", "gptq"),
+        ("Qwen3-8B", None),
+    ],
 )
 def test_legacy_launcher_derives_the_flag_from_the_name(name, flag):
     assert legacy_quantization_flag(name) == flag
@@ -161,10 +173,12 @@ def test_survivor_of_a_killed_run_blocks_the_next_launch_until_reaped(fake_model
 
 def test_log_copy_has_no_secrets(fake_model, run_dir):
     secret = "hf_" + "a1B2c3D4e5F6g7H8i9J0kLmNoPqR"
-    t = trial(fake_model, extra_args=["--api-key", "sk-verysecretvalue1234567890abcd"], env={"HF_TOKEN": secret})
+    t = trial(
+        fake_model, extra_args=["--api-key", "sk-verysecretvalue1234567890abcd"], env={"HF_TOKEN": secret}
+    )
     with VllmServer(t, run_dir) as s:
         res = s.start()
-    text = open(res.log_path).read()
+    text = Path(res.log_path).read_text()
     assert "sk-verysecretvalue1234567890abcd" not in text
     assert "sk-verysecretvalue1234567890abcd" not in " ".join(res.argv)
     assert secret not in text

@@ -125,7 +125,9 @@ def run_plan(plan_path: str, *, out: str | None = None, resume: str | None = Non
     steps = [s for s in plan.steps if not only or s.name in only]
     if only and len(steps) != len(set(only)):
         missing = sorted(set(only) - {s.name for s in plan.steps})
-        raise SpecError(f"--only: no step named {missing[0]!r}; steps are {', '.join(s.name for s in plan.steps)}")
+        raise SpecError(
+            f"--only: no step named {missing[0]!r}; steps are {', '.join(s.name for s in plan.steps)}"
+        )
     if dry_run:
         from vllm_lab.dryrun import print_dry_run
 
@@ -134,7 +136,9 @@ def run_plan(plan_path: str, *, out: str | None = None, resume: str | None = Non
     if resume:
         run_dir = Path(resume)
         if not run_dir.is_dir():
-            raise SpecError(f"--resume: {resume} is not a run folder; pass an earlier outputs/<run_id> folder")
+            raise SpecError(
+                f"--resume: {resume} is not a run folder; pass an earlier outputs/<run_id> folder"
+            )
     else:
         run_dir = None
     wait = os.environ.get("VLLM_LAB_WAIT_LOCK") == "1"
@@ -153,7 +157,11 @@ def run_plan(plan_path: str, *, out: str | None = None, resume: str | None = Non
                 summary.notebooks.append(out_nb)
                 if err:
                     summary.errors.append(f"{step.name}: {err}")
-                    print(f"step {step.name} raised {err} (notebook kept: {out_nb})", file=sys.stderr, flush=True)
+                    print(
+                        f"step {step.name} raised {err} (notebook kept: {out_nb})",
+                        file=sys.stderr,
+                        flush=True,
+                    )
         summary.report_paths = build_report(run_dir, nb_dir, summary)
     return summary
 

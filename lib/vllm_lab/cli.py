@@ -82,13 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_scan_log)
 
     s = sub.add_parser("predict", help="KV bytes per token, KV capacity and the largest max_model_len")
-    s.add_argument("--model", required=True, help="model directory, config.json, or a name under params/models")
+    s.add_argument(
+        "--model", required=True, help="model directory, config.json, or a name under params/models"
+    )
     g = s.add_mutually_exclusive_group(required=False)  # one of them, unless --kv-cache-gib gives the budget
     g.add_argument("--gpu", help="GPU profile name (params/gpus), e.g. p40, a100-80gb; or auto (NVML)")
     g.add_argument("--gpu-memory-gib", type=float, help="GPU memory in GiB")
     s.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     s.add_argument("--weights-gib", type=float)
-    s.add_argument("--overhead-gib", type=float, help="non-KV memory besides weights (activations, non-torch)")
+    s.add_argument(
+        "--overhead-gib", type=float, help="non-KV memory besides weights (activations, non-torch)"
+    )
     s.add_argument("--kv-cache-gib", type=float, help="KV budget in GiB: capacity comes from it directly")
     s.add_argument("--kv-cache-dtype", default="auto")
     s.add_argument("--block-size", type=int, default=16)
@@ -101,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True)
     s.add_argument("--gpu", required=True, help="GPU profile name, or auto (NVML)")
     s.add_argument("--vllm-version", default=None)
-    s.add_argument("--overhead-gib", type=float, help="non-KV memory besides weights (default band 0.5-2.0 GiB)")
+    s.add_argument(
+        "--overhead-gib", type=float, help="non-KV memory besides weights (default band 0.5-2.0 GiB)"
+    )
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_preflight)
 
@@ -111,7 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("launch", help="one trial end to end: launch, requests, stop; prints the record")
     s.add_argument("--model", required=True)
-    s.add_argument("--vllm-cmd", default=None, help="e.g. 'vllm serve' or '.venv-vllm/bin/python -m vllm.entrypoints.openai.api_server'")
+    s.add_argument(
+        "--vllm-cmd",
+        default=None,
+        help="e.g. 'vllm serve' or '.venv-vllm/bin/python -m vllm.entrypoints.openai.api_server'",
+    )
     s.add_argument("--launcher", default="head", choices=["legacy", "head", "explicit"])
     s.add_argument("--quantization")
     s.add_argument("--max-model-len", type=int)

@@ -9,7 +9,10 @@ SEARCH_LAUNCHES_GUESS = 2  # the search's target where vLLM reports capacity
 
 
 def _trials(plan: Plan, step: Step):
-    params = {**notebook_parameter_defaults(step.notebook), **plan.notebook_parameters(step, plan.path.parent)}
+    params = {
+        **notebook_parameter_defaults(step.notebook),
+        **plan.notebook_parameters(step, plan.path.parent),
+    }
     return planned_trials(step.notebook, params)
 
 
@@ -53,7 +56,9 @@ def print_dry_run(plan: Plan, steps: list[Step]) -> None:
             mem = (f"kv={t.kv_cache_memory_bytes}" if t.kv_cache_memory_bytes is not None
                    else f"util={t.gpu_memory_utilization}")  # fmt: skip
             verdict = p.get("outcome", "?") + (f" ({p['failure']})" if p.get("failure") else "")
-            print(f"  {t.trial_id:<48} {t.launcher:<8} len={t.max_model_len!s:<6} {mem:<14} predicted: {verdict}")
+            print(
+                f"  {t.trial_id:<48} {t.launcher:<8} len={t.max_model_len!s:<6} {mem:<14} predicted: {verdict}"
+            )
             if p.get("reason"):
                 print(f"      {p['reason']}")
     print("\n(dry run: nothing was launched)")

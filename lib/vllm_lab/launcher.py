@@ -108,7 +108,13 @@ def _pid_dir(run_dir: Path) -> Path:
 def _write_pidfile(run_dir: Path, trial_id: str, proc: psutil.Process, port: int, tmp: Path) -> Path:
     path = _pid_dir(run_dir) / f"{trial_id}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    info = {"pid": proc.pid, "create_time": proc.create_time(), "port": port, "tmp": str(tmp), "trial_id": trial_id}
+    info = {
+        "pid": proc.pid,
+        "create_time": proc.create_time(),
+        "port": port,
+        "tmp": str(tmp),
+        "trial_id": trial_id,
+    }
     path.write_text(json.dumps(info))
     return path
 
@@ -291,10 +297,17 @@ class VllmServer:
         t0 = time.monotonic()
         with open(self._raw_log, "wb") as log:
             self.proc = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
             )
         with contextlib.suppress(psutil.Error):
-            self.pidfile = _write_pidfile(self.run_dir, self.trial.trial_id, psutil.Process(self.proc.pid), self.port, self.tmp)
+            self.pidfile = _write_pidfile(
+                self.run_dir, self.trial.trial_id, psutil.Process(self.proc.pid), self.port, self.tmp
+            )
         outcome, fatal = self._wait_ready(t0)
         seconds = time.monotonic() - t0
         if outcome != "ready":

@@ -20,7 +20,16 @@ DEFAULT_KEYS = {"extra_args", "env", "startup_timeout_s", "request_timeout_s", "
                 "step_timeout_s"}  # fmt: skip
 STEP_KEYS = {"name", "notebook", "parameters", "timeout_s", "model"}
 # Notebook parameters the batch fills from the plan itself; a step may not set them.
-PLAN_OWNED = {"RUN_DIR", "STEP", "MODEL", "VLLM_CMD", "EXTRA_ARGS", "ENV", "STARTUP_TIMEOUT_S", "REQUEST_TIMEOUT_S"}
+PLAN_OWNED = {
+    "RUN_DIR",
+    "STEP",
+    "MODEL",
+    "VLLM_CMD",
+    "EXTRA_ARGS",
+    "ENV",
+    "STARTUP_TIMEOUT_S",
+    "REQUEST_TIMEOUT_S",
+}
 
 
 @dataclass
@@ -132,7 +141,9 @@ def load_plan(path: str | Path, *, check_command: bool = True) -> Plan:
     vllm_cmd = raw["vllm_cmd"]
     _expect("vllm_cmd", vllm_cmd, (str, list), "'vllm serve'")
     if not (vllm_cmd.split() if isinstance(vllm_cmd, str) else vllm_cmd):
-        raise SpecError("vllm_cmd: is empty; set it to `vllm serve` or `/path/to/python -m vllm.entrypoints.openai.api_server`")
+        raise SpecError(
+            "vllm_cmd: is empty; set it to `vllm serve` or `/path/to/python -m vllm.entrypoints.openai.api_server`"
+        )
     vllm_cmd = _resolve_cmd(vllm_cmd, path.parent)
     if check_command:
         check_vllm_cmd(vllm_cmd)
@@ -142,7 +153,9 @@ def load_plan(path: str | Path, *, check_command: bool = True) -> Plan:
     _expect("defaults.extra_args", defaults.get("extra_args", []), list, "[--enforce-eager]")
     _expect("defaults.env", defaults.get("env", {}), dict, "{VLLM_ENABLE_V1_MULTIPROCESSING: '0'}")
     for k in ("startup_timeout_s", "request_timeout_s", "step_timeout_s"):
-        if k in defaults and (isinstance(defaults[k], bool) or not isinstance(defaults[k], int | float) or defaults[k] <= 0):
+        if k in defaults and (
+            isinstance(defaults[k], bool) or not isinstance(defaults[k], int | float) or defaults[k] <= 0
+        ):
             raise SpecError(f"defaults.{k}: {defaults[k]!r} must be a positive number of seconds")
     steps_raw = _expect("steps", raw["steps"], list, "a list of {name, notebook, parameters}")
     if not steps_raw:
@@ -178,15 +191,21 @@ def _load_step(i: int, s, seen: set, model: str, defaults: dict, base: Path) -> 
     seen.add(name)
     nb = s.get("notebook")
     if nb not in available_notebooks():
-        raise SpecError(f"{where}.notebook: {nb!r} is not a notebook; choose one of {', '.join(available_notebooks())}")
+        raise SpecError(
+            f"{where}.notebook: {nb!r} is not a notebook; choose one of {', '.join(available_notebooks())}"
+        )
     params = s.get("parameters") or {}
     _expect(f"{where}.parameters", params, dict, "{MAX_MODEL_LEN: 16384}")
     known = notebook_parameter_defaults(nb)
     for k, v in params.items():
         if k in PLAN_OWNED:
-            raise SpecError(f"{where}.parameters.{k}: is set by the plan itself (model, vllm_cmd, defaults); remove it")
+            raise SpecError(
+                f"{where}.parameters.{k}: is set by the plan itself (model, vllm_cmd, defaults); remove it"
+            )
         if k not in known:
-            raise SpecError(f"{where}.parameters.{k}: unknown parameter of {nb}; known: {', '.join(sorted(set(known) - PLAN_OWNED))}")
+            raise SpecError(
+                f"{where}.parameters.{k}: unknown parameter of {nb}; known: {', '.join(sorted(set(known) - PLAN_OWNED))}"
+            )
         check_parameter(f"{where}.parameters.", k, v)
     timeout = s.get("timeout_s", defaults.get("step_timeout_s", 3600))
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:

@@ -44,7 +44,9 @@ def chat_ok(base_url: str, model: str, timeout: float) -> bool:
         return False
 
 
-def long_request(base_url: str, model: str, max_len: int, vocab: int, timeout: float) -> tuple[bool, int, float | None]:
+def long_request(
+    base_url: str, model: str, max_len: int, vocab: int, timeout: float
+) -> tuple[bool, int, float | None]:
     """A prompt of token ids that, with its output, fills max_len exactly (so within one block).
 
     Returns (completed, total tokens asked for, seconds to the first streamed token).
@@ -60,6 +62,11 @@ def long_request(base_url: str, model: str, max_len: int, vocab: int, timeout: f
         with httpx.stream("POST", f"{base_url}/v1/completions", json=body, timeout=timeout) as r:
             if r.status_code != 200:
                 return False, prompt_len + LONG_REQUEST_OUTPUT_TOKENS, None
+            if r.headers.get("content-type", "").startswith(
+                "application/json"
+            ):  # a server that ignores stream
+                ok = bool(json.loads(r.read()).get("choices"))
+                return ok, prompt_len + LONG_REQUEST_OUTPUT_TOKENS, time.monotonic() - t0 if ok else None
             done = False
             for line in r.iter_lines():
                 if time.monotonic() - t0 > timeout:
@@ -67,9 +74,8 @@ def long_request(base_url: str, model: str, max_len: int, vocab: int, timeout: f
                 if line.startswith("data:") and ttft is None and line.strip() != "data: [DONE]":
                     ttft = time.monotonic() - t0
                 done = done or line.strip() == "data: [DONE]"
-            # A non-streaming server (the fake) answers with one JSON body.
-            return (done or ttft is not None), prompt_len + LONG_REQUEST_OUTPUT_TOKENS, ttft
-    except httpx.HTTPError:
+            return done, prompt_len + LONG_REQUEST_OUTPUT_TOKENS, ttft
+    except (httpx.HTTPError, ValueError):
         return False, prompt_len + LONG_REQUEST_OUTPUT_TOKENS, ttft
 
 
@@ -158,13 +164,17 @@ def run_trial(trial: Trial, run_dir: str | Path, *, run_id: str | None = None, l
             if long and served:
                 ok, tokens, ttft = long_request(res.base_url, name, served, int(cfg.get("vocab_size") or 1000),
                                                 trial.request_timeout_s)  # fmt: skip
-                extra.update(long_request_ok=ok, long_request_tokens=tokens, ttft_s=round(ttft, 3) if ttft else None)
+                extra.update(
+                    long_request_ok=ok, long_request_tokens=tokens, ttft_s=round(ttft, 3) if ttft else None
+                )
                 if not ok or not server.alive():
                     res.outcome = "unstable"
                     res.failure, res.evidence = res.failure, (
                         f"a request of {tokens} tokens did not complete within {trial.request_timeout_s:.0f} s"
                         if server.alive() else f"the server died during a request of {tokens} tokens")  # fmt: skip
-                    res.remedy = "lower --max-model-len (the server starts but cannot serve a full-length request)"
+                    res.remedy = (
+                        "lower --max-model-len (the server starts but cannot serve a full-length request)"
+                    )
             extra["metrics"] = read_metrics(res.base_url) if server.alive() else None
     survivors = server.survivors
     if survivors:

@@ -7,17 +7,26 @@ import re
 MASK = "***REDACTED***"
 
 # Environment names whose values are always secret.
-SECRET_ENV_NAMES = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|APIKEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL)", re.I)
+SECRET_ENV_NAMES = re.compile(
+    r"(TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|APIKEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL)", re.I
+)
 # Flags whose next argv item (or =value) is secret.
 SECRET_FLAGS = ("--api-key", "--hf-token", "--token", "--ssl-keyfile-password")
 
 _PATTERNS = [
     # NAME=value for secret-looking names (env dumps, shell lines, logs)
-    (re.compile(r"\b([A-Z0-9_]*(?:TOKEN|SECRET|PASSWORD|API_KEY|APIKEY|ACCESS_KEY)[A-Z0-9_]*)(\s*[=:]\s*)(['\"]?)([^\s'\",}]+)", re.I),
-     lambda m: f"{m.group(1)}{m.group(2)}{m.group(3)}{MASK}"),
+    (
+        re.compile(
+            r"\b([A-Z0-9_]*(?:TOKEN|SECRET|PASSWORD|API_KEY|APIKEY|ACCESS_KEY)[A-Z0-9_]*)(\s*[=:]\s*)(['\"]?)([^\s'\",}]+)",
+            re.I,
+        ),
+        lambda m: f"{m.group(1)}{m.group(2)}{m.group(3)}{MASK}",
+    ),
     # --api-key value / --api-key=value
-    (re.compile(r"(--(?:api-key|hf-token|token|ssl-keyfile-password))(\s+|=)(['\"]?)([^\s'\"]+)"),
-     lambda m: f"{m.group(1)}{m.group(2)}{m.group(3)}{MASK}"),
+    (
+        re.compile(r"(--(?:api-key|hf-token|token|ssl-keyfile-password))(\s+|=)(['\"]?)([^\s'\"]+)"),
+        lambda m: f"{m.group(1)}{m.group(2)}{m.group(3)}{MASK}",
+    ),
     # Authorization: Bearer xxx
     (re.compile(r"(Bearer\s+)([A-Za-z0-9._~+/=-]{8,})", re.I), lambda m: f"{m.group(1)}{MASK}"),
     # Common token shapes
@@ -65,7 +74,11 @@ def redact_obj(obj):
         return redact_text(obj)
     if isinstance(obj, dict):
         return {
-            k: (MASK if isinstance(k, str) and SECRET_ENV_NAMES.search(k) and isinstance(v, str) else redact_obj(v))
+            k: (
+                MASK
+                if isinstance(k, str) and SECRET_ENV_NAMES.search(k) and isinstance(v, str)
+                else redact_obj(v)
+            )
             for k, v in obj.items()
         }
     if isinstance(obj, list | tuple):

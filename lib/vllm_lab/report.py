@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import sys
+import warnings
 from pathlib import Path
 
 import nbformat
@@ -425,7 +426,9 @@ def export_html(
 
     nb = nbformat.read(str(notebook), as_version=4) if isinstance(notebook, str | Path) else notebook
     exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
-    body, _ = exporter.from_notebook_node(redact_notebook(nb), resources={"metadata": {"name": title}})
+    with warnings.catch_warnings():  # scrapbook's glue outputs have no HTML form, by design
+        warnings.filterwarnings("ignore", message=".*scrapbook.scrap.*", category=UserWarning)
+        body, _ = exporter.from_notebook_node(redact_notebook(nb), resources={"metadata": {"name": title}})
     html_path = Path(html_path)
     html_path.write_text(body, encoding="utf-8")
     return html_path

@@ -43,6 +43,10 @@ class Trial:
     trial_id: str = ""
 
     def __post_init__(self) -> None:
+        if self.kv_cache_memory_bytes is not None:
+            self.gpu_memory_utilization = (
+                None  # a KV budget bypasses utilization in vLLM; record only what applies
+            )
         if not self.trial_id:
             self.trial_id = self.default_id()
 
@@ -65,24 +69,28 @@ class Trial:
         if self.launcher == "explicit" and not self.quantization:
             raise SpecError("quantization: the explicit launcher needs a quantization (e.g. awq, gptq)")
         if self.max_model_len is not None and (
-            isinstance(self.max_model_len, bool) or not isinstance(self.max_model_len, int) or self.max_model_len <= 0
+            isinstance(self.max_model_len, bool)
+            or not isinstance(self.max_model_len, int)
+            or self.max_model_len <= 0
         ):
             raise SpecError(f"max_model_len: {self.max_model_len!r} must be a positive integer (e.g. 16384)")
         u = self.gpu_memory_utilization
-        if u is not None and (
-            isinstance(u, bool) or not isinstance(u, int | float) or not 0 < u <= 1
-        ):
+        if u is not None and (isinstance(u, bool) or not isinstance(u, int | float) or not 0 < u <= 1):
             raise SpecError(f"gpu_memory_utilization: {u!r} must be a fraction in (0, 1], e.g. 0.85")
         kv = self.kv_cache_memory_bytes
         if kv is not None and (isinstance(kv, bool) or not isinstance(kv, int) or kv <= 0):
             raise SpecError(f"kv_cache_memory_bytes: {kv!r} must be a positive integer number of bytes")
         if self.port is not None and (not isinstance(self.port, int) or not 0 < self.port < 65536):
-            raise SpecError(f"port: {self.port!r} must be an integer in 1..65535 (or omit it for a free port)")
+            raise SpecError(
+                f"port: {self.port!r} must be an integer in 1..65535 (or omit it for a free port)"
+            )
         if not isinstance(self.extra_args, list) or not all(isinstance(a, str) for a in self.extra_args):
             raise SpecError("extra_args: must be a list of strings, e.g. ['--enforce-eager']")
         if not isinstance(self.env, dict):
             raise SpecError("env: must be a mapping of NAME: value")
-        looks_local = self.model.startswith((".", "/", "~")) or os.sep in self.model.rstrip(os.sep).split(os.sep, 1)[0]
+        looks_local = (
+            self.model.startswith((".", "/", "~")) or os.sep in self.model.rstrip(os.sep).split(os.sep, 1)[0]
+        )
         if looks_local and not (Path(self.model).expanduser() / "config.json").is_file():
             raise SpecError(
                 f"model: {self.model} has no config.json; point model at a model directory "
@@ -97,7 +105,9 @@ def check_vllm_cmd(cmd: str | list[str]) -> list[str]:
     """The configured vLLM command must at least resolve to an executable."""
     argv = split_cmd(cmd)
     if not argv:
-        raise SpecError("vllm_cmd: is empty; set it to `vllm serve` or `/path/to/python -m vllm.entrypoints.openai.api_server`")
+        raise SpecError(
+            "vllm_cmd: is empty; set it to `vllm serve` or `/path/to/python -m vllm.entrypoints.openai.api_server`"
+        )
     exe = argv[0]
     found = shutil.which(exe) if os.sep not in exe else (exe if os.access(exe, os.X_OK) else None)
     if not found:

@@ -14,7 +14,13 @@ from pathlib import Path
 from vllm_lab import record
 from vllm_lab.spec import DEFAULT_VLLM_CMD, SpecError, Trial
 
-NOTEBOOKS = ("00_preflight", "01_restore_launcher", "02_context_budget", "03_max_context_search", "04_hypotheses")
+NOTEBOOKS = (
+    "00_preflight",
+    "01_restore_launcher",
+    "02_context_budget",
+    "03_max_context_search",
+    "04_hypotheses",
+)
 
 
 @dataclass
@@ -56,9 +62,14 @@ def memory_levels(utils: list | None, kv_budgets: list | None) -> list[dict]:
     raise SpecError("memory levels: give UTILIZATIONS (e.g. [0.85, 0.95]) or KV_BUDGETS_BYTES")
 
 
-def factorial_trials(p: StepParams, launchers: list[str], lengths: list[int], mems: list[dict]) -> list[Trial]:
+def factorial_trials(
+    p: StepParams, launchers: list[str], lengths: list[int], mems: list[dict]
+) -> list[Trial]:
     """H1-H4 as a full factorial: launcher x max_model_len x memory setting."""
-    return [p.trial(launcher=lch, max_model_len=int(n), **m) for lch, n, m in itertools.product(launchers, lengths, mems)]
+    return [
+        p.trial(launcher=lch, max_model_len=int(n), **m)
+        for lch, n, m in itertools.product(launchers, lengths, mems)
+    ]
 
 
 def run_or_reuse(trial: Trial, run_dir: str | Path) -> dict:
@@ -126,7 +137,24 @@ def search_step(p: StepParams, low: int | None, high: int | None):
     def launch(n: int) -> dict:
         return run_or_reuse(p.trial(max_model_len=int(n), trial_id=f"{p.step}-len{n}"), p.run_dir)
 
-    return search.search_max_model_len(launch, low=low, high=high, model_limit=model_limit(p.model))
+    return search.search_max_model_len(
+        launch, low=low, high=high, model_limit=model_limit(p.model), first_guess=first_guess(p)
+    )
+
+
+def first_guess(p: StepParams) -> int | None:
+    """The memory model's capacity for a KV budget: the search's first launch (vLLM's reports correct it)."""
+    if p.kv_cache_memory_bytes is None:
+        return None
+    import json
+
+    from vllm_lab.memory import predict_kv_tokens_from_budget
+
+    try:
+        cfg = json.loads((Path(p.model) / "config.json").read_text())
+        return predict_kv_tokens_from_budget(cfg, p.kv_cache_memory_bytes)
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def model_limit(model: str) -> int | None:

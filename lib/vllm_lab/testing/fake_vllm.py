@@ -188,7 +188,10 @@ def spawn_engine_child(stubborn: bool) -> subprocess.Popen:
 def make_handler(state: dict):
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, format, *args):  # vLLM logs access lines; keep them short
-            print(f'INFO:     127.0.0.1 - "{self.command} {self.path}" {args[1] if len(args) > 1 else ""}', flush=True)
+            print(
+                f'INFO:     127.0.0.1 - "{self.command} {self.path}" {args[1] if len(args) > 1 else ""}',
+                flush=True,
+            )
 
         def _json(self, code: int, obj) -> None:
             body = json.dumps(obj).encode()
@@ -208,11 +211,11 @@ def make_handler(state: dict):
                 self._json(200, {"version": state["version"]})
             elif self.path == "/metrics":
                 body = (
-                    f"vllm:kv_cache_usage_perc{{engine=\"0\"}} {state['usage']}\n"
-                    "vllm:num_requests_running{engine=\"0\"} 0.0\n"
-                    "vllm:num_requests_waiting{engine=\"0\"} 0.0\n"
-                    "vllm:num_preemptions_total{engine=\"0\"} 0.0\n"
-                    f"vllm:cache_config_info{{block_size=\"16\",num_gpu_blocks=\"{state['tokens'] // BLOCK}\"}} 1.0\n"
+                    f'vllm:kv_cache_usage_perc{{engine="0"}} {state["usage"]}\n'
+                    'vllm:num_requests_running{engine="0"} 0.0\n'
+                    'vllm:num_requests_waiting{engine="0"} 0.0\n'
+                    'vllm:num_preemptions_total{engine="0"} 0.0\n'
+                    f'vllm:cache_config_info{{block_size="16",num_gpu_blocks="{state["tokens"] // BLOCK}"}} 1.0\n'
                 ).encode()
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
@@ -241,9 +244,26 @@ def make_handler(state: dict):
             state["usage"] = min(1.0, plen / max(state["tokens"], 1))
             text = " hello" * max_tokens
             if self.path == "/v1/chat/completions":
-                choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
+                choice = {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": "length",
+                }
             else:
                 choice = {"index": 0, "text": text, "finish_reason": "length"}
+            if req.get("stream"):  # server-sent events, as vLLM streams
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.end_headers()
+                for _ in range(max_tokens):
+                    chunk = {
+                        "id": "cmpl-fake",
+                        "object": "text_completion",
+                        "choices": [{"index": 0, "text": " hello"}],
+                    }
+                    self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                self.wfile.write(b"data: [DONE]\n\n")
+                return
             self._json(200, {"id": "cmpl-fake", "object": "text_completion", "model": state["served"],
                              "choices": [choice],
                              "usage": {"prompt_tokens": plen, "completion_tokens": max_tokens,
@@ -275,7 +295,8 @@ def main(argv: list[str] | None = None) -> None:
     version = env.get("FAKE_VLLM_VERSION", "0.10.2")
     scenario = env.get("FAKE_VLLM_SCENARIO", "normal")
     log = Log(version)
-    log.api(f"FAKE vLLM (test double, backend=fake) API server version {version}")
+    log.api("FAKE vLLM: a test double, backend=fake; nothing it prints is a measurement")
+    log.api(f"vLLM API server version {version}")
     log.api(f"non-default args: {sys.argv[1:] if argv is None else argv}", src="utils.py:1")
 
     # Like vLLM >= 0.6.2, bind the port before loading the model.
@@ -303,7 +324,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.quantization and cfg_quant and args.quantization != cfg_quant and cc < 80:
         die(log, "quantization_mismatch", ctx)
     quant = args.quantization or cfg_quant
-    min_cc = {"awq": 75, "awq_marlin": 80, "gptq": 60, "gptq_marlin": 80, "gguf": 60, "fp8": 80}.get(quant or "", 0)
+    min_cc = {"awq": 75, "awq_marlin": 80, "gptq": 60, "gptq_marlin": 80, "gguf": 60, "fp8": 80}.get(
+        quant or "", 0
+    )
     if cc < min_cc:
         die(log, "quantization_unsupported_gpu", {**ctx, "quant": quant, "min_cc": min_cc, "cc": cc})
 
@@ -339,7 +362,11 @@ def main(argv: list[str] | None = None) -> None:
             log.engine("# GPU blocks: 0, # CPU blocks: 2048", src="executor_base.py:1")
         die(log, "no_kv_memory", ctx)
     if max_len > tokens:
-        die(log, "kv_cache_insufficient", {**ctx, "tokens": tokens, "need_gib": max_len * bpt / GIB, "avail_gib": avail})
+        die(
+            log,
+            "kv_cache_insufficient",
+            {**ctx, "tokens": tokens, "need_gib": max_len * bpt / GIB, "avail_gib": avail},
+        )
     conc = tokens / max_len
     if not v1:
         log.engine(f"# GPU blocks: {blocks}, # CPU blocks: 2048", src="executor_base.py:1")
@@ -348,7 +375,10 @@ def main(argv: list[str] | None = None) -> None:
                    f"request: {conc:.2f}x", src="kv_cache_utils.py:1")  # fmt: skip
     else:
         log.engine(f"GPU KV cache size: {fmt(tokens)} tokens", src="kv_cache_utils.py:1")
-        log.engine(f"Maximum concurrency for {fmt(max_len)} tokens per request: {conc:.2f}x", src="kv_cache_utils.py:1")
+        log.engine(
+            f"Maximum concurrency for {fmt(max_len)} tokens per request: {conc:.2f}x",
+            src="kv_cache_utils.py:1",
+        )
     log.engine("init engine (profile, create kv cache, warmup model) took 1.50 seconds", src="core.py:1")
 
     state = {"served": args.served_model_name or args.model, "max_model_len": max_len, "version": version,
@@ -358,7 +388,7 @@ def main(argv: list[str] | None = None) -> None:
     server.socket.close()
     server.socket = sock  # the socket bound at start, as vLLM does
     server.server_activate()
-    log.raw("INFO:     Started server process [%d]" % os.getpid())
+    log.raw(f"INFO:     Started server process [{os.getpid()}]")
     log.raw("INFO:     Waiting for application startup.")
     log.raw("INFO:     Application startup complete.")
     if scenario == "flood":

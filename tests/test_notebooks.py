@@ -1,0 +1,153 @@
+"""Every notebook through papermill, with the fake vLLM for speed: records, plots and both reports."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+from conftest import FAKE_CMD, ROOT
+from vllm_lab import record
+from vllm_lab.batch import run_plan
+
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+KV_LOW, KV_HIGH = 10 * 2**20, 20 * 2**20  # the fake's tiny config costs 512 B/token: 20480 and 40960 tokens
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_in_git_has_no_outputs_and_one_parameters_cell(path):
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(not c.get("outputs") and c.get("execution_count") is None for c in code)
+    tagged = [c for c in code if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1
+    names = [line.split("=")[0].strip() for line in tagged[0].source.splitlines() if "=" in line]
+    assert names and all(n.isupper() for n in names), names
+    assert all("#" in line for line in tagged[0].source.splitlines() if "=" in line), (
+        "each parameter has a comment"
+    )
+
+
+def fake_plan(tmp_path: Path, model: Path) -> Path:
+    plan = {
+        "name": "fake-all", "model": str(model), "vllm_cmd": FAKE_CMD,
+        "defaults": {"env": {"FAKE_VLLM_VERSION": "0.10.2"}, "startup_timeout_s": 30, "request_timeout_s": 15},
+        "steps": [
+            {"name": "00_preflight", "notebook": "00_preflight", "parameters": {"GPU": "p40"}},
+            {"name": "01_restore_launcher", "notebook": "01_restore_launcher",
+             "parameters": {"LAUNCHER": "legacy", "MAX_MODEL_LEN": 16384, "KV_CACHE_MEMORY_BYTES": KV_LOW}},
+            {"name": "02_context_budget_085", "notebook": "02_context_budget",
+             "parameters": {"LAUNCHER": "head", "MAX_MODEL_LEN": 32768, "KV_CACHE_MEMORY_BYTES": KV_LOW}},
+            {"name": "02_context_budget_095", "notebook": "02_context_budget",
+             "parameters": {"LAUNCHER": "head", "MAX_MODEL_LEN": 32768, "KV_CACHE_MEMORY_BYTES": KV_HIGH}},
+            {"name": "03_max_context_search", "notebook": "03_max_context_search",
+             "parameters": {"KV_CACHE_MEMORY_BYTES": KV_LOW, "LOW": 16384, "HIGH": 40960}},
+            {"name": "04_hypotheses", "notebook": "04_hypotheses",
+             "parameters": {"LAUNCHERS": ["legacy", "head"], "MAX_MODEL_LENS": [16384, 22256],
+                            "KV_BUDGETS_BYTES": [KV_LOW, KV_HIGH]}},
+        ],
+    }  # fmt: skip
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    return path
+
+
+@pytest.fixture(scope="module")
+def fake_run(tmp_path_factory):
+    """The whole plan once (module scope: ~1 min), shared by the checks below."""
+    tmp = tmp_path_factory.mktemp("fake-run")
+    model = tmp / "model"
+    model.mkdir()
+    from conftest import FAKE_MODEL_CONFIG
+
+    (model / "config.json").write_text(json.dumps(FAKE_MODEL_CONFIG))
+    plan = fake_plan(tmp, model)
+    summary = run_plan(str(plan), out=str(tmp / "out"))
+    return summary, plan
+
+
+@pytest.mark.notebook
+@pytest.mark.fake
+def test_plan_runs_every_notebook_and_records_every_trial(fake_run):
+    summary, _ = fake_run
+    assert summary.errors == []
+    rows = record.read_records(summary.run_dir).rows
+    by_step: dict[str, list] = {}
+    for r in rows:
+        by_step.setdefault(r["step"], []).append(r)
+    assert set(by_step) == {"01_restore_launcher", "02_context_budget_085", "02_context_budget_095",
+                            "03_max_context_search", "04_hypotheses"}  # fmt: skip
+    assert len(by_step["04_hypotheses"]) == 8
+    assert all(r["backend"] == "fake" and r["schema_version"] == record.SCHEMA_VERSION for r in rows)
+    assert {r["outcome"] for r in by_step["02_context_budget_085"]} == {"failed"}
+    assert by_step["02_context_budget_085"][0]["failure"] == "kv_cache_insufficient"
+    assert by_step["02_context_budget_085"][0]["estimated_max_model_len"] == 20480
+    assert by_step["02_context_budget_095"][0]["outcome"] == "ready"
+    assert by_step["02_context_budget_095"][0]["long_request_ok"] is True
+    search = by_step["03_max_context_search"]
+    assert len(search) <= 3
+    assert max(r["max_model_len"] for r in search if r["outcome"] == "ready") == 20480
+    for name in ("01_restore_launcher", "03_max_context_search", "04_hypotheses"):
+        glued = record.read_glued(summary.run_dir / "notebooks" / f"{name}.ipynb")
+        assert glued["records"] and all(r["trial_id"] for r in glued["records"])
+
+
+@pytest.mark.notebook
+@pytest.mark.fake
+def test_reports_and_plots_are_written(fake_run):
+    summary, _ = fake_run
+    run = summary.run_dir
+    md = (run / "report.md").read_text()
+    assert md.index("Verdict") < md.index("Outcome grid")
+    assert "FAKE backend" in md
+    assert "kv_cache_insufficient" in md
+    html = (run / "report.html").read_text()
+    assert "FAKE backend" in html
+    assert "steps.step_params" not in html and "import " not in html  # input cells hidden
+    for name in ("outcome_grid", "capacity", "seconds_to_outcome", "search_trajectory"):
+        png = run / "plots" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+@pytest.mark.notebook
+@pytest.mark.fake
+def test_resume_of_a_finished_run_launches_nothing(fake_run):
+    summary, plan = fake_run
+    before = (summary.run_dir / record.TRIALS_FILE).read_text()
+    again = run_plan(str(plan), resume=str(summary.run_dir), only=["01_restore_launcher", "04_hypotheses"])
+    assert again.errors == []
+    assert (summary.run_dir / record.TRIALS_FILE).read_text() == before
+
+
+@pytest.mark.notebook
+@pytest.mark.fake
+def test_dry_run_prints_every_trial_and_launches_nothing(fake_run, capsys, tmp_path):
+    _, plan = fake_run
+    run_plan(str(plan), dry_run=True)
+    out = capsys.readouterr().out
+    assert out.count("predicted:") == 1 + 2 + 8
+    assert "nothing was launched" in out
+
+
+@pytest.mark.notebook
+@pytest.mark.fake
+def test_notebook_runs_under_plain_papermill_cli(tmp_path, fake_model):
+    out = tmp_path / "out.ipynb"
+    run = tmp_path / "run"
+    papermill = Path(sys.executable).with_name("papermill")
+    r = subprocess.run(
+        [str(papermill), str(ROOT / "notebooks" / "02_context_budget.ipynb"), str(out), "-k", "python3",
+         "-p", "RUN_DIR", str(run), "-p", "MODEL", str(fake_model), "-p", "VLLM_CMD", FAKE_CMD,
+         "-p", "MAX_MODEL_LEN", "32768", "-p", "KV_CACHE_MEMORY_BYTES", str(KV_HIGH)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = record.read_records(run).rows
+    assert len(rows) == 1 and rows[0]["outcome"] == "ready" and rows[0]["served_max_model_len"] == 32768
+    nb = nbformat.read(out, as_version=4)
+    assert [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
