@@ -10,6 +10,7 @@ be found and ended), a pid file per live server (so a later run can refuse to st
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -212,7 +213,7 @@ class LaunchResult:
     log_path: str
     port: int
     base_url: str
-    backend: str
+    backend: str | None
     failure: str | None = None
     evidence: str | None = None
     remedy: str | None = None
@@ -221,13 +222,45 @@ class LaunchResult:
     scan: dict = field(default_factory=dict)  # logscan facts (kv tokens, version, ...)
 
 
-def detect_backend(log_text: str) -> str:
+def detect_backend(log_text: str) -> str | None:
+    """From what the server printed, never assumed: None where the log does not say (it died too early)."""
     if "FAKE vLLM" in log_text:
         return "fake"
     low = log_text.lower()
-    if "detected platform cpu" in low or "cpu kv cache size" in low or "cpu memory utilization" in low:
+    if any(
+        m in low
+        for m in ("detected platform cpu", "cpu kv cache size", "cpu memory utilization", "on node 0")
+    ):
         return "vllm-cpu"
-    return "vllm-cuda"
+    if any(m in low for m in ("detected platform cuda", "gpu kv cache size", "cuda", "# gpu blocks")):
+        return "vllm-cuda"
+    return None
+
+
+@functools.cache
+def backend_of_command(cmd: tuple[str, ...]) -> str | None:
+    """Which vLLM build the command runs, from its environment's installed packages (no vLLM import)."""
+    if any("fake_vllm" in part for part in cmd):
+        return "fake"
+    python = cmd[0] if "-m" in cmd else _shebang_python(cmd[0])
+    if not python:
+        return None
+    code = ("import importlib.metadata as m\nnames={d.metadata['Name'].lower() for d in m.distributions()}\n"
+            "print('vllm-cpu' if 'vllm-cpu' in names else 'vllm-cuda' if 'vllm' in names else '')")  # fmt: skip
+    try:
+        out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=60).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out or None
+
+
+def _shebang_python(exe: str) -> str | None:
+    path = shutil.which(exe)
+    try:
+        first = Path(path).read_bytes()[:200].split(b"\n", 1)[0].decode() if path else ""
+    except OSError:
+        return None
+    return first[2:].strip().split()[0] if first.startswith("#!") else None
 
 
 class VllmServer:
@@ -327,7 +360,7 @@ class VllmServer:
             log_path=str(self.log_path),
             port=self.port,
             base_url=self.base_url,
-            backend=detect_backend(text),
+            backend=detect_backend(text) or backend_of_command(tuple(argv[:3])),
             failure=failure if outcome == "failed" else None,
             evidence=facts.get("evidence") if outcome == "failed" else None,
             remedy=facts.get("remedy") if outcome == "failed" else None,

@@ -6,6 +6,7 @@ relative path in a parameter or a plan is tried against the cwd, then the given 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -19,5 +20,7 @@ def resolve_path(p: str, base: Path | None = None) -> str:
         return str(path)
     for root in (Path.cwd(), base, REPO_ROOT):
         if root is not None and (root / path).exists():
-            return str((root / path).resolve())
+            return os.path.abspath(
+                root / path
+            )  # not resolve(): a venv's bin/python is a symlink that must stay
     return str(path)  # let validation name it as missing

