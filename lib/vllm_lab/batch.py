@@ -116,7 +116,28 @@ def execute(notebook: str, out_path: Path, parameters: dict, timeout_s: float) -
         return f"{e.ename}: {e.evalue}".splitlines()[0]
     except Exception as e:  # kernel died, timeout, ...: keep going with the next step
         return f"{type(e).__name__}: {e}".splitlines()[0]
+    finally:
+        redact_executed(out_path)
     return None
+
+
+def redact_executed(path: Path) -> None:
+    """Executed notebooks carry the injected parameters (extra args, env): no secret may stay in them."""
+    import nbformat
+
+    from vllm_lab.redact import redact_obj
+    from vllm_lab.report import redact_notebook
+
+    if path.exists():
+        nb = redact_notebook(nbformat.read(path, as_version=4))
+        nb.metadata = nbformat.from_dict(redact_obj(nb.metadata))  # papermill keeps the parameters here too
+        nbformat.write(nb, path)
+
+
+def _mark_kernels_as_ours() -> None:
+    from vllm_lab.launcher import BATCH_PID_ENV
+
+    os.environ[BATCH_PID_ENV] = str(os.getpid())  # kernels inherit it: see launcher.bind_kernel_to_batch
 
 
 def run_plan(plan_path: str, *, out: str | None = None, resume: str | None = None, dry_run: bool = False,
@@ -139,12 +160,19 @@ def run_plan(plan_path: str, *, out: str | None = None, resume: str | None = Non
             raise SpecError(
                 f"--resume: {resume} is not a run folder; pass an earlier outputs/<run_id> folder"
             )
+        _report_torn(run_dir)
     else:
         run_dir = None
     wait = os.environ.get("VLLM_LAB_WAIT_LOCK") == "1"
     with DeviceLock(wait=wait):
+        if run_dir is not None:  # a killed run may have left its servers behind: they are ours to end
+            from vllm_lab.launcher import reap
+
+            for pid in reap(run_dir):
+                print(f"ended server pid {pid} left by the interrupted run", file=sys.stderr)
         run_dir = run_dir or new_run_dir(plan, out)
         summary = RunSummary(run_dir=run_dir)
+        _mark_kernels_as_ours()
         nb_dir = run_dir / "notebooks"
         nb_dir.mkdir(exist_ok=True)
         print(f"run folder: {run_dir}", flush=True)
@@ -180,6 +208,13 @@ def build_report(run_dir: Path, nb_dir: Path, summary: RunSummary) -> dict:
         paths["html"] = export_html(out_nb, run_dir / "report.html")
     paths["report_notebook"] = out_nb
     return paths
+
+
+def _report_torn(run_dir: Path) -> None:
+    torn = record.read_records(run_dir).torn
+    if torn:
+        print(f"{len(torn)} torn line(s) in {run_dir / record.TRIALS_FILE} (a crash mid-write) kept aside in "
+              f"{record.TRIALS_FILE}.torn; those trials run again", file=sys.stderr)  # fmt: skip
 
 
 def cli_run(args) -> int:

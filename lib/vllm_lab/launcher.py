@@ -10,6 +10,7 @@ be found and ended), a pid file per live server (so a later run can refuse to st
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import json
 import os
@@ -55,6 +56,29 @@ def quantization_flag(trial: Trial) -> str | None:
     if trial.launcher == "explicit":
         return trial.quantization
     return None  # head: let vLLM read the model's config.json
+
+
+BATCH_PID_ENV = "VLLM_LAB_BATCH_PID"  # set by the batch for the kernels it starts
+
+
+def _die_with_parent() -> None:
+    """SIGTERM this process when its parent dies (kill -9 of a kernel or of the batch).
+
+    Called in each server before exec: vLLM's API server ends its EngineCore on SIGTERM; anything left is
+    found by `vllm-lab reap` or --resume.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def bind_kernel_to_batch() -> None:
+    """A kernel started by `vllm-lab run` dies with the batch (ipykernel does not notice its parent's death).
+
+    No effect in JupyterLab or under plain papermill: only where the batch's pid is our parent.
+    """
+    if os.environ.get(BATCH_PID_ENV) == str(os.getppid()):
+        _die_with_parent()
 
 
 def build_argv(trial: Trial, port: int) -> list[str]:
@@ -336,6 +360,7 @@ class VllmServer:
                 stdin=subprocess.DEVNULL,
                 env=env,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         with contextlib.suppress(psutil.Error):
             self.pidfile = _write_pidfile(

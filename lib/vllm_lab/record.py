@@ -111,8 +111,10 @@ def glue(name: str, value, *, display: bool = False) -> None:
         import scrapbook as sb
     except ImportError:  # scrapbook is optional for library use outside notebooks
         return
+    from vllm_lab.redact import redact_obj
+
     try:
-        sb.glue(name, value, display=display)
+        sb.glue(name, redact_obj(value), display=display)
     except Exception:  # outside IPython scrapbook cannot display; the jsonl record is authoritative anyway
         return
 

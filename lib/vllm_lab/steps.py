@@ -105,8 +105,10 @@ def records_frame(records: list[dict]):
 
 def step_params(nb: dict) -> StepParams:
     """A notebook's UPPER_CASE parameters -> StepParams (unknown names are ignored here; plans check them)."""
+    from vllm_lab.launcher import bind_kernel_to_batch
     from vllm_lab.paths import resolve_path
 
+    bind_kernel_to_batch()  # every trial notebook starts here
     names = {f.upper(): f for f in StepParams.__dataclass_fields__}
     values = {names[k]: v for k, v in nb.items() if k in names}
     values["model"] = resolve_path(values["model"])

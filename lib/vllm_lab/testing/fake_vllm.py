@@ -331,6 +331,12 @@ def main(argv: list[str] | None = None) -> None:
         die(log, "quantization_unsupported_gpu", {**ctx, "quant": quant, "min_cc": min_cc, "cc": cc})
 
     engine = spawn_engine_child(stubborn=scenario == "stubborn_child")
+
+    def _stop(signum, frame):  # like vLLM's API server: SIGTERM shuts the engine down too
+        engine.terminate()
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, _stop)
     time.sleep(float(env.get("FAKE_VLLM_START_DELAY", "0.2")))
     if scenario == "hang":
         log.engine("Loading model weights ...")
@@ -396,11 +402,6 @@ def main(argv: list[str] | None = None) -> None:
     if scenario == "die_after_ready":
         threading.Timer(float(env.get("FAKE_VLLM_DIE_AFTER", "1.0")), lambda: os._exit(3)).start()
 
-    def _stop(signum, frame):
-        engine.terminate()
-        raise SystemExit(0)
-
-    signal.signal(signal.SIGTERM, _stop)
     server.serve_forever()
 
 
