@@ -136,7 +136,7 @@ def to_record(trial: Trial, res: LaunchResult, *, run_id: str, started_at: str, 
         gpu_memory_utilization=trial.gpu_memory_utilization, kv_cache_memory_bytes=trial.kv_cache_memory_bytes,
         outcome=res.outcome, failure=res.failure, evidence=res.evidence, remedy=res.remedy,
         seconds_to_outcome=res.seconds_to_outcome, kv_cache_tokens=s.get("kv_cache_tokens"),
-        max_concurrency=s.get("max_concurrency"), estimated_max_model_len=s.get("estimated_max_model_len"),
+        max_concurrency=s.get("max_concurrency"), gpu_blocks=s.get("gpu_blocks"), estimated_max_model_len=s.get("estimated_max_model_len"),
         available_kv_gib=s.get("available_kv_gib"), weights_gib=s.get("weights_gib"), log_path=res.log_path,
         served_max_model_len=res.served_max_model_len, **extra,
     )  # fmt: skip

@@ -23,7 +23,7 @@ FIELDS = (
     "available_kv_gib", "weights_gib", "predicted_kv_cache_tokens", "peak_gpu_mib", "long_request_tokens",
     "long_request_ok", "ttft_s", "gpu_name", "gpu_cc", "gpu_total_mib", "log_path", "schema_version",
     # extensions
-    "served_max_model_len", "chat_ok", "gpu_memory_timeline", "metrics", "note",
+    "served_max_model_len", "chat_ok", "gpu_memory_timeline", "metrics", "note", "gpu_blocks",
 )  # fmt: skip
 
 OUTCOMES = ("ready", "failed", "timeout", "unstable")
