@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import types
 from pathlib import Path
@@ -381,13 +382,13 @@ def test_trial_launcher_builds_one_trial_per_launch(tmp_path):
         return SimulatedVllm(capacity=20000)(trial.max_model_len)
 
     template = Trial(
-        model=str(model), kv_cache_memory_bytes=8 << 20, vllm_cmd="python -m x", extra_args=["-e"]
+        model=str(model), kv_cache_memory_bytes=8 << 20, vllm_cmd="python -m x", extra_args=["-e"], step=STEP
     )
     launch = trial_launcher(template, tmp_path / "run", run_trial=fake_run_trial)
     rec = launch(16384)
     assert rec["outcome"] == "ready"
     t = seen[0]
-    assert (t.max_model_len, t.step, t.trial_id) == (16384, STEP, "search-len16384")
+    assert (t.max_model_len, t.step, t.trial_id) == (16384, STEP, f"{STEP}-len16384")
     assert t.kv_cache_memory_bytes == 8 << 20 and t.extra_args == ["-e"]
     assert template.max_model_len is None  # the template is not modified
 
@@ -427,7 +428,7 @@ def test_cli_search_json(stub_probe, tmp_path, capsys):
         (28672, "failed"),
         (22256, "ready"),
     ]
-    assert [t.trial_id for t in stub_probe.trials] == ["search-len28672", "search-len22256"]
+    assert [t.trial_id for t in stub_probe.trials] == [f"{STEP}-len28672", f"{STEP}-len22256"]
     assert all(t.step == STEP for t in stub_probe.trials)
     assert len(record.read_records(out).rows) == 2
     assert json.loads((out / "search.json").read_text())["max_model_len"] == 22256
@@ -470,3 +471,23 @@ def test_cli_search_bad_input_exits_2_before_launching(stub_probe, tmp_path, cap
     assert rc == 2
     assert capsys.readouterr().err.startswith("vllm-lab search: ")
     assert stub_probe.trials == []
+
+
+@pytest.mark.fake
+def test_cli_memory_axis_on_the_fake_reads_free_memory_and_needs_two_launches(tmp_path, fake_model, capsys):
+    """`vllm-lab search --axis memory`: the fake has 20000 of 24576 MiB free, so 0.81 is the highest util."""
+    import json as _json
+
+    from conftest import FAKE_CMD
+    from vllm_lab import cli
+
+    os.environ["FAKE_VLLM_FREE_MIB"] = "20000"
+    try:
+        code = cli.main(["search", "--model", str(fake_model), "--vllm-cmd", FAKE_CMD, "--gpu-memory-utilization",
+                         "0.9", "--axis", "memory", "--low", "16384", "--out", str(tmp_path / "run"), "--json"])  # fmt: skip
+    finally:
+        del os.environ["FAKE_VLLM_FREE_MIB"]
+    out = _json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert out["value"] == 0.81 and out["launches"] == 2
+    assert [t["outcome"] for t in out["trials"]] == ["failed", "ready"]

@@ -144,8 +144,16 @@ def build_parser() -> argparse.ArgumentParser:
     m = s.add_mutually_exclusive_group(required=True)
     m.add_argument("--gpu-memory-utilization", type=float)
     m.add_argument("--kv-cache-memory-bytes", type=int)
-    s.add_argument("--low", type=int, default=None)
-    s.add_argument("--high", type=int, default=None)
+    s.add_argument("--low", type=int, default=None, help="smallest max_model_len of interest")
+    s.add_argument(
+        "--high", type=int, default=None, help="largest max_model_len (default: the model's limit)"
+    )
+    s.add_argument("--axis", choices=["max-model-len", "memory"], default="max-model-len",
+                   help="memory: the highest util (or KV budget) that starts, at max_model_len --low")  # fmt: skip
+    s.add_argument("--mem-low", type=float, default=None, help="memory axis: lowest util (0.5) or KV bytes")
+    s.add_argument(
+        "--mem-high", type=float, default=None, help="memory axis: highest util (0.98) or KV bytes"
+    )
     s.add_argument("--launcher", default="head", choices=["legacy", "head", "explicit"])
     s.add_argument("--quantization")
     s.add_argument("--extra-args", default="")

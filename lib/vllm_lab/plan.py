@@ -217,9 +217,9 @@ def _load_step(i: int, s, seen: set, model: str, defaults: dict, base: Path) -> 
 
 def _check_model_limit(where: str, model: str, params: dict) -> None:
     """A max_model_len above the model's own limit is a typo, not an experiment (vLLM refuses it anyway)."""
-    from vllm_lab.steps import model_limit
+    from vllm_lab.search import model_max_position
 
-    limit = model_limit(model)
+    limit = model_max_position(model)
     if not limit:
         return
     for name in ("MAX_MODEL_LEN", "HIGH", "MAX_MODEL_LENS"):

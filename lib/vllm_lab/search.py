@@ -881,7 +881,7 @@ def trial_launcher(
     run_dir = Path(run_dir)
 
     def launch(n: int) -> dict:
-        trial = dataclasses.replace(template, max_model_len=int(n), step=STEP, trial_id=f"search-len{n}")
+        trial = dataclasses.replace(template, max_model_len=int(n), trial_id=f"{template.step}-len{n}")
         return run_trial(trial, run_dir)
 
     return launch
@@ -904,7 +904,7 @@ def memory_launcher(
             over = {"gpu_memory_utilization": float(value), "kv_cache_memory_bytes": None}
         else:
             over = {"kv_cache_memory_bytes": int(value), "gpu_memory_utilization": None}
-        trial = dataclasses.replace(template, **over, step=STEP, trial_id=f"search-mem{value}")
+        trial = dataclasses.replace(template, **over, trial_id=f"{template.step}-mem{value}")
         return run_trial(trial, run_dir)
 
     return launch_mem
@@ -948,7 +948,7 @@ def run_search(
     if high is None:
         high = model_max_position(template.model)
     res = search_max_model_len(trial_launcher(template, run_dir, run_trial=run_trial), low=low, high=high,
-                               first_guess=guess)  # fmt: skip
+                               first_guess=guess, model_limit=model_max_position(template.model))  # fmt: skip
     out = Path(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     from vllm_lab.redact import redact_obj
@@ -972,6 +972,8 @@ def cli_search(args) -> int:
         extra_args=shlex.split(args.extra_args or ""), startup_timeout_s=args.timeout, step=STEP,
         trial_id="search",
     ).validate()  # fmt: skip
+    if args.axis == "memory":
+        return _cli_search_memory(args, template)
     res = run_search(template, args.out, low=args.low, high=args.high)
     if args.json:
         from vllm_lab.redact import redact_obj
@@ -981,6 +983,33 @@ def cli_search(args) -> int:
         print(format_result(res))
         print(f"records: {Path(args.out) / record.TRIALS_FILE}; summary: {Path(args.out) / 'search.json'}")
     return 0 if res.max_model_len is not None else 1
+
+
+def _cli_search_memory(args, template: Trial) -> int:
+    """`--axis memory`: the highest gpu_memory_utilization (or KV budget, in bytes) that starts."""
+    axis = "kv_cache_memory_bytes" if args.kv_cache_memory_bytes is not None else "gpu_memory_utilization"
+    lo, hi = args.mem_low, args.mem_high
+    if axis == "kv_cache_memory_bytes" and (lo is None or hi is None):
+        raise SpecError(
+            "--mem-low/--mem-high: give the KV budget range in bytes to search (e.g. 8388608 33554432)"
+        )
+    if axis == "gpu_memory_utilization":
+        lo, hi = lo if lo is not None else 0.5, hi if hi is not None else 0.98
+        if not 0 < lo <= hi <= 1:
+            raise SpecError(f"--mem-low/--mem-high: {lo}..{hi} must be fractions with 0 < low <= high <= 1")
+    template = dataclasses.replace(template, max_model_len=args.low or args.high)
+    precision = 0.01 if axis == "gpu_memory_utilization" else 2**20
+    res = search_max_memory(memory_launcher(template, args.out, axis=axis), low=lo, high=hi, precision=precision,
+                            axis=axis)  # fmt: skip
+    from vllm_lab.redact import redact_obj
+
+    if args.json:
+        print(json.dumps(redact_obj(res.to_dict()), default=str))
+    else:
+        print(
+            f"highest {axis} that starts: {res.value} ({res.launches} launches, {res.seconds:.1f} s)\n  {res.reason}"
+        )
+    return 0 if res.value is not None else 1
 
 
 def format_result(res: SearchResult) -> str:

@@ -133,37 +133,11 @@ def planned_trials(notebook: str, nb: dict) -> list[Trial] | None:
 
 
 def search_step(p: StepParams, low: int | None, high: int | None):
-    """Step 4: the largest stable max_model_len at this memory setting; every launch is a recorded trial."""
+    """Step 4: the largest stable max_model_len at this memory setting; every launch is a recorded trial.
+
+    Launches go through run_or_reuse, so a resumed run reuses the launches it already recorded.
+    """
     from vllm_lab import search
 
-    def launch(n: int) -> dict:
-        return run_or_reuse(p.trial(max_model_len=int(n), trial_id=f"{p.step}-len{n}"), p.run_dir)
-
-    return search.search_max_model_len(
-        launch, low=low, high=high, model_limit=model_limit(p.model), first_guess=first_guess(p)
-    )
-
-
-def first_guess(p: StepParams) -> int | None:
-    """The memory model's capacity for a KV budget: the search's first launch (vLLM's reports correct it)."""
-    if p.kv_cache_memory_bytes is None:
-        return None
-    import json
-
-    from vllm_lab.memory import predict_kv_tokens_from_budget
-
-    try:
-        cfg = json.loads((Path(p.model) / "config.json").read_text())
-        return predict_kv_tokens_from_budget(cfg, p.kv_cache_memory_bytes)
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-def model_limit(model: str) -> int | None:
-    import json
-
-    try:
-        cfg = json.loads((Path(model) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return cfg.get("max_position_embeddings")
+    template = p.trial(max_model_len=high or low, trial_id=f"{p.step}-search")
+    return search.run_search(template, p.run_dir, low=low, high=high, run_trial=run_or_reuse)
