@@ -182,3 +182,28 @@ def test_log_copy_has_no_secrets(fake_model, run_dir):
     assert "sk-verysecretvalue1234567890abcd" not in text
     assert "sk-verysecretvalue1234567890abcd" not in " ".join(res.argv)
     assert secret not in text
+
+
+def test_stop_waits_for_gpu_memory_and_notes_when_it_is_not_released(fake_model, run_dir, monkeypatch):
+    """With NVML present the stop waits until the device is back at its pre-launch level (fake NVML here)."""
+    from vllm_lab import gpu
+
+    levels = iter([{0: 1000.0}])  # before the launch
+    monkeypatch.setattr(gpu, "used_mib", lambda *a, **k: next(levels))
+    calls = []
+
+    class Waited:
+        reason = "GPU 0 still holds 9000 MiB"
+
+        def __bool__(self):
+            return False
+
+    def fake_wait(devices, baseline, *a, **k):
+        calls.append((devices, baseline))
+        return Waited()
+
+    monkeypatch.setattr(gpu, "wait_for_memory_free", fake_wait)
+    with VllmServer(trial(fake_model), run_dir) as s:
+        assert s.start().outcome == "ready"
+    assert calls == [([0], {0: 1000.0})]
+    assert "not released" in s.gpu_note and "9000 MiB" in s.gpu_note

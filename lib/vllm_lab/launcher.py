@@ -303,6 +303,8 @@ class VllmServer:
         self._read = 0  # bytes of the raw log already read
         self._copied = 0  # bytes written to the redacted copy
         self.survivors: list[int] = []
+        self._gpu_baseline: dict[int, float] = {}
+        self.gpu_note: str | None = None  # set by stop() when NVML still shows the memory held
 
     # The raw log lives in the launch's private TMPDIR (0700); the run folder only gets the redacted copy.
     # A flooding server must not fill the run folder: the copy stops at MAX_LOG_COPY_BYTES (lines are still
@@ -341,6 +343,7 @@ class VllmServer:
     def start(self) -> LaunchResult:
         refuse_if_survivors(self.run_dir)
         check_port_free(self.trial.host, self.port)
+        self._gpu_baseline = _gpu_used_now()
         argv = build_argv(self.trial, self.port)
         self.tmp = Path(tempfile.mkdtemp(prefix="vllm-lab-"))  # short path: ZMQ ipc sockets live here
         env = {**os.environ, **self.trial.env, "TMPDIR": str(self.tmp),
@@ -443,7 +446,7 @@ class VllmServer:
                 self.pidfile.unlink(missing_ok=True)
             if self.tmp:
                 shutil.rmtree(self.tmp, ignore_errors=True)
-        _wait_gpu_memory_released()
+        self.gpu_note = _wait_gpu_memory_released(self._gpu_baseline)
         return self.survivors
 
     def __enter__(self) -> VllmServer:
@@ -463,15 +466,21 @@ def refuse_if_survivors(run_dir: Path) -> None:
         )
 
 
-def _wait_gpu_memory_released() -> None:
-    """After a stop, the next launch must not start while the GPU still holds the last server's memory."""
-    try:
-        from vllm_lab import gpu
-    except ImportError:
-        return
-    waiter = getattr(gpu, "wait_until_released", None)
-    if waiter is not None:
-        waiter()
+def _gpu_used_now() -> dict[int, float]:
+    """Used MiB per GPU before a launch ({} without NVML): the level to come back to after the stop."""
+    from vllm_lab import gpu
+
+    return gpu.used_mib()
+
+
+def _wait_gpu_memory_released(baseline: dict[int, float]) -> str | None:
+    """The next launch must not start while the GPU still holds this server's memory; None when freed."""
+    if not baseline:
+        return None
+    from vllm_lab import gpu
+
+    waited = gpu.wait_for_memory_free(list(baseline), baseline)
+    return None if waited else f"GPU memory not released after the stop: {getattr(waited, 'reason', '')}"
 
 
 def signal_name(code: int | None) -> str | None:

@@ -169,16 +169,16 @@ def run_trial(trial: Trial, run_dir: str | Path, *, run_id: str | None = None, l
                 )
                 if not ok or not server.alive():
                     res.outcome = "unstable"
-                    res.failure, res.evidence = res.failure, (
+                    res.evidence = (
                         f"a request of {tokens} tokens did not complete within {trial.request_timeout_s:.0f} s"
                         if server.alive() else f"the server died during a request of {tokens} tokens")  # fmt: skip
                     res.remedy = (
                         "lower --max-model-len (the server starts but cannot serve a full-length request)"
                     )
             extra["metrics"] = read_metrics(res.base_url) if server.alive() else None
-    survivors = server.survivors
-    if survivors:
-        extra["note"] = f"processes survived the stop: {survivors}"
+    notes = [f"processes survived the stop: {server.survivors}"] if server.survivors else []
+    notes += [server.gpu_note] if server.gpu_note else []
+    extra["note"] = "; ".join(notes) or None
     extra["peak_gpu_mib"] = getattr(sampler, "peak_mib", None)
     timeline = getattr(sampler, "timeline", None)
     extra["gpu_memory_timeline"] = _timeline(timeline)
