@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vllm_lab.paths import params_dir
 from vllm_lab.spec import SpecError
 
 MIB = 1 << 20
@@ -465,15 +466,6 @@ def wait_for_memory_free(
 
 
 # --------------------------------------------------------------------------------------------- profiles
-
-
-def params_dir() -> Path:
-    """params/ of this checkout (VLLM_LAB_PARAMS overrides)."""
-    env = os.environ.get("VLLM_LAB_PARAMS")
-    if env:
-        return Path(env)
-    repo = Path(__file__).resolve().parents[2] / "params"
-    return repo if repo.is_dir() else Path.cwd() / "params"
 
 
 @dataclass

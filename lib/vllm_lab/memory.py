@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from vllm_lab.paths import params_dir
 from vllm_lab.spec import SpecError
 
 GIB = 1 << 30
@@ -153,14 +154,6 @@ class ModelFacts:
         d.pop("config", None)
         d["full_layers"], d["sliding_layers"] = self.full_layers, self.sliding_layers
         return d
-
-
-def params_dir() -> Path:
-    env = os.environ.get("VLLM_LAB_PARAMS")
-    if env:
-        return Path(env)
-    repo = Path(__file__).resolve().parents[2] / "params"
-    return repo if repo.is_dir() else Path.cwd() / "params"
 
 
 def known_model_names(models_root: Path | None = None) -> list[str]:

@@ -24,3 +24,12 @@ def resolve_path(p: str, base: Path | None = None) -> str:
                 root / path
             )  # not resolve(): a venv's bin/python is a symlink that must stay
     return str(path)  # let validation name it as missing
+
+
+def params_dir() -> Path:
+    """params/ of this checkout (VLLM_LAB_PARAMS overrides): GPU profiles and model config facts."""
+    env = os.environ.get("VLLM_LAB_PARAMS")
+    if env:
+        return Path(env)
+    repo = REPO_ROOT / "params"
+    return repo if repo.is_dir() else Path.cwd() / "params"
