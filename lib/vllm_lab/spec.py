@@ -90,9 +90,8 @@ class Trial:
             raise SpecError("extra_args: must be a list of strings, e.g. ['--enforce-eager']")
         if not isinstance(self.env, dict):
             raise SpecError("env: must be a mapping of NAME: value")
-        looks_local = (
-            self.model.startswith((".", "/", "~")) or os.sep in self.model.rstrip(os.sep).split(os.sep, 1)[0]
-        )
+        # A path (./x, /x, ~/x) must be a model folder; anything else may be a hub id (Qwen/Qwen3-8B-AWQ).
+        looks_local = self.model.startswith((".", "/", "~")) or Path(self.model).is_dir()
         if looks_local and not (Path(self.model).expanduser() / "config.json").is_file():
             raise SpecError(
                 f"model: {self.model} has no config.json; point model at a model directory "
