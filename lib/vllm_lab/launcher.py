@@ -27,6 +27,7 @@ import httpx
 import psutil
 
 from vllm_lab import logscan
+from vllm_lab.compat import legacy_quantization_flag  # the older launcher: flag from the model NAME
 from vllm_lab.redact import redact_argv, redact_text
 from vllm_lab.spec import SpecError, Trial, split_cmd
 
@@ -39,15 +40,6 @@ STOP_GRACE_S = 8.0
 
 class LaunchRefused(SpecError):
     """The launch cannot start (port taken, survivor alive): one line with the fix."""
-
-
-def legacy_quantization_flag(model: str) -> str | None:
-    """The older launcher derived --quantization from the model NAME, not from its config."""
-    name = Path(model.rstrip("/")).name.lower()
-    for needle, flag in (("awq", "awq_marlin"), ("gguf", "gguf"), ("gptq", "gptq")):
-        if needle in name:
-            return flag
-    return None
 
 
 def quantization_flag(trial: Trial) -> str | None:

@@ -765,3 +765,19 @@ def calibrate(
 def with_overhead(prediction: Prediction, overhead_gib: float) -> Prediction:
     """A copy re-predicted at one overhead value (band collapsed)."""
     return repredict(replace(prediction), overhead_gib=overhead_gib)
+
+
+def predicted_kv_tokens(model: str, kv_cache_memory_bytes: int | None) -> int | None:
+    """KV tokens for a model folder and a KV budget: a prediction, never shown as a measurement.
+
+    None where it cannot say (no budget, no readable config.json); it never raises, so it cannot break a
+    measurement or a search that asks for it.
+    """
+    if kv_cache_memory_bytes is None:
+        return None
+    try:
+        cfg = json.loads((Path(model) / "config.json").read_text())
+        guess = predict_kv_tokens_from_budget(cfg, kv_cache_memory_bytes)
+    except Exception:  # a prediction must never break a measurement
+        return None
+    return int(guess) if isinstance(guess, int | float) and guess > 0 else None

@@ -33,3 +33,11 @@ def params_dir() -> Path:
         return Path(env)
     repo = REPO_ROOT / "params"
     return repo if repo.is_dir() else Path.cwd() / "params"
+
+
+def resolve_cmd(cmd: str | list[str], base: Path | None = None) -> str | list[str]:
+    """A relative interpreter in a command (.venv-vllm/bin/python) resolves like any path; same type back."""
+    parts = cmd.split() if isinstance(cmd, str) else list(cmd)
+    if parts and "/" in parts[0] and not parts[0].startswith("/"):
+        parts[0] = resolve_path(parts[0], base=base)
+    return " ".join(parts) if isinstance(cmd, str) else parts

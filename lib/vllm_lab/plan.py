@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from vllm_lab.paths import NOTEBOOK_DIR, resolve_path
+from vllm_lab.paths import NOTEBOOK_DIR, resolve_cmd, resolve_path
 from vllm_lab.spec import LAUNCHERS, SpecError, Trial, check_vllm_cmd
 
 PLAN_KEYS = {"name", "description", "model", "vllm_cmd", "gpu", "vllm_version", "defaults", "steps"}
@@ -144,7 +144,7 @@ def load_plan(path: str | Path, *, check_command: bool = True) -> Plan:
         raise SpecError(
             "vllm_cmd: is empty; set it to `vllm serve` or `/path/to/python -m vllm.entrypoints.openai.api_server`"
         )
-    vllm_cmd = _resolve_cmd(vllm_cmd, path.parent)
+    vllm_cmd = resolve_cmd(vllm_cmd, path.parent)
     if check_command:
         check_vllm_cmd(vllm_cmd)
     defaults = raw.get("defaults") or {}
@@ -169,14 +169,6 @@ def load_plan(path: str | Path, *, check_command: bool = True) -> Plan:
     Trial(model=model, vllm_cmd=vllm_cmd, extra_args=list(defaults.get("extra_args", [])),
           env={str(k): str(v) for k, v in defaults.get("env", {}).items()}).validate(check_command=False)  # fmt: skip
     return plan
-
-
-def _resolve_cmd(cmd, base: Path):
-    """A relative interpreter path in the command (.venv-vllm/bin/python) is taken from the repo root."""
-    parts = cmd.split() if isinstance(cmd, str) else list(cmd)
-    if parts and ("/" in parts[0]) and not parts[0].startswith("/"):
-        parts[0] = resolve_path(parts[0], base=base)
-    return " ".join(parts) if isinstance(cmd, str) else parts
 
 
 def _load_step(i: int, s, seen: set, model: str, defaults: dict, base: Path) -> Step:

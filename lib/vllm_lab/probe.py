@@ -18,6 +18,7 @@ import httpx
 
 from vllm_lab import record
 from vllm_lab.launcher import LaunchResult, VllmServer
+from vllm_lab.memory import predicted_kv_tokens
 from vllm_lab.spec import DEFAULT_VLLM_CMD, Trial
 
 LONG_REQUEST_OUTPUT_TOKENS = 4
@@ -98,20 +99,6 @@ def read_metrics(base_url: str) -> dict:
     return out
 
 
-def _predicted_kv_tokens(trial: Trial, cfg: dict) -> int | None:
-    """The memory model's prediction (never presented as a measurement); None where it cannot say."""
-    if trial.kv_cache_memory_bytes is None or not cfg:
-        return None
-    try:
-        from vllm_lab.memory import predict_kv_tokens_from_budget
-    except ImportError:
-        return None
-    try:
-        return predict_kv_tokens_from_budget(cfg, trial.kv_cache_memory_bytes)
-    except Exception:  # a prediction must never break a measurement
-        return None
-
-
 def _gpu_facts() -> dict:
     try:
         from vllm_lab import gpu
@@ -153,7 +140,10 @@ def run_trial(trial: Trial, run_dir: str | Path, *, run_id: str | None = None, l
     run_id = run_id or run_dir.name
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     cfg = _model_config(trial.model)
-    extra: dict = {"predicted_kv_cache_tokens": _predicted_kv_tokens(trial, cfg), **_gpu_facts()}
+    extra: dict = {
+        "predicted_kv_cache_tokens": predicted_kv_tokens(trial.model, trial.kv_cache_memory_bytes),
+        **_gpu_facts(),
+    }
     sampler = _sampler()
     with VllmServer(trial, run_dir) as server, sampler:
         res = server.start()

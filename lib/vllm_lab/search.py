@@ -912,16 +912,9 @@ def memory_launcher(
 
 def default_first_guess(trial: Trial) -> int | None:
     """The memory model's KV capacity for a KV budget (None where it cannot say: a guess, never a result)."""
-    if trial.kv_cache_memory_bytes is None:
-        return None
-    try:
-        cfg = json.loads((Path(trial.model) / "config.json").read_text())
-        from vllm_lab.memory import predict_kv_tokens_from_budget
+    from vllm_lab.memory import predicted_kv_tokens
 
-        guess = predict_kv_tokens_from_budget(cfg, trial.kv_cache_memory_bytes)
-    except Exception:  # a guess must never stop a search
-        return None
-    return int(guess) if isinstance(guess, int | float) and guess > 0 else None
+    return predicted_kv_tokens(trial.model, trial.kv_cache_memory_bytes)
 
 
 def model_max_position(model: str) -> int | None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vllm_lab import record
-from vllm_lab.spec import DEFAULT_VLLM_CMD, SpecError, Trial
+from vllm_lab.spec import DEFAULT_VLLM_CMD, SpecError, Trial, split_cmd
 
 NOTEBOOKS = (
     "00_preflight",
@@ -106,17 +106,14 @@ def records_frame(records: list[dict]):
 def step_params(nb: dict) -> StepParams:
     """A notebook's UPPER_CASE parameters -> StepParams (unknown names are ignored here; plans check them)."""
     from vllm_lab.launcher import bind_kernel_to_batch
-    from vllm_lab.paths import resolve_path
+    from vllm_lab.paths import resolve_cmd, resolve_path
 
     bind_kernel_to_batch()  # every trial notebook starts here
     names = {f.upper(): f for f in StepParams.__dataclass_fields__}
     values = {names[k]: v for k, v in nb.items() if k in names}
     values["model"] = resolve_path(values["model"])
-    cmd = values.get("vllm_cmd", DEFAULT_VLLM_CMD)
-    parts = cmd.split() if isinstance(cmd, str) else list(cmd)
-    if parts and "/" in parts[0] and not parts[0].startswith("/"):
-        parts[0] = resolve_path(parts[0])  # .venv-vllm/bin/python from the repo root, whatever the cwd
-    values["vllm_cmd"] = parts
+    # .venv-vllm/bin/python from the repo root, whatever the cwd (notebooks/ in JupyterLab)
+    values["vllm_cmd"] = split_cmd(resolve_cmd(values.get("vllm_cmd", DEFAULT_VLLM_CMD)))
     values["env"] = {str(k): str(v) for k, v in (values.get("env") or {}).items()}
     return StepParams(**values)
 
