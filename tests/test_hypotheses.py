@@ -82,12 +82,14 @@ def test_p40_main_effects_are_paired_differences():
 def test_fake_kv_budget_run_finds_the_length_budget_combination():
     rows = fixture_rows("fake_only")
     v = by_id(rows)
+    # 22256 fails only at the smaller budget: two pairs favour H2, two show no effect -> mixed, not supported
     assert {k: x[0] for k, x in v.items()} == {
         "H1": "refuted",
-        "H2": "supported",
+        "H2": "mixed",
         "H3": "refuted",
         "H4": "supported",
     }
+    assert "2 of 4 pairs favour it" in v["H2"][1] and "2 do not" in v["H2"][1]
     assert "max_model_len x memory" in v["H4"][1] and "KV 8 MiB" in v["H4"][1]
     inter = effect(rows, "max_model_len x memory")
     assert (inter["value"], inter["n"]) == (1.0, 2)
@@ -99,8 +101,8 @@ def test_classic_combination_supports_h4_only():
     v = by_id(factorial({("legacy", 22256, 0.95), ("head", 22256, 0.95)}))
     assert v["H4"][0] == "supported"
     assert "len 22256, util 0.95: failed" in v["H4"][1]
-    # each knob alone also "fails where the lower works" at the other knob's high level
-    assert v["H2"][0] == "supported" and v["H3"][0] == "supported"
+    # each knob fails only at the other knob's high level: half the pairs favour it, half show no effect
+    assert v["H2"][0] == "mixed" and v["H3"][0] == "mixed"
     assert v["H1"][0] == "refuted"
 
 
@@ -191,3 +193,98 @@ def test_stable_needs_ready_and_a_long_request():
         ]
     )
     assert df["stable"].tolist() == [True, False, False, False]
+
+
+def test_one_favouring_pair_does_not_support_when_another_contradicts():
+    # legacy: 16384 starts, 22256 fails (favours H2); head: 16384 fails, 22256 starts (contradicts H2)
+    v = by_id(factorial({("legacy", 22256, 0.85), ("head", 16384, 0.85)}))
+    assert v["H2"][0] == "mixed"
+    assert "1 of 4 pairs favour it" in v["H2"][1] and "3 do not" in v["H2"][1]
+    assert "head, len 22256, util 0.85: started" in v["H2"][1]
+
+
+def test_every_pair_favouring_supports_and_every_pair_against_refutes():
+    v = by_id(factorial({(lc, 22256, u) for lc in ("legacy", "head") for u in (0.85, 0.95)}))
+    assert (v["H2"][0], v["H3"][0]) == ("supported", "refuted")
+    assert v["H2"][1].startswith("4 of 4 pairs: ")
+
+
+def test_texts_name_the_runs_own_levels():
+    rows = [
+        trial(lc, mml, u, True) for lc in ("legacy", "head") for mml in (16384, 32768) for u in (0.8, 0.9)
+    ]
+    texts = hypotheses.verdicts(rows).set_index("id")["hypothesis"]
+    assert texts["H2"] == "the larger max_model_len (32768 vs 16384) is too much"
+    assert texts["H3"] == "the higher memory setting (util 0.9 vs util 0.8) is too much"
+    assert not any("22256" in t or "0.95" in t for t in texts)
+    kv = [new_record(**{**r, "gpu_memory_utilization": None, "kv_cache_memory_bytes": int(r["gpu_memory_utilization"] * 10) * 2**20}) for r in rows]  # fmt: skip
+    assert (
+        hypotheses.hypothesis_texts(kv)["H3"]
+        == "the higher memory setting (KV 9 MiB vs KV 8 MiB) is too much"
+    )
+    # one level only: no numbers to name
+    assert hypotheses.hypothesis_texts(rows[:1])["H2"] == "the larger max_model_len is too much"
+
+
+# ---- enforce_eager as a factor (issue 10) --------------------------------------------------------------
+
+EAGER_ARGV = ["vllm", "serve", "m", "--enforce-eager"]
+
+
+def eager_factorial(fails, launchers=("legacy", "head")) -> list[dict]:
+    """launcher x max_model_len x util x enforce_eager; `fails(launcher, mml, util, eager)` says which fail."""
+    return [
+        trial(lc, mml, u, not fails(lc, mml, u, e), failure="cuda_oom", vllm_version="0.10.2",
+              argv=EAGER_ARGV if e else EAGER_ARGV[:-1], n=int(e))
+        for lc in launchers for mml in (16384, 22256) for u in (0.85, 0.95) for e in (False, True)
+    ]  # fmt: skip
+
+
+def test_enforce_eager_as_a_fourth_factor():
+    rows = eager_factorial(lambda lc, mml, u, e: u == 0.95 and not e)  # CUDA graphs do not fit at 0.95
+    eff = hypotheses.effects(rows).set_index("effect")
+    assert len(eff) == 4 + 6 + 4 + 1  # main effects, 2-, 3- and 4-way interactions
+    assert eff.loc["enforce_eager", "levels"] == "CUDA graphs -> eager"
+    assert (eff.loc["enforce_eager", "value"], eff.loc["enforce_eager", "n"]) == (0.5, 8)
+    assert (eff.loc["memory x enforce_eager", "value"], eff.loc["memory x enforce_eager", "n"]) == (1.0, 4)
+    assert eff.loc["launcher x max_model_len x memory x enforce_eager", "n"] == 1
+    v = by_id(rows)
+    assert list(v) == ["H1", "H2", "H3", "H4", "H5"]
+    assert v["H5"][0] == "mixed" and "CUDA graphs: failed (cuda_oom)" in v["H5"][1]
+    assert v["H4"][0] == "supported" and "memory x enforce_eager" in v["H4"][1]
+    assert v["H1"][0] == "refuted" and v["H2"][0] == "refuted"
+    assert "ENFORCE_EAGER" not in v["H3"][1]  # it is already a factor: no suggestion to add it
+
+
+def test_enforce_eager_replacing_the_launcher_factor():
+    rows = eager_factorial(lambda lc, mml, u, e: not e, launchers=("head",))  # graphs fail everywhere
+    v = by_id(rows)
+    assert v["H1"] == ("not tested", "the data holds fewer than two launcher levels")
+    assert v["H5"][0] == "supported" and v["H5"][1].startswith("4 of 4 pairs: ")
+    assert hypotheses.effects(rows).set_index("effect").loc["enforce_eager", "value"] == 1.0
+
+
+def test_one_eager_level_keeps_the_2x3_design():
+    rows = [{**r, "argv": EAGER_ARGV} for r in factorial({("head", 22256, 0.95)})]  # the CPU demo: all eager
+    assert "H5" not in by_id(rows)
+    assert len(hypotheses.effects(rows)) == 7
+
+
+def test_a_crash_at_high_util_names_cuda_graphs_before_0_21():
+    rows = [{**r, "vllm_version": "0.10.2"} for r in factorial({("legacy", 16384, 0.95), ("head", 16384, 0.95),
+            ("legacy", 22256, 0.95), ("head", 22256, 0.95)})]  # fmt: skip
+    for r in rows:
+        r["failure"] = "cuda_oom" if r["outcome"] == "failed" else None
+    reason = by_id(rows)["H3"][1]
+    assert "CUDA-graph memory outside the budget" in reason and "ENFORCE_EAGER = [False, True]" in reason
+    newer = [{**r, "vllm_version": "0.21.0"} for r in rows]
+    assert "CUDA-graph" not in by_id(newer)["H3"][1]
+    busy = [{**r, "failure": "gpu_mem_util_unavailable" if r["failure"] else None} for r in rows]
+    assert "memory held by other processes" in by_id(busy)["H3"][1]
+
+
+def test_report_summary_names_mixed_verdicts():
+    from vllm_lab import report
+
+    summary = report._hypothesis_summary(hypotheses.verdicts(fixture_rows("fake_only")))
+    assert summary == "**Hypotheses.** Supported: H4. Refuted: H1, H3. Mixed: H2. Not tested: none."
