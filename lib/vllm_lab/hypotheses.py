@@ -1,8 +1,10 @@
 """Which knob stops vLLM from starting: main effects, interactions and a verdict per hypothesis.
 
 Pure (pandas only): reads records, never launches or writes anything. The plan's 04_hypotheses step is a
-2^3 factorial: launcher {legacy, head} x max_model_len {low, high} x memory setting {low, high}, where the
-memory setting is gpu_memory_utilization when set, else the KV budget (kv_cache_memory_bytes, CPU demo).
+2^k factorial: launcher {legacy, head} x max_model_len {low, high} x memory setting {low, high}, where the
+memory setting is gpu_memory_utilization when set, else the KV budget (kv_cache_memory_bytes, CPU demo);
+enforce_eager {False, True} joins as a fourth factor when the records hold both levels (issue 10: before
+vLLM 0.21 CUDA-graph memory sat outside the budget, a likelier cause of a crash at a high utilization).
 A trial "starts" when its outcome is ready; a cell's value is the share of its trials that started.
 Missing cells are never guessed: an effect or hypothesis that needs them is reported as not tested.
 """
@@ -16,16 +18,29 @@ import pandas as pd
 from vllm_lab.record import FIELDS
 
 FACTORIAL_STEP = "04_hypotheses"
-FACTORS = ("launcher", "max_model_len", "memory")
+FACTORS = ("launcher", "max_model_len", "memory")  # always in the design (one level: not tested)
+OPTIONAL_FACTORS = ("enforce_eager",)  # in the design only when the records hold both levels
 LAUNCHER_LEVELS = ("legacy", "head")
+EAGER_FLAG = "--enforce-eager"
+VERDICTS = ("supported", "mixed", "refuted", "not tested")
+# Templates; {high}/{low} are the run's own levels (hypothesis_texts fills them).
 HYPOTHESES = {
     "H1": "the --quantization flag (legacy launcher) is needed",
-    "H2": "the larger max_model_len (22256 tokens or more) is too much",
-    "H3": "the higher memory setting (util 0.95) is too much",
+    "H2": "the larger max_model_len{levels} is too much",
+    "H3": "the higher memory setting{levels} is too much",
     "H4": "only a combination of knobs fails",
+    "H5": "CUDA-graph memory breaks the start (--enforce-eager starts where CUDA graphs fail)",
 }
-# hypothesis -> (factor, the level that should work, the level that should fail), as coded indices
-_KNOB_HYPOTHESES = {"H1": ("launcher", 0, 1), "H2": ("max_model_len", 0, 1), "H3": ("memory", 0, 1)}
+# hypothesis -> (factor, the coded level that should work, the coded level that should fail)
+_KNOB_HYPOTHESES = {
+    "H1": ("launcher", 0, 1),
+    "H2": ("max_model_len", 0, 1),
+    "H3": ("memory", 0, 1),
+    "H5": ("enforce_eager", 1, 0),
+}
+_COLUMN = {"launcher": "launcher", "max_model_len": "max_model_len", "memory": "memory_setting",
+           "enforce_eager": "enforce_eager"}  # fmt: skip
+_ORDER_WORDS = {2: "difference of differences", 3: "difference of two-way interactions"}
 
 
 # ---- derived columns ---------------------------------------------------------------------------------
@@ -48,6 +63,8 @@ def prepare(records) -> pd.DataFrame:
     df["memory_label"] = [
         memory_label(k, v) for k, v in zip(df["memory_kind"], df["memory_setting"], strict=True)
     ]
+    # The recorded argv is what ran: --enforce-eager there (from extra args or the factor) is the level.
+    df["enforce_eager"] = [isinstance(a, list | tuple) and EAGER_FLAG in a for a in df["argv"]]
     df["started"] = df["outcome"].eq("ready")
     df["stable"] = df["started"] & df["long_request_ok"].map(lambda v: v is True)
     return df
@@ -87,7 +104,7 @@ def memory_axis_name(kind: str | None) -> str:
 
 
 def factorial_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """The rows of the 2^3 design: the 04_hypotheses step when present, else every non-search row."""
+    """The rows of the design: the 04_hypotheses step when present, else every non-search row."""
     df = prepare(df) if "memory_kind" not in df.columns else df
     step = df["step"].astype("string")
     rows = df[step.eq(FACTORIAL_STEP).fillna(False)]
@@ -102,32 +119,62 @@ def factorial_rows(df: pd.DataFrame) -> pd.DataFrame:
     return rows[rows["memory_kind"].eq(dominant)]
 
 
+def design_factors(rows: pd.DataFrame) -> tuple[str, ...]:
+    """The base three factors, plus each optional one the rows hold at two levels."""
+    extra = tuple(f for f in OPTIONAL_FACTORS if not rows.empty and rows[_COLUMN[f]].nunique() >= 2)
+    return FACTORS + extra
+
+
 def design_levels(rows: pd.DataFrame) -> dict[str, tuple | None]:
     """Each factor's (low, high) levels, or None when the data holds only one level of it."""
     out: dict[str, tuple | None] = {}
     present = set(rows["launcher"])
     out["launcher"] = LAUNCHER_LEVELS if set(LAUNCHER_LEVELS) <= present else None
-    for factor, column in (("max_model_len", "max_model_len"), ("memory", "memory_setting")):
-        values = sorted(set(rows[column].dropna()))
+    for factor in ("max_model_len", "memory", *OPTIONAL_FACTORS):
+        values = sorted(set(rows[_COLUMN[factor]].dropna())) if not rows.empty else []
         out[factor] = (values[0], values[-1]) if len(values) >= 2 else None
     return out
 
 
+class _Design:
+    """The factors in play, their levels, and the observed cells keyed by coded levels (0 low, 1 high)."""
+
+    def __init__(self, records):
+        frame = _as_frame(records)
+        self.rows = factorial_rows(frame)
+        self.factors = design_factors(self.rows)
+        self.levels = design_levels(self.rows)
+        self.kind = self.rows["memory_kind"].iloc[0] if not self.rows.empty else None
+        self.cells = _cells(self.rows, self.factors, self.levels)
+        self.grid = {
+            tuple(int(getattr(r, f"{f}_i")) for f in self.factors): r for r in self.cells.itertuples()
+        }
+
+    @property
+    def k(self) -> int:
+        return len(self.factors)
+
+
 def cells(records) -> pd.DataFrame:
     """One row per observed cell of the design: coded levels (0 low, 1 high), trials, share started, failures."""
-    rows = factorial_rows(prepare(records) if not isinstance(records, pd.DataFrame) else records)
-    levels = design_levels(rows)
+    return _Design(records).cells.drop(
+        columns=[f"{f}_i" for f in (*FACTORS, *OPTIONAL_FACTORS)], errors="ignore"
+    )
+
+
+def _cells(rows: pd.DataFrame, factors: tuple[str, ...], levels: dict) -> pd.DataFrame:
+    keys = [f"{f}_i" for f in factors]
+    cols = [*factors, "memory_label", "trials", "rate", "failures", "vllm_version"]
     if rows.empty:
-        return pd.DataFrame(
-            columns=["launcher", "max_model_len", "memory", "memory_label", "trials", "rate", "failures"]
-        )
-    coded = rows.assign(
-        launcher_i=rows["launcher"].map(_coder(levels["launcher"])),
-        len_i=rows["max_model_len"].map(_coder(levels["max_model_len"])),
-        mem_i=rows["memory_setting"].map(_coder(levels["memory"])),
-    ).dropna(subset=["launcher_i", "len_i", "mem_i"])
-    grouped = coded.groupby(["launcher_i", "len_i", "mem_i"], sort=True)
-    return grouped.apply(_cell_summary, include_groups=False).reset_index()
+        return pd.DataFrame(columns=[*keys, *cols])
+    coded = rows.assign(**{f"{f}_i": rows[_COLUMN[f]].map(_coder(levels[f])) for f in factors}).dropna(
+        subset=keys
+    )
+    if coded.empty:
+        return pd.DataFrame(columns=[*keys, *cols])
+    grouped = coded.groupby(keys, sort=True)
+    out = grouped.apply(_cell_summary, include_groups=False).reset_index()
+    return out.reindex(columns=[*keys, *cols])
 
 
 def _coder(level_pair: tuple | None):
@@ -144,37 +191,32 @@ def _cell_summary(g: pd.DataFrame) -> pd.Series:
             "launcher": g["launcher"].iloc[0],
             "max_model_len": int(g["max_model_len"].iloc[0]),
             "memory": g["memory_setting"].iloc[0],
+            "enforce_eager": bool(g["enforce_eager"].iloc[0]),
             "memory_label": g["memory_label"].iloc[0],
             "trials": len(g),
             "rate": float(g["started"].mean()),
             "failures": ", ".join(sorted(set(failures))),
+            "vllm_version": g["vllm_version"].dropna().iloc[0] if g["vllm_version"].notna().any() else None,
         }
     )
-
-
-def _grid(cell_df: pd.DataFrame) -> dict[tuple[int, int, int], pd.Series]:
-    return {(int(r.launcher_i), int(r.len_i), int(r.mem_i)): r for r in cell_df.itertuples(index=False)}
 
 
 # ---- effects -----------------------------------------------------------------------------------------
 
 
 def effects(records) -> pd.DataFrame:
-    """Main effects (high minus low level, over paired cells) and two-/three-way interactions.
+    """Main effects (high minus low level, over paired cells) and every interaction of the design.
 
-    An interaction is a difference of differences of the share started, averaged over the levels of the
-    remaining factor where all four cells exist; n counts the pairs (main) or 2x2 squares (two-way) used.
+    An interaction of order m is the signed sum over its 2^m corners (a difference of differences for two
+    factors), averaged over the levels of the remaining factors where all corners exist; n counts the
+    pairs (main) or complete blocks (interactions) used.
     """
-    design = factorial_rows(_as_frame(records))
-    levels = design_levels(design)
-    names = _level_names(design, levels)
-    grid = _grid(cells(records))
-    rows = [
-        _main_effect(grid, i, levels[f]) | {"effect": f, "levels": names[f]} for i, f in enumerate(FACTORS)
-    ]
-    for a, b in combinations(range(3), 2):
-        rows.append(_two_way(grid, a, b) | {"effect": f"{FACTORS[a]} x {FACTORS[b]}"})
-    rows.append(_three_way(grid) | {"effect": " x ".join(FACTORS)})
+    d = _Design(records)
+    names = _level_names(d)
+    rows = [_main_effect(d, i) | {"effect": f, "levels": names[f]} for i, f in enumerate(d.factors)]
+    for order in range(2, d.k + 1):
+        for subset in combinations(range(d.k), order):
+            rows.append(_interaction(d, subset) | {"effect": " x ".join(d.factors[i] for i in subset)})
     cols = ["effect", "levels", "rate_low", "rate_high", "value", "n"]
     return pd.DataFrame(rows).reindex(columns=cols)
 
@@ -187,24 +229,25 @@ def _as_frame(records) -> pd.DataFrame:
     )
 
 
-def _index(factor_i: int, level: int, others: tuple[int, int]) -> tuple[int, int, int]:
-    idx = list(others)
-    idx.insert(factor_i, level)
-    return tuple(idx)
+def _index(k: int, fixed: dict[int, int], others: tuple[int, ...]) -> tuple[int, ...]:
+    """A full coded index: the `fixed` factor positions, the rest filled from `others` in order."""
+    it = iter(others)
+    return tuple(fixed[i] if i in fixed else next(it) for i in range(k))
 
 
-def _pairs(grid: dict, factor_i: int) -> list[tuple[tuple[int, int], object, object]]:
-    """(levels of the other two factors, low cell, high cell) wherever both cells were observed."""
+def _pairs(d: _Design, factor_i: int) -> list[tuple[tuple[int, ...], object, object]]:
+    """(levels of the other factors, low cell, high cell) wherever both cells were observed."""
     out = []
-    for others in product((0, 1), repeat=2):
-        low, high = grid.get(_index(factor_i, 0, others)), grid.get(_index(factor_i, 1, others))
+    for others in product((0, 1), repeat=d.k - 1):
+        low = d.grid.get(_index(d.k, {factor_i: 0}, others))
+        high = d.grid.get(_index(d.k, {factor_i: 1}, others))
         if low is not None and high is not None:
             out.append((others, low, high))
     return out
 
 
-def _main_effect(grid: dict, factor_i: int, level_pair: tuple | None) -> dict:
-    pairs = _pairs(grid, factor_i) if level_pair else []
+def _main_effect(d: _Design, factor_i: int) -> dict:
+    pairs = _pairs(d, factor_i) if d.levels[d.factors[factor_i]] else []
     if not pairs:
         return {"rate_low": None, "rate_high": None, "value": None, "n": 0}
     low = sum(p[1].rate for p in pairs) / len(pairs)
@@ -212,79 +255,100 @@ def _main_effect(grid: dict, factor_i: int, level_pair: tuple | None) -> dict:
     return {"rate_low": low, "rate_high": high, "value": high - low, "n": len(pairs)}
 
 
-def _level_names(design: pd.DataFrame, levels: dict) -> dict[str, str]:
+def _level_text(d: _Design, factor: str, value) -> str:
+    if factor == "max_model_len":
+        return str(int(value))
+    if factor == "memory":
+        return memory_label(d.kind, value)
+    if factor == "enforce_eager":
+        return "eager" if value else "CUDA graphs"
+    return str(value)
+
+
+def _level_names(d: _Design) -> dict[str, str]:
     """'legacy -> head', '16384 -> 22256', 'util 0.85 -> util 0.95' (or 'one level only')."""
-    kind = design["memory_kind"].iloc[0] if not design.empty else None
-    fmt = {
-        "launcher": str,
-        "max_model_len": lambda v: str(int(v)),
-        "memory": lambda v: memory_label(kind, v),
+    return {
+        f: " -> ".join(_level_text(d, f, v) for v in d.levels[f]) if d.levels[f] else "one level only"
+        for f in d.factors
     }
-    return {f: " -> ".join(map(fmt[f], levels[f])) if levels[f] else "one level only" for f in FACTORS}
 
 
-def _square(grid: dict, a: int, b: int, c_level: int) -> list | None:
-    """The four cells (00, 10, 01, 11 in factors a, b) at one level of the third factor, or None."""
-    c = ({0, 1, 2} - {a, b}).pop()
+def _block(d: _Design, subset: tuple[int, ...], others: tuple[int, ...]) -> list | None:
+    """The 2^m cells (corner bits in subset order) at one level combination of the other factors, or None."""
     out = []
-    for ia, ib in ((0, 0), (1, 0), (0, 1), (1, 1)):
-        idx = [0, 0, 0]
-        idx[a], idx[b], idx[c] = ia, ib, c_level
-        cell = grid.get(tuple(idx))
+    for bits in product((0, 1), repeat=len(subset)):
+        cell = d.grid.get(_index(d.k, dict(zip(subset, bits, strict=True)), others))
         if cell is None:
             return None
-        out.append(cell)
+        out.append((bits, cell))
     return out
 
 
-def _dod(square: list) -> float:
-    y00, y10, y01, y11 = (cell.rate for cell in square)
-    return (y11 - y01) - (y10 - y00)
+def _contrast(block: list) -> float:
+    m = len(block[0][0])
+    return sum((-1) ** (m - sum(bits)) * cell.rate for bits, cell in block)
 
 
-def _two_way(grid: dict, a: int, b: int) -> dict:
-    dods = [_dod(sq) for lvl in (0, 1) if (sq := _square(grid, a, b, lvl)) is not None]
-    value = sum(dods) / len(dods) if dods else None
-    return {"levels": "difference of differences", "value": value, "n": len(dods)}
+def _blocks(d: _Design, subset: tuple[int, ...]) -> list[list]:
+    found = (_block(d, subset, others) for others in product((0, 1), repeat=d.k - len(subset)))
+    return [b for b in found if b is not None]
 
 
-def _three_way(grid: dict) -> dict:
-    squares = [_square(grid, 0, 1, lvl) for lvl in (0, 1)]
-    if any(sq is None for sq in squares):
-        return {"levels": "difference of two-way interactions", "value": None, "n": 0}
-    return {
-        "levels": "difference of two-way interactions",
-        "value": _dod(squares[1]) - _dod(squares[0]),
-        "n": 1,
-    }
+def _interaction(d: _Design, subset: tuple[int, ...]) -> dict:
+    values = [_contrast(b) for b in _blocks(d, subset)]
+    words = _ORDER_WORDS.get(len(subset), f"difference of {len(subset) - 1}-way interactions")
+    return {"levels": words, "value": sum(values) / len(values) if values else None, "n": len(values)}
 
 
 # ---- verdicts ----------------------------------------------------------------------------------------
 
 
+def hypothesis_texts(records) -> dict[str, str]:
+    """Each hypothesis in the run's own terms: 'the larger max_model_len (32768 vs 16384) is too much'."""
+    d = records if isinstance(records, _Design) else _Design(records)
+    out = {}
+    for hid, text in HYPOTHESES.items():
+        factor = {"H2": "max_model_len", "H3": "memory"}.get(hid)
+        pair = d.levels.get(factor) if factor else None
+        levels = f" ({_level_text(d, factor, pair[1])} vs {_level_text(d, factor, pair[0])})" if pair else ""
+        out[hid] = text.format(levels=levels)
+    return out
+
+
 def verdicts(records) -> pd.DataFrame:
-    """One row per hypothesis H1..H4: verdict (supported / refuted / not tested) and a one-line reason."""
-    frame = _as_frame(records)
-    grid = _grid(cells(frame))
-    levels = design_levels(factorial_rows(frame))
-    rows = [_knob_verdict(h, grid, levels) for h in _KNOB_HYPOTHESES]
-    rows.append(_combination_verdict(grid))
+    """One row per hypothesis: verdict (supported / mixed / refuted / not tested) and a one-line reason.
+
+    H1-H3 (and H5 when enforce_eager is a factor) weigh every pair of cells differing only in their knob:
+    supported when every informative pair favours the hypothesis, refuted when none does, mixed otherwise;
+    a pair where nothing started says nothing about the knob and is left out.
+    """
+    d = _Design(records)
+    texts = hypothesis_texts(d)
+    rows = [_knob_verdict(h, d, texts[h]) for h in ("H1", "H2", "H3")]
+    rows.append(_combination_verdict(d, texts["H4"]))
+    if "enforce_eager" in d.factors:
+        rows.append(_knob_verdict("H5", d, texts["H5"]))
     return pd.DataFrame(rows, columns=["id", "hypothesis", "verdict", "reason"])
 
 
-def _describe(cell) -> str:
+def _describe(cell, eager: bool = False) -> str:
     state = "started" if cell.rate == 1 else ("failed" if cell.rate == 0 else f"started {cell.rate:.0%}")
     why = f" ({cell.failures})" if cell.failures else ""
-    return f"{cell.launcher}, len {cell.max_model_len}, {cell.memory_label}: {state}{why}"
+    mode = (", eager" if cell.enforce_eager else ", CUDA graphs") if eager else ""
+    return f"{cell.launcher}, len {cell.max_model_len}, {cell.memory_label}{mode}: {state}{why}"
 
 
-def _knob_verdict(hid: str, grid: dict, levels: dict) -> dict:
+def _knob_verdict(hid: str, d: _Design, text: str) -> dict:
     factor, good, bad = _KNOB_HYPOTHESES[hid]
-    base = {"id": hid, "hypothesis": HYPOTHESES[hid]}
-    factor_i = FACTORS.index(factor)
-    if levels[factor] is None:
+    base = {"id": hid, "hypothesis": text}
+    if d.levels.get(factor) is None:
         return base | {"verdict": "not tested", "reason": f"the data holds fewer than two {factor} levels"}
-    pairs = [(p[1 + good], p[1 + bad]) for p in _pairs(grid, factor_i)]
+    eager = "enforce_eager" in d.factors
+
+    def desc(cell) -> str:
+        return _describe(cell, eager)
+
+    pairs = [(p[1 + good], p[1 + bad]) for p in _pairs(d, d.factors.index(factor))]
     informative = [(g, b) for g, b in pairs if max(g.rate, b.rate) > 0]
     if not informative:
         why = (
@@ -293,49 +357,84 @@ def _knob_verdict(hid: str, grid: dict, levels: dict) -> dict:
             else f"nothing started in any of {len(pairs)} pairs"
         )
         return base | {"verdict": "not tested", "reason": why}
-    hits = [(g, b) for g, b in informative if g.rate > b.rate]
-    if hits:
-        g, b = hits[0]
-        reason = f"{len(hits)} of {len(pairs)} pairs: {_describe(g)} but {_describe(b)}"
-        return base | {"verdict": "supported", "reason": reason}
-    g, b = max(informative, key=lambda pair: pair[1].rate - pair[0].rate)  # the most telling pair
-    n_good, n_bad = (sum(cell.rate > 0 for cell in side) for side in zip(*pairs, strict=True))
-    good_name, bad_name = _level_of(g, factor), _level_of(b, factor)
+    agree = [(g, b) for g, b in informative if g.rate > b.rate]
+    against = [(g, b) for g, b in informative if g.rate <= b.rate]
+    silent = len(pairs) - len(informative)
+    tail = f"; nothing started in the other {silent}" if silent else ""
+    good_name, bad_name = _level_of(pairs[0][0], factor), _level_of(pairs[0][1], factor)
+    if not against:
+        g, b = agree[0]
+        reason = f"{len(agree)} of {len(pairs)} pairs: {desc(g)} but {desc(b)}{tail}"
+        return base | {"verdict": "supported", "reason": reason + _suspects(hid, d, agree)}
+    g, b = max(against, key=lambda pair: pair[1].rate - pair[0].rate)  # the most telling counter-example
+    if not agree:
+        n_good, n_bad = (sum(cell.rate > 0 for cell in side) for side in zip(*pairs, strict=True))
+        reason = (
+            f"{good_name} started in {n_good} of {len(pairs)} pairs, {bad_name} in {n_bad}; {bad_name} never "
+            f"failed where {good_name} started, e.g. {desc(b)}; {desc(g)}"
+        )
+        return base | {"verdict": "refuted", "reason": reason}
+    g1, b1 = agree[0]
     reason = (
-        f"{good_name} started in {n_good} of {len(pairs)} pairs, {bad_name} in {n_bad}; {bad_name} never "
-        f"failed where {good_name} started, e.g. {_describe(b)}; {_describe(g)}"
+        f"{len(agree)} of {len(pairs)} pairs favour it, e.g. {desc(g1)} but {desc(b1)}; {len(against)} do not, "
+        f"e.g. {desc(b)}; {desc(g)}{tail}"
     )
-    return base | {"verdict": "refuted", "reason": reason}
+    return base | {"verdict": "mixed", "reason": reason + _suspects(hid, d, agree)}
 
 
 def _level_of(cell, factor: str) -> str:
     if factor == "launcher":
         return f"the {cell.launcher} launcher"
+    if factor == "enforce_eager":
+        return "--enforce-eager" if cell.enforce_eager else "CUDA graphs"
     return f"max_model_len {cell.max_model_len}" if factor == "max_model_len" else cell.memory_label
 
 
-def _combination_verdict(grid: dict) -> dict:
-    base = {"id": "H4", "hypothesis": HYPOTHESES["H4"]}
-    squares = [
-        (a, b, sq)
-        for a, b in combinations(range(3), 2)
-        for lvl in (0, 1)
-        if (sq := _square(grid, a, b, lvl)) is not None
-    ]
+def _before_021(version) -> bool:
+    """True for vLLM < 0.21 and for an unknown version (CUDA-graph memory outside the budget until 0.21)."""
+    try:
+        major, minor = (int(x) for x in str(version).split(".")[:2])
+    except ValueError:
+        return True
+    return (major, minor) < (0, 21)
+
+
+def _suspects(hid: str, d: _Design, agree: list) -> str:
+    """Issue 10: what else makes a higher utilization fail, and the knob that tells (H3 on a GPU only)."""
+    if hid != "H3" or d.kind != "util":
+        return ""
+    failing = {f for _, b in agree for f in str(b.failures).split(", ") if f}
+    notes = []
+    if "gpu_mem_util_unavailable" in failing:
+        notes.append("memory held by other processes (V1's free-memory check at start): free the GPU")
+    version = next((b.vllm_version for _, b in agree if b.vllm_version), None)
+    if failing - {"gpu_mem_util_unavailable"} and "enforce_eager" not in d.factors and _before_021(version):
+        notes.append(
+            "CUDA-graph memory outside the budget (before vLLM 0.21), the likelier cause of a crash at a high "
+            "utilization: test it with ENFORCE_EAGER = [False, True]"
+        )
+    return "".join(f"; suspect {n}" for n in notes)
+
+
+def _combination_verdict(d: _Design, text: str) -> dict:
+    base = {"id": "H4", "hypothesis": text}
+    eager = "enforce_eager" in d.factors
+    squares = [(subset, block) for subset in combinations(range(d.k), 2) for block in _blocks(d, subset)]
     if not squares:
         return base | {"verdict": "not tested", "reason": "no complete 2x2 square of cells to compare"}
-    for a, b, sq in squares:
+    for (a, b), block in squares:
+        sq = [cell for _, cell in block]
         rates = [cell.rate for cell in sq]
         if sorted(rates) == [0, 1, 1, 1]:
             k = rates.index(0)  # the failing corner; its single-change neighbours are k^1 and k^2
             reason = (
-                f"{FACTORS[a]} x {FACTORS[b]} interaction {_dod(sq):+.2f}: {_describe(sq[k])}, "
-                f"while {_describe(sq[k ^ 1])} and {_describe(sq[k ^ 2])}"
+                f"{d.factors[a]} x {d.factors[b]} interaction {_contrast(block):+.2f}: {_describe(sq[k], eager)}, "
+                f"while {_describe(sq[k ^ 1], eager)} and {_describe(sq[k ^ 2], eager)}"
             )
             return base | {"verdict": "supported", "reason": reason}
-    mean = {}
-    for a, b, sq in squares:
-        mean.setdefault(f"{FACTORS[a]} x {FACTORS[b]}", []).append(_dod(sq))
+    mean: dict[str, list] = {}
+    for (a, b), block in squares:
+        mean.setdefault(f"{d.factors[a]} x {d.factors[b]}", []).append(_contrast(block))
     values = ", ".join(f"{name} {sum(v) / len(v):+.2f}" for name, v in mean.items())
     reason = (
         f"in {len(squares)} complete 2x2 squares no failure needs two changes together; "

@@ -171,9 +171,10 @@ def _headline(df: pd.DataFrame, working: pd.DataFrame) -> str:
 
 def _hypothesis_summary(hyp: pd.DataFrame) -> str:
     parts = []
-    for word in ("supported", "refuted", "not tested"):
+    for word in ("supported", "refuted", "mixed", "not tested"):
         ids = hyp.loc[hyp["verdict"].eq(word), "id"].tolist()
-        parts.append(f"{word.capitalize()}: {', '.join(ids) if ids else 'none'}.")
+        if ids or word != "mixed":  # mixed (some pairs for, some against) only when there is one
+            parts.append(f"{word.capitalize()}: {', '.join(ids) if ids else 'none'}.")
     return "**Hypotheses.** " + " ".join(parts)
 
 
