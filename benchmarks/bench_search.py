@@ -28,19 +28,17 @@ import tempfile
 import time
 from pathlib import Path
 
+from baselines import auto_tune_baseline, naive_bisect
 from vllm_lab.search import (
     STEP,
     SearchResult,
-    SimulatedGpu,
-    SimulatedVllm,
-    auto_tune_baseline,
-    naive_bisect,
     passes,
     search_max_memory,
     search_max_model_len,
     trial_launcher,
 )
 from vllm_lab.spec import Trial
+from vllm_lab.testing.simulated import SimulatedGpu, SimulatedVllm
 
 ROOT = Path(__file__).resolve().parents[1]
 LOW, HIGH, BLOCK = 16384, 40960, 16

@@ -18,18 +18,18 @@ from vllm_lab import record
 from vllm_lab.cli import main
 from vllm_lab.search import (
     STEP,
-    SimulatedGpu,
-    SimulatedVllm,
-    auto_tune_baseline,
     capacity_report,
     free_total_from,
     model_limit_from,
-    naive_bisect,
     search_max_memory,
     search_max_model_len,
     trial_launcher,
 )
 from vllm_lab.spec import Trial
+from vllm_lab.testing.simulated import SimulatedGpu, SimulatedVllm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from baselines import auto_tune_baseline, naive_bisect
 
 pytestmark = pytest.mark.unit
 
