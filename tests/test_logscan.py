@@ -1218,3 +1218,106 @@ def test_cli_unreadable_path_exits_2_with_one_line(tmp_path, kind):
     assert proc.stdout == ""
     assert len(proc.stderr.strip().splitlines()) == 1
     assert str(path) in proc.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# Issue 10: real logs gathered from public issues, split BEFORE this module was tuned on them.
+# Rule: all new files sorted by sha256(file name); every third (index % 3 == 2) is held out
+# (tests/fixtures/logs/heldout/, never used to write rules), the rest are dev/. Expected answers were
+# written by reading each log as a person, before the scanner ran on the held-out ones; a held-out
+# log the scanner still gets wrong keeps its correct answer here and is marked a known miss.
+# Key facts: None means the log does not state it (a scanner value there is wrong too).
+# --------------------------------------------------------------------------------------------------
+
+DEV = LOGS / "dev"
+HELDOUT = LOGS / "heldout"
+KEY_FACTS = ("vllm_version", "kv_cache_tokens", "estimated_max_model_len", "available_kv_gib", "max_model_len")
+
+
+def _e(kind: str | None, **facts) -> tuple[str | None, dict]:
+    assert set(facts) <= set(KEY_FACTS), facts
+    return kind, {k: facts.get(k) for k in KEY_FACTS}
+
+
+DEV_EXPECT = {
+    "1cat-237.log": _e(None),
+    "agentcpm-80.log": _e("other"),
+    "club3090-535.log": _e("gpu_mem_util_unavailable"),
+    "glmv-204.log": _e(None, available_kv_gib=16.23, kv_cache_tokens=425424, max_model_len=65536),
+    "instructlab-pr2092.log": _e(None),
+    "kvcached-29.log": _e("gpu_mem_util_unavailable"),
+    "modal-837.log": _e("model_not_found", vllm_version="0.5.4", max_model_len=4096),
+    "nim-blueprints-7.log": _e("dtype_unsupported_gpu"),
+    "qwenlm-295.log": _e(
+        "kv_cache_insufficient", max_model_len=32768, kv_cache_tokens=7344, estimated_max_model_len=7344
+    ),
+    "vllm-12529.log": _e(None, vllm_version="0.7.4.dev390+gdebd6bbf", max_model_len=65536),
+    "vllm-1284.log": _e("gpu_unsupported"),
+    "vllm-12860.log": _e("other"),
+    "vllm-12867.log": _e(None, vllm_version="0.7.1"),
+    "vllm-13074.log": _e("cuda_oom"),
+    "vllm-13202.log": _e("gpu_unsupported"),
+    "vllm-1419.log": _e("quantization_mismatch"),
+    "vllm-1433.log": _e("quantization_mismatch"),
+    "vllm-15039.log": _e(None, available_kv_gib=36.07, max_model_len=131072),
+    "vllm-15228.log": _e(None, max_model_len=16000),
+    "vllm-15340.log": _e(None, available_kv_gib=2.96),
+    # the excerpt is cut inside the error line: a failure whose cause is not in the log
+    "vllm-15598.log": _e("other", available_kv_gib=21.2),
+    "vllm-16118.log": _e("kv_cache_insufficient", max_model_len=1048576, available_kv_gib=9.97),
+    "vllm-18916.log": _e(None, kv_cache_tokens=235136, max_model_len=40960),
+    "vllm-20305.log": _e("gpu_mem_util_unavailable"),
+    # torch's sm_120 warning alone, with no failure after it in the post: no failure
+    "vllm-21633.log": _e(None),
+    "vllm-21713.log": _e("other"),
+    "vllm-29049.log": _e("cuda_oom"),
+    "vllm-3329.log": _e("model_not_found"),
+    "vllm-3435.log": _e(
+        "kv_cache_insufficient", max_model_len=32768, kv_cache_tokens=16832, estimated_max_model_len=16832
+    ),
+    "vllm-4154.log": _e(None, vllm_version="0.4.0.post1"),
+    "vllm-4333.log": _e("model_not_found"),
+    "vllm-5547.log": _e("gpu_unsupported"),
+    "vllm-7303.log": _e(None, max_model_len=16384),
+    "vllm-9656.log": _e("model_not_found"),
+    "vllm-9737.log": _e(None, vllm_version="0.7.3", max_model_len=49152),
+    "vllm-omni-pr1842.log": _e("gpu_mem_util_unavailable"),
+    "vllm-pr1112.log": _e("quantization_mismatch"),
+    "vllm-pr12569.log": _e(None, max_model_len=2048),
+    "vllm-pr19794.log": _e(None, available_kv_gib=26.91, kv_cache_tokens=251920, max_model_len=40960),
+    "vllm-pr20707.log": _e(None, available_kv_gib=112.61, kv_cache_tokens=922496, max_model_len=40000),
+    "vllm-pr24162.log": _e(None, vllm_version="0.10.2.dev378+g4d7fe40fc.d20250829", max_model_len=32768),
+    "vllm-pr29335.log": _e(None, available_kv_gib=33.31, kv_cache_tokens=1587648, max_model_len=2048),
+    "vllm-pr39910.log": _e(None, kv_cache_tokens=1126400, max_model_len=2048),
+    "vllm-pr44106.log": _e(None),
+    "wyf3-29.log": _e("no_kv_memory"),
+}
+
+HELDOUT_EXPECT = {
+    "apiforopenllm-225.log": _e(
+        "kv_cache_insufficient", max_model_len=8192, kv_cache_tokens=4512, estimated_max_model_len=4512
+    ),
+    "club3090-4.log": _e("other"),
+    "gaie-550.log": _e(None, available_kv_gib=56.18),
+    "gpustack-1268.log": _e("model_not_found"),
+    "ocrflux-70.log": _e("gpu_unsupported"),
+    "openrlhf-336.log": _e("other"),
+    "pascalci-23.log": _e("gpu_unsupported"),
+    "pascalci-5.log": _e("gpu_unsupported"),
+    "substratus-37.log": _e("dtype_unsupported_gpu"),
+    "vllm-10429.log": _e(None, vllm_version="0.6.3.post2.dev355+g9d5b4e4d"),
+    "vllm-11251.log": _e(None, available_kv_gib=3.76, max_model_len=40000),
+    "vllm-14452.log": _e("gpu_unsupported", vllm_version="0.10.0", max_model_len=40960),
+    "vllm-25837.log": _e("gpu_mem_util_unavailable"),
+    "vllm-2814.log": _e("model_not_found"),
+    "vllm-31273.log": _e("cuda_oom"),
+    "vllm-3331.log": _e("quantization_mismatch"),
+    "vllm-34076.log": _e(
+        "kv_cache_insufficient", max_model_len=262144, available_kv_gib=3.18, estimated_max_model_len=34736
+    ),
+    "vllm-46169.log": _e(None, vllm_version="0.23.0", max_model_len=262144),
+    "vllm-5847.log": _e("other"),
+    "vllm-5976.log": _e(None, vllm_version="0.5.0.post1"),
+    "vllm-7593.log": _e(None),
+    "xinference-1715.log": _e("max_len_exceeds_model", max_model_len=4096),
+}
