@@ -1,0 +1,69 @@
+#!/usr/bin/env python3
+"""Score `vllm-lab scan-log` against the hand-written answers for the real-log fixtures (issue 10).
+
+    .venv/bin/python scripts/score-logs.py [heldout|dev|all] [-v]
+
+kind accuracy:   logs whose failure kind (None = no failure) is the expected one
+facts (per log): logs whose five key facts are all right (a fact the log does not state must be None)
+facts (stated):  stated facts that the scanner got right
+The answers live in tests/test_logscan.py (DEV_EXPECT, HELDOUT_EXPECT); the split rule is in
+tests/fixtures/logs/heldout/README.md.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "lib"))
+
+from vllm_lab.logscan import scan_file  # noqa: E402
+
+
+def _tables():
+    spec = importlib.util.spec_from_file_location("_logscan_tables", ROOT / "tests" / "test_logscan.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def score(folder: Path, expect: dict, keys: tuple[str, ...], verbose: bool) -> tuple[int, int, int, int, int]:
+    kind_ok = facts_ok = stated = stated_ok = 0
+    for name, (kind, facts) in sorted(expect.items()):
+        got = scan_file(folder / name).to_json()
+        wrong = [k for k in keys if got[k] != facts[k]]
+        kind_ok += got["failure"] == kind
+        facts_ok += not wrong
+        stated += sum(v is not None for v in facts.values())
+        stated_ok += sum(facts[k] is not None and got[k] == facts[k] for k in keys)
+        if verbose and (got["failure"] != kind or wrong):
+            diff = ", ".join(f"{k}={got[k]!r} (want {facts[k]!r})" for k in wrong)
+            print(f"  MISS {folder.name}/{name}: kind={got['failure']!r} (want {kind!r}) {diff}")
+    return len(expect), kind_ok, facts_ok, stated, stated_ok
+
+
+def main(argv: list[str]) -> int:
+    which = next((a for a in argv if not a.startswith("-")), "all")
+    verbose = "-v" in argv
+    t = _tables()
+    sets = {"heldout": [(t.HELDOUT, t.HELDOUT_EXPECT)], "dev": [(t.DEV, t.DEV_EXPECT)]}
+    sets["all"] = sets["dev"] + sets["heldout"]
+    if which not in sets:
+        print(f"score-logs: unknown set {which!r}: use heldout, dev or all", file=sys.stderr)
+        return 2
+    total = [0, 0, 0, 0, 0]
+    for folder, expect in sets[which]:
+        for i, v in enumerate(score(folder, expect, t.KEY_FACTS, verbose)):
+            total[i] += v
+    n, kind_ok, facts_ok, stated, stated_ok = total
+    print(
+        f"{which}: {n} logs; kind {kind_ok}/{n} = {kind_ok / n:.1%}; facts per log {facts_ok}/{n} ="
+        f" {facts_ok / n:.1%}; stated facts {stated_ok}/{stated} = {stated_ok / max(stated, 1):.1%}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
