@@ -105,12 +105,19 @@ class TrialProgress:
 def execute(notebook: str, out_path: Path, parameters: dict, timeout_s: float) -> str | None:
     """Run one notebook; return None on success or a one-line error (the executed notebook is kept)."""
     import papermill as pm
+    import zmq
+    from traitlets.config import Config
 
+    # The kernel logs to our terminal. Its channels get CurveZMQ keys (ipykernel's kernelspec declares them)
+    # instead of its plain-TCP warning; its log stays at CRITICAL because jupyter_client SIGINTs every kernel
+    # before shutting it down, and one caught mid-reply logs a harmless "KeyboardInterrupt caught in kernel".
+    kernel = Config(KernelManager={"transport_encryption": "auto" if zmq.has("curve") else "disabled"})
     try:
         pm.execute_notebook(
             str(NOTEBOOK_DIR / f"{notebook}.ipynb"), str(out_path), parameters=parameters, kernel_name=KERNEL,
             start_timeout=START_TIMEOUT_S, execution_timeout=int(timeout_s), progress_bar=False,
             cwd=str(NOTEBOOK_DIR.parent), log_output=False,
+            config=kernel, extra_arguments=["--IPKernelApp.log_level=CRITICAL"],
         )  # fmt: skip
     except pm.PapermillExecutionError as e:
         return f"{e.ename}: {e.evalue}".splitlines()[0]
