@@ -244,7 +244,90 @@ def test_failure_unrelated_to_max_model_len_stops_the_search():
     assert "port_in_use" in res.reason
 
 
-def test_timeouts_count_as_not_stable():
+def _always(outcome, failure=None, evidence="", **kw):
+    """A launch that ends the same way at every max_model_len (what a length-independent fault does)."""
+    calls: list[int] = []
+
+    def launch(n):
+        calls.append(n)
+        return record.new_record(max_model_len=n, outcome=outcome, failure=failure, evidence=evidence, **kw)
+
+    launch.calls = calls
+    return launch
+
+
+LOAD_OOM = ("Failed to load model - not enough GPU memory. Try lowering --gpu-memory-utilization to free memory "
+            "for weights")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("launch_kw", "launches"),
+    [
+        # Length-independent at once: one launch, that failure is the verdict.
+        (dict(outcome="failed", failure="gpu_unsupported", evidence="no kernel image is available"), 1),
+        (dict(outcome="failed", failure="quantization_unsupported_gpu", evidence="Minimum capability: 75."), 1),
+        (dict(outcome="failed", failure="cuda_oom", evidence=LOAD_OOM), 1),  # weights do not fit: any length
+        (dict(outcome="failed", failure="cuda_oom", evidence="CUDA out of memory. Tried to allocate 2.00 GiB"), 1),
+        (dict(outcome="failed", failure="no_kv_memory", evidence="No available memory for the cache blocks.",
+              vllm_version="0.11.0"), 1),  # V1 only: the KV budget does not depend on max_model_len
+        # Maybe a glitch: the same length once more, then that failure is the verdict.
+        (dict(outcome="timeout", evidence="not ready within 600 s"), 2),
+        (dict(outcome="failed", failure="other", evidence="Segmentation fault"), 2),
+        (dict(outcome="failed", failure=None, evidence=None), 2),
+        # Length-dependent in V0 only: one control launch at low decides.
+        (dict(outcome="failed", failure="no_kv_memory", evidence="No available memory for the cache blocks."), 2),
+        (dict(outcome="failed", failure="cuda_oom", evidence="CUDA out of memory. Tried to allocate 2.00 GiB",
+              weights_gib=4.5), 2),  # after the weights loaded (profiling, graphs): a control at low
+    ],
+)  # fmt: skip
+def test_a_length_independent_failure_stops_with_it_as_the_verdict(launch_kw, launches):
+    launch = _always(**launch_kw)
+    res = search_max_model_len(launch, low=LOW, high=HIGH)
+    assert res.launches == launches, res.steps
+    assert res.max_model_len is None and res.plus_one_fails is None
+    assert res.verdict == "stopped"
+    kind = launch_kw.get("failure") or ("timeout" if launch_kw["outcome"] == "timeout" else "other")
+    assert res.failure == kind
+    assert res.evidence == (launch_kw.get("evidence") or "")
+    assert kind in res.reason and "even low" not in res.reason
+    if (launches == 2 and launch_kw["outcome"] == "timeout") or launch_kw.get("failure") in (None, "other"):
+        assert launch.calls[0] == launch.calls[1]  # retried at the same length
+    elif launches == 2:
+        assert launch.calls[1] == LOW  # the control launch
+
+
+def test_a_length_independent_failure_above_a_stable_launch_keeps_that_launch_as_a_lower_bound():
+    sim = SimulatedVllm(capacity=35000, log_format="v1")
+
+    def launch(n):
+        if sim.calls:  # from the second launch on, something else holds the GPU
+            return record.new_record(max_model_len=n, outcome="failed", failure="gpu_mem_util_unavailable",
+                                     evidence="Free memory on device ... is less than desired")  # fmt: skip
+        return sim(n)
+
+    res = search_max_model_len(launch, low=LOW, high=HIGH)
+    assert res.launches == 2 and res.max_model_len == 28672
+    assert res.verdict == "stopped" and res.failure == "gpu_mem_util_unavailable"
+    assert res.plus_one_fails is None  # not proven: the failure above says nothing about the length
+
+
+def test_a_timeout_is_retried_once_and_a_glitch_does_not_move_the_answer():
+    sim = SimulatedVllm(capacity=22256, log_format="none")
+    glitched: set[int] = set()
+
+    def launch(n):
+        if not glitched:  # the first launch times out (a cold disk, a slow compile), then all is well
+            glitched.add(n)
+            return record.new_record(max_model_len=n, outcome="timeout", evidence="not ready within 600 s")
+        return sim(n)
+
+    res = search_max_model_len(launch, low=LOW, high=HIGH)
+    assert res.max_model_len == 22256 and res.verdict == "found" and res.plus_one_fails is True
+    assert res.steps[1]["max_model_len"] == res.steps[0]["max_model_len"] and "retry" in res.steps[1]["why"]
+
+
+def test_a_timeout_at_every_length_above_the_edge_is_not_taken_as_the_edge():
+    """Before: each timeout counted as "this length fails" and bisection walked down to a false answer."""
     sim = SimulatedVllm(capacity=22256, log_format="none")
 
     def launch(n):
@@ -254,7 +337,37 @@ def test_timeouts_count_as_not_stable():
         return rec
 
     res = search_max_model_len(launch, low=LOW, high=HIGH)
-    assert res.max_model_len == 20000
+    assert res.verdict == "stopped" and res.failure == "timeout" and "twice" in res.reason
+    assert res.max_model_len <= 20000  # a stable lower bound, never reported as the largest
+    assert res.plus_one_fails is None
+    assert res.launches <= BISECT_WORST
+
+
+@pytest.mark.parametrize("failure", ["no_kv_memory", "cuda_oom"])
+def test_a_v0_failure_that_depends_on_the_length_is_confirmed_by_one_control_launch(failure):
+    """V0 without chunked prefill: the activation peak grows with max_model_len, so these can depend on it."""
+    sim = SimulatedVllm(capacity=22256, log_format="none")
+
+    def launch(n):
+        rec = sim(n)
+        if rec["outcome"] == "failed":
+            rec.update(failure=failure, evidence="No available memory for the cache blocks.", weights_gib=4.5,
+                       vllm_version="0.6.6.post1")  # fmt: skip
+        return rec
+
+    res = search_max_model_len(launch, low=LOW, high=HIGH)
+    assert res.max_model_len == 22256 and res.verdict == "found" and res.plus_one_fails is True
+    assert res.steps[1]["max_model_len"] == LOW and "control" in res.steps[1]["why"]
+    assert res.launches <= BISECT_WORST + 1
+
+
+def test_the_result_says_found_and_names_the_evidence():
+    res = search_max_model_len(SimulatedVllm(capacity=22256), low=LOW, high=HIGH)
+    assert res.verdict == "found" and res.failure is None and "22256" in res.evidence
+    res = search_max_model_len(SimulatedVllm(capacity=8000), low=LOW, high=HIGH)
+    assert res.verdict == "none_stable" and res.failure == "kv_cache_insufficient"
+    res = search_max_model_len(SimulatedVllm(capacity=60000), low=LOW, high=HIGH)
+    assert res.verdict == "top_of_range"
 
 
 def test_bad_range_is_refused():
@@ -491,3 +604,27 @@ def test_cli_memory_axis_on_the_fake_reads_free_memory_and_needs_two_launches(tm
     assert code == 0
     assert out["value"] == 0.81 and out["launches"] == 2
     assert [t["outcome"] for t in out["trials"]] == ["failed", "ready"]
+
+
+def test_cli_search_stopped_by_a_length_independent_failure_exits_1_and_says_why(
+    monkeypatch, tmp_path, capsys
+):
+    def run_trial(trial, run_dir):
+        return record.new_record(max_model_len=trial.max_model_len, trial_id=trial.trial_id, outcome="failed",
+                                 failure="quantization_unsupported_gpu",
+                                 evidence="The quantization method awq_marlin is not supported for the current GPU.")  # fmt: skip
+
+    mod = types.ModuleType("vllm_lab.probe")
+    mod.run_trial = run_trial
+    monkeypatch.setitem(sys.modules, "vllm_lab.probe", mod)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"max_position_embeddings": 40960}))
+    rc = main(["search", "--model", str(model), "--vllm-cmd", sys.executable, "--gpu-memory-utilization", "0.9",
+               "--low", "16384", "--out", str(tmp_path / "o")])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert (
+        "search stopped on quantization_unsupported_gpu" in out and "not supported for the current GPU" in out
+    )
+    assert json.loads((tmp_path / "o" / "search.json").read_text())["verdict"] == "stopped"

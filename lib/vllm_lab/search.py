@@ -105,17 +105,61 @@ BLOCK = 16
 STEP = "03_max_context_search"
 MAX_LAUNCHES = 64  # a safety stop, far above any search here (bisection of 1..1M tokens is 16)
 
-# Failure kinds that max_model_len does not change: searching on would only repeat them.
+# What a launch that is not stable at length n says about longer lengths (failure_class). Only a failure
+# caused by the length proves that n and everything above fail; any other would make bisection walk down
+# through identical failures to `low` and report a false edge.
+# - Proof: kv_cache_insufficient (the KV pool holds fewer than n tokens, and capacity never grows with n),
+#   max_len_exceeds_model (n is above the model's derived limit), and an `unstable` start (the request of n
+#   tokens itself did not complete: a hang at the fitted length, an activation OOM at full context).
+LENGTH_DEPENDENT = frozenset({"kv_cache_insufficient", "max_len_exceeds_model"})
+# - Independent of n: checked or failing before the length matters (GPU, quantization, dtype, model files,
+#   port, free memory below util x total at start). The search stops with it as the verdict.
 UNRELATED_FAILURES = frozenset({
     "port_in_use", "model_not_found", "quantization_mismatch", "quantization_unsupported_gpu",
     "dtype_unsupported_gpu", "gpu_unsupported", "gpu_mem_util_unavailable",
 })  # fmt: skip
+# - Maybe a glitch (a cold disk or compile cache past the deadline, a crash we cannot name): the same n once
+#   more; the same ending twice stops the search with it as the verdict.
+RETRY_ONCE = frozenset({"timeout", "other"})
+# - no_kv_memory and a CUDA OOM after the weights loaded depend on n only where the profiling pass grows with
+#   max_model_len (V0 without chunked prefill); V1 (all there is from 0.11) sizes the KV cache and profiles
+#   max_num_batched_tokens whatever n is. Where the engine may be V0, one control launch at `low` decides: it
+#   starts -> the failure above came with the length (proof); it fails the same way -> the verdict.
+#   A CUDA OOM while loading the weights (no "Model loading took" line, or >= 0.14's "Failed to load model")
+#   cannot depend on n at all.
+V1_ONLY_FROM = (0, 11, 0)
 # On the memory axis: failures that mean too LITTLE memory (more would help).
 TOO_LITTLE_MEMORY = frozenset({"kv_cache_insufficient", "no_kv_memory"})
 MEMORY_UNRELATED = frozenset(UNRELATED_FAILURES - {"gpu_mem_util_unavailable"} | {"max_len_exceeds_model"})
 
 
 # ---- reading a record -----------------------------------------------------------------------------------
+
+
+def failure_kind(rec: dict) -> str:
+    """The failure as one name: the record's kind, else timeout, else other."""
+    return rec.get("failure") or ("timeout" if rec.get("outcome") == "timeout" else "other")
+
+
+def failure_class(rec: dict) -> str:
+    """pass | proof | independent | retry | control: what a launch at n says about every longer n."""
+    if passes(rec):
+        return "pass"
+    if rec.get("outcome") == "unstable" or rec.get("failure") in LENGTH_DEPENDENT:
+        return "proof"
+    kind = failure_kind(rec)
+    if kind in UNRELATED_FAILURES:
+        return "independent"
+    if kind == "cuda_oom" and (
+        rec.get("weights_gib") is None or "Failed to load model" in str(rec.get("evidence"))
+    ):
+        return "independent"  # the weights did not fit: no max_model_len changes that
+    if kind in ("no_kv_memory", "cuda_oom"):
+        from vllm_lab.memory import parse_vllm_version
+
+        v = parse_vllm_version(rec.get("vllm_version"))
+        return "independent" if v is not None and v >= V1_ONLY_FROM else "control"
+    return "retry"  # timeout, other, or a kind this code does not know yet
 
 
 def passes(rec: dict) -> bool:
@@ -211,6 +255,9 @@ def free_total_from(rec: dict) -> tuple[float, float] | None:
 @dataclass
 class SearchResult:
     max_model_len: int | None  # None: even `low` is not stable (or the search stopped before any success)
+    # verdict: found (answer, +1 block proven to fail) | top_of_range (answer = high, +1 not checked) |
+    # none_stable (even low fails, for a length-dependent reason) | stopped (a failure the length does not
+    # change, or the same timeout/crash twice: max_model_len, if any, is a lower bound, not the edge)
     launches: int
     seconds: float  # wall clock of the whole search
     trials: list[dict]  # the records, in launch order
@@ -225,6 +272,9 @@ class SearchResult:
     high: int | None = None
     block_size: int = BLOCK
     launch_seconds: float = 0.0  # sum of the records' seconds_to_outcome (simulated time for SimulatedVllm)
+    verdict: str = "found"
+    failure: str | None = None  # the failure kind behind the verdict (none_stable, stopped)
+    evidence: str = ""  # the line that proves the verdict
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -287,6 +337,12 @@ class _LenSearch:
         self.trust_reports = True
         self.notes: list[str] = []
         self.stepdowns = 0
+        self.proof: set[int] = set()  # launched k whose failure proves k and above fail (failure_class)
+        self.ambiguous: set[int] = (
+            set()
+        )  # k that failed with a "control" kind, waiting for the control launch
+        self.pending: tuple[int, str] | None = None  # a retry or control launch to make next
+        self.verdict, self.failure, self.evidence = "found", None, ""
         top = self.top()
         self.budget = None if top is None else _ceil_log2(top + 1 - (self.low_k - 1)) + extra_launches
 
@@ -298,9 +354,9 @@ class _LenSearch:
     def bad(self) -> tuple[int | None, str]:
         """Smallest k proven not stable (or the range's end), and why."""
         cands: list[tuple[int, str]] = []
-        for k, rec in self.launched.items():
-            if not passes(rec) and k > self.good:
-                cands.append((k, f"the launch at {k * self.b} was {describe(rec)}"))
+        for k in self.proof:
+            if k > self.good:
+                cands.append((k, f"the launch at {k * self.b} was {describe(self.launched[k])}"))
         if self.cap_k is not None:
             cands.append((self.cap_k + 1, self.cap_why or "the model's limit"))
         if self.high_k is not None and (self.cap_k is None or self.high_k < self.cap_k):
@@ -456,14 +512,18 @@ class _LenSearch:
                 return self._conclude(bad, bad_why)
             if len(self.records) >= self.max_launches:
                 return self._stop(f"stopped after {len(self.records)} launches (max_launches)")
-            nxt = self.next_launch(bad)
-            if nxt is None:  # cannot happen with an open bracket; kept as a guard
-                return self._stop("no launch left to try")
-            k, why = nxt
-            if k in self.launched:
-                k, why = ((self.good + bad) // 2, "bisection") if bad is not None else (k, why)
+            if self.pending is not None:
+                (k, why), self.pending = self.pending, None
+            else:
+                nxt = self.next_launch(bad)
+                if nxt is None:  # cannot happen with an open bracket; kept as a guard
+                    return self._stop("no launch left to try")
+                k, why = nxt
                 if k in self.launched:
-                    return self._stop("no untried launch left in the bracket")
+                    k, why = ((self.good + bad) // 2, "bisection") if bad is not None else (k, why)
+                    if k in self.launched:
+                        return self._stop("no untried launch left in the bracket")
+            retried = k in self.launched
             rec = self.launch_fn(k * self.b)
             self.records.append(rec)
             self.launched[k] = rec
@@ -481,22 +541,63 @@ class _LenSearch:
                 if self.cap_k is None or lk < self.cap_k:
                     self.cap_k = lk
                     self.cap_why = f"the model's limit is {limit} (named by the launch at {k * self.b})"
-            if rec.get("outcome") == "failed" and rec.get("failure") in UNRELATED_FAILURES:
-                return self._stop(
-                    f"stopped: the launch at {k * self.b} failed with {rec.get('failure')}, which max_model_len "
-                    f"does not change: {str(rec.get('evidence') or '')[:200]}"
-                )
+            stop = self._weigh(k, rec, retried)
+            if stop is not None:
+                return stop
+
+    def _weigh(self, k: int, rec: dict, retried: bool):
+        """Sort one launch's result into proof, a retry, a control launch or the end (see failure_class)."""
+        cls = failure_class(rec)
+        n, kind = k * self.b, failure_kind(rec)
+        if cls == "pass":
+            self.proof |= {a for a in self.ambiguous if a > k}  # the control started: the length did it
+            self.ambiguous.clear()
+        elif cls == "proof":
+            self.proof.add(k)
+        elif cls == "independent":
+            return self._stop_on(
+                rec, f"the launch at {n} failed with {kind}, which max_model_len does not change"
+            )
+        elif cls == "retry" and retried:
+            ended = kind if rec.get("outcome") == "timeout" else f"failed ({kind})"
+            return self._stop_on(rec, f"the launch at {n} ended {ended} twice")
+        elif cls == "retry":
+            self.pending = (k, f"retry: {describe(rec)} once may be a glitch")
+        elif (
+            self.low_k <= self.good < k
+        ):  # control kind above a stable launch: the length made the difference
+            self.proof.add(k)
+        elif k == self.low_k or self.low_k in self.launched:
+            return self._stop_on(rec, (
+                f"the launch at {n} failed with {kind}" + (" (and so did low)" if self.ambiguous else "")
+                + ", and no shorter launch started: not a matter of max_model_len here"))  # fmt: skip
+        else:
+            self.ambiguous.add(k)
+            self.pending = (self.low_k, f"control: does {kind} at {n} depend on max_model_len?")
+        return None
+
+    def _stop_on(self, rec: dict, why: str) -> tuple[int | None, str, bool | None, str]:
+        self.failure, self.evidence = failure_kind(rec), str(rec.get("evidence") or "")
+        return self._stop(f"stopped: {why}: {self.evidence[:200]}".rstrip(": "))
 
     def _answer(self) -> int | None:
         return self.good * self.b if self.good >= self.low_k else None
 
     def _conclude(self, bad: int, bad_why: str) -> tuple[int | None, str, bool | None, str]:
         ans = self._answer()
+        self.evidence = bad_why
         if ans is None:
+            self.verdict = "none_stable"
+            proofs = [r for r in self.records if failure_class(r) == "proof"]
+            self.failure = failure_kind(self.launched.get(bad) or proofs[-1]) if proofs else None
             return None, f"even low ({self.low_k * self.b}) is not stable: {bad_why}", True, bad_why
         if bad_why == "TOP":
+            self.verdict, self.evidence = (
+                "top_of_range",
+                "not checked: the answer is the top of the searched range",
+            )
             return ans, f"{self.good_why}, confirmed stable; it is the top of the range, +1 block not checked", None, (
-                "not checked: the answer is the top of the searched range")  # fmt: skip
+                self.evidence)  # fmt: skip
         if bad_why.startswith("the model's limit"):
             return ans, f"{self.good_why}, confirmed stable; capped: {bad_why}", True, bad_why
         how = "bisected" if not any(s["why"] not in ("midpoint", "bisection") for s in self.steps) else (
@@ -504,6 +605,7 @@ class _LenSearch:
         return ans, f"{how}; +1 block ({ans + self.b}) fails: {bad_why}", True, bad_why
 
     def _stop(self, why: str) -> tuple[int | None, str, bool | None, str]:
+        self.verdict = "stopped"
         return self._answer(), why, None, "not established: the search stopped early"
 
 
@@ -541,6 +643,7 @@ def search_max_model_len(
         max_model_len=ans, launches=len(s.records), seconds=round(time.monotonic() - t0, 3), trials=s.records,
         reason=reason, plus_one_fails=plus_one, plus_one_evidence=evidence, method="search", steps=s.steps,
         low=s.low_k * block_size, high=high, block_size=block_size, launch_seconds=total_launch_seconds(s.records),
+        verdict=s.verdict, failure=s.failure, evidence=s.evidence,
     )  # fmt: skip
 
 
@@ -761,7 +864,7 @@ def cli_search(args) -> int:
     else:
         print(format_result(res))
         print(f"records: {Path(args.out) / record.TRIALS_FILE}; summary: {Path(args.out) / 'search.json'}")
-    return 0 if res.max_model_len is not None else 1
+    return 0 if res.verdict in ("found", "top_of_range") else 1
 
 
 def _cli_search_memory(args, template: Trial) -> int:
@@ -792,11 +895,13 @@ def _cli_search_memory(args, template: Trial) -> int:
 
 
 def format_result(res: SearchResult) -> str:
-    head = (
-        f"largest stable max_model_len: {res.max_model_len}"
-        if res.max_model_len is not None
-        else "no stable max_model_len in range"
-    )
+    if res.verdict == "stopped":
+        best = f"; largest stable launch: {res.max_model_len} (a lower bound)" if res.max_model_len else ""
+        head = f"search stopped on {res.failure or 'a limit'}{best}"
+    elif res.max_model_len is not None:
+        head = f"largest stable max_model_len: {res.max_model_len}"
+    else:
+        head = "no stable max_model_len in range"
     lines = [f"{head} ({res.launches} launches, {res.seconds:.1f} s)", f"  {res.reason}"]
     for s in res.steps:
         mark = "stable" if s["stable"] else (s["outcome"] + (f" {s['failure']}" if s["failure"] else ""))
