@@ -119,8 +119,15 @@ _PREFIXES = (
         rf"^(?P<level>{_LEVELS}) \d\d-\d\d \d\d:\d\d:\d\d(?:[.,]\d+)? (?:\[[^\]]*\] ?|[\w./-]+:\d+\] ?)?"
     ),
     re.compile(rf"^(?P<level>{_LEVELS}):\s+"),
+    re.compile(rf"^(?P<level>{_LEVELS}):[A-Za-z_][\w.]*:"),  # Python logging's default "WARNING:root:..."
+    # torch / glog C++ lines "[W1128 23:10:01.123456789 socket.cpp:663] ..." (letter = level)
+    re.compile(r"^\[(?P<glog>[IWEF])(?:\d{4} \d\d:\d\d:\d\d(?:\.\d+)?)? ?[\w.-]+:\d+\] ?"),
     re.compile(rf"^(?:- )?(?P<level>{_LEVELS}) - "),  # "2026-07-25 13:42:38,525 - INFO - autotuner.py"
 )
+
+
+_GLOG_LEVELS = {"I": "INFO", "W": "WARNING", "E": "ERROR", "F": "CRITICAL"}
+_PY_WARNING = re.compile(r"^(?:\S+:\d+: )?[A-Z]\w*Warning: ")
 
 
 def _strip_prefixes(text: str) -> tuple[str, str | None]:
@@ -135,12 +142,16 @@ def _strip_prefixes(text: str) -> tuple[str, str | None]:
                     bordered = True
                 if m.groupdict().get("level"):
                     level = m.group("level")
+                elif m.groupdict().get("glog"):
+                    level = _GLOG_LEVELS[m.group("glog")]
                 text = text[m.end() :]
                 break
         else:
             break
     if bordered:
         text = re.sub(rf"\s*[{_BORDER}]\s*$", "", text)
+    if level is None and _PY_WARNING.match(text):
+        level = "WARNING"  # the warnings module: "file.py:12: UserWarning: ..." (shown, never raised)
     return text.strip(), level
 
 
