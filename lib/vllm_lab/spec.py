@@ -7,6 +7,7 @@ field and the fix (the CLI prints it and exits 2).
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import shlex
 import shutil
@@ -64,6 +65,16 @@ class Trial:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def api_key(self) -> str | None:
+        """The key the server will expect (vLLM: `--api-key`, else VLLM_API_KEY in its environment)."""
+        keys = flag_values(self.extra_args, "--api-key")
+        return keys[0] if keys else (self.env.get("VLLM_API_KEY") or os.environ.get("VLLM_API_KEY") or None)
+
+    def served_model_name(self) -> str:
+        """The name requests must use: the first `--served-model-name`, else the model as given."""
+        names = flag_values(self.extra_args, "--served-model-name")
+        return names[0] if names else self.model
+
     def validate(self, *, check_command: bool = True) -> Trial:
         """Raise SpecError for the first problem found; return self when the trial can launch."""
         if self.launcher not in LAUNCHERS:
@@ -100,6 +111,17 @@ class Trial:
         if check_command:
             check_vllm_cmd(self.vllm_cmd)
         return self
+
+
+def flag_values(args: list[str], flag: str) -> list[str]:
+    """The values of a flag in argv (`--flag a b` or `--flag=a`); the last occurrence wins, as argparse does."""
+    out: list[str] = []
+    for i, item in enumerate(args):
+        if item.startswith(flag + "="):
+            out = [item.split("=", 1)[1]]
+        elif item == flag:
+            out = list(itertools.takewhile(lambda a: not a.startswith("-"), args[i + 1 :]))
+    return out
 
 
 def check_vllm_cmd(cmd: str | list[str]) -> list[str]:

@@ -10,6 +10,9 @@ reads). It simulates vLLM V1's KV sizing from the model's config.json, so the ca
 Environment knobs (all optional):
     FAKE_VLLM_VERSION      vLLM version whose log wording to print (default 0.10.2)
     FAKE_VLLM_SCENARIO     normal | hang | die_after_ready | die_mid_request | stubborn_child | flood
+                           | error_chunk (a streamed prompt over FAKE_VLLM_ERROR_ABOVE tokens gets an error
+                             chunk then [DONE], as vLLM streams a request that died, e.g. an activation OOM)
+                           | oom_warnings (warning lines that mention OOM, then a normal start)
                            | fail:<kind> (print that failure kind's real message, exit 1)
     FAKE_VLLM_GPU_MIB      simulated GPU memory (default 24576, a Tesla P40)
     FAKE_VLLM_GPU_CC       simulated compute capability as an int (default 61)
@@ -20,6 +23,10 @@ Environment knobs (all optional):
     FAKE_VLLM_START_DELAY  seconds of fake model loading before the outcome (default 0.2)
     FAKE_VLLM_LINGER       seconds to linger after a fatal line before exiting (default 0)
     FAKE_VLLM_DIE_AFTER    seconds after ready for die_after_ready (default 1.0)
+    FAKE_VLLM_ERROR_ABOVE  prompt tokens above which error_chunk errs (default 64: short chats still work)
+
+Like vLLM: `--api-key` (or VLLM_API_KEY) guards /v1/* (401 without it), `--served-model-name` names the
+model requests must use (404 otherwise), and rope_scaling (yarn) scales the model's derived max length.
 """
 
 from __future__ import annotations
@@ -73,6 +80,24 @@ def kv_bytes_per_token(cfg: dict) -> int:
     kv_heads = cfg.get("num_key_value_heads", heads)
     head_dim = cfg.get("head_dim") or cfg.get("hidden_size", 128) // heads
     return 2 * cfg.get("num_hidden_layers", 1) * kv_heads * head_dim * 2
+
+
+def derived_max_len(cfg: dict) -> tuple[int, str]:
+    """vLLM's derived max_model_len and its printed value: yarn scales original_max_position_embeddings."""
+    limit: float = cfg.get("max_position_embeddings", 32768)
+    rope = cfg.get("rope_scaling") or {}
+    rtype = rope.get("rope_type", rope.get("type"))
+    if rope.get("factor") and rtype not in ("su", "longrope", "llama3"):
+        limit = float(rope.get("original_max_position_embeddings") or limit) * float(rope["factor"])
+        return int(limit), repr(limit)  # vLLM prints the scaled value as a float
+    return int(limit), str(limit)
+
+
+def error_body(message: str, err_type: str, code: int, version: str) -> dict:
+    """vLLM's ErrorResponse: wrapped in "error" from 0.11 on, flat before."""
+    if _vtuple(version) >= (0, 11):
+        return {"error": {"message": message, "type": err_type, "param": None, "code": code}}
+    return {"object": "error", "message": message, "type": err_type, "param": None, "code": code}
 
 
 def fmt(n: int) -> str:
@@ -201,12 +226,27 @@ def make_handler(state: dict):
             self.end_headers()
             self.wfile.write(body)
 
+        def _refused(self, model: str | None = None) -> bool:
+            """vLLM's guards: a key on /v1/* (AuthenticationMiddleware), then the served model name."""
+            keys = state["api_keys"]
+            auth = self.headers.get("Authorization") or ""
+            if self.path.startswith("/v1") and keys and auth.partition(" ")[2] not in keys:
+                self._json(401, {"error": "Unauthorized"})
+                return True
+            if model and model not in state["names"]:
+                msg = f"The model `{model}` does not exist."
+                self._json(404, error_body(msg, "NotFoundError", 404, state["version"]))
+                return True
+            return False
+
         def do_GET(self):
+            if self._refused():
+                return
             if self.path == "/health":
                 self._json(200, {})
             elif self.path == "/v1/models":
                 self._json(200, {"object": "list", "data": [
-                    {"id": state["served"], "object": "model", "max_model_len": state["max_model_len"]}]})  # fmt: skip
+                    {"id": name, "object": "model", "max_model_len": state["max_model_len"]} for name in state["names"]]})  # fmt: skip
             elif self.path == "/version":
                 self._json(200, {"version": state["version"]})
             elif self.path == "/metrics":
@@ -227,6 +267,8 @@ def make_handler(state: dict):
         def do_POST(self):
             n = int(self.headers.get("Content-Length") or 0)
             req = json.loads(self.rfile.read(n) or b"{}")
+            if self._refused(req.get("model")):
+                return
             if state["scenario"] == "die_mid_request":
                 os._exit(1)
             prompt = req.get("prompt", req.get("messages", ""))
@@ -255,13 +297,29 @@ def make_handler(state: dict):
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.end_headers()
-                for _ in range(max_tokens):
+                if state["scenario"] == "error_chunk" and plen > state["error_above"]:
+                    # What vLLM streams when the request dies (its stream generator's except branch).
+                    oom = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 23.87 GiB"
+                    print(f"ERROR {time.strftime('%m-%d %H:%M:%S')} [serving.py:1] Error in completion stream "
+                          f"generator.\ntorch.OutOfMemoryError: {oom}", flush=True)  # fmt: skip
+                    err = error_body(oom, "InternalServerError", 500, state["version"])
+                    err = err if "error" in err else {"error": err}
+                    self.wfile.write(f"data: {json.dumps(err)}\n\ndata: [DONE]\n\n".encode())
+                    return
+                for i in range(max_tokens):
                     chunk = {
                         "id": "cmpl-fake",
                         "object": "text_completion",
-                        "choices": [{"index": 0, "text": " hello"}],
-                    }
+                        "model": state["served"],
+                        "choices": [{"index": 0, "text": " hello",
+                                     "finish_reason": "length" if i == max_tokens - 1 else None}],
+                    }  # fmt: skip
                     self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                if (req.get("stream_options") or {}).get("include_usage"):
+                    usage = {"prompt_tokens": plen, "completion_tokens": max_tokens,
+                             "total_tokens": plen + max_tokens}  # fmt: skip
+                    last = {"id": "cmpl-fake", "model": state["served"], "choices": [], "usage": usage}
+                    self.wfile.write(f"data: {json.dumps(last)}\n\n".encode())
                 self.wfile.write(b"data: [DONE]\n\n")
                 return
             self._json(200, {"id": "cmpl-fake", "object": "text_completion", "model": state["served"],
@@ -284,7 +342,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--kv-cache-memory-bytes", type=int)
     p.add_argument("--quantization")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--served-model-name")
+    p.add_argument("--served-model-name", nargs="+")
+    p.add_argument("--api-key", nargs="+")
     args, _unknown = p.parse_known_args(argv)  # real vLLM takes hundreds of flags; ignore the rest
     return args
 
@@ -311,9 +370,9 @@ def main(argv: list[str] | None = None) -> None:
     if not cfg_path.is_file():
         die(log, "model_not_found", {"model": args.model})
     cfg = json.loads(cfg_path.read_text())
-    limit = int(cfg.get("max_position_embeddings", 32768))
+    limit, limit_text = derived_max_len(cfg)
     max_len = args.max_model_len or limit
-    ctx: dict = {"max_model_len": max_len, "model_limit": limit}
+    ctx: dict = {"max_model_len": max_len, "model_limit": limit_text}
     if scenario.startswith("fail:"):
         die(log, scenario.split(":", 1)[1], ctx)
     if max_len > limit:
@@ -337,6 +396,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, _stop)
+    if scenario == "oom_warnings":  # warnings that mention OOM; the start goes on (only fatal lines end it)
+        log.raw("WARNING:root:CUDA out of memory while probing a warm-up batch size; retrying smaller")
+        log.raw("[W1128 23:10:01.123456789 CUDACachingAllocator.cpp:1] Warning: OOM in a cuDNN benchmark trial; "
+                "falling back to a slower algorithm (function operator())")  # fmt: skip
     time.sleep(float(env.get("FAKE_VLLM_START_DELAY", "0.2")))
     if scenario == "hang":
         log.engine("Loading model weights ...")
@@ -387,7 +450,11 @@ def main(argv: list[str] | None = None) -> None:
         )
     log.engine("init engine (profile, create kv cache, warmup model) took 1.50 seconds", src="core.py:1")
 
-    state = {"served": args.served_model_name or args.model, "max_model_len": max_len, "version": version,
+    names = args.served_model_name or [args.model]
+    # The flag wins over VLLM_API_KEY, as in vLLM.
+    keys = args.api_key or ([env["VLLM_API_KEY"]] if env.get("VLLM_API_KEY") else [])
+    state = {"served": names[0], "names": names, "api_keys": keys, "max_model_len": max_len, "version": version,
+             "error_above": int(env.get("FAKE_VLLM_ERROR_ABOVE", "64")),
              "tokens": tokens, "usage": 0.0, "scenario": scenario,
              "unstable_above": int(env["FAKE_VLLM_UNSTABLE_ABOVE"]) if env.get("FAKE_VLLM_UNSTABLE_ABOVE") else None}  # fmt: skip
     server = ThreadingHTTPServer((args.host, args.port), make_handler(state), bind_and_activate=False)
