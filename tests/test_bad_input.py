@@ -147,3 +147,20 @@ def test_bad_input_through_the_real_command_prints_one_line(env):
                         "--gpu-memory-utilization", "1.5"], capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "gpu_memory_utilization" in r.stderr
+
+
+def test_plan_limit_check_applies_rope_scaling_as_vllm_does(env, tmp_path, capsys):
+    """max_position_embeddings 32768 with yarn x4 is a 131072-token model: 65536 is fine, 200000 is not."""
+    from vllm_lab.plan import load_plan
+
+    cfg = json.loads((Path(env["model"]) / "config.json").read_text())
+    cfg.update(max_position_embeddings=32768,
+               rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768})  # fmt: skip
+    (Path(env["model"]) / "config.json").write_text(json.dumps(cfg))
+    ok = tmp_path / "ok.yaml"
+    ok.write_text(yaml.safe_dump(plan_with(env, steps=[step_with(parameters={"MAX_MODEL_LEN": 65536})])))
+    assert load_plan(ok).steps[0].parameters["MAX_MODEL_LEN"] == 65536
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(plan_with(env, steps=[step_with(parameters={"MAX_MODEL_LEN": 200000})])))
+    err = _one_line_error(capsys, ["run", str(bad), "--dry-run"], "MAX_MODEL_LEN")
+    assert "131072" in err and "yarn" in err

@@ -628,3 +628,36 @@ def test_cli_search_stopped_by_a_length_independent_failure_exits_1_and_says_why
         "search stopped on quantization_unsupported_gpu" in out and "not supported for the current GPU" in out
     )
     assert json.loads((tmp_path / "o" / "search.json").read_text())["verdict"] == "stopped"
+
+
+# ---- the model's limit: one rule (memory.derived_max_len), rope scaling included ------------------------
+
+YARN = {"max_position_embeddings": 32768,
+        "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("config", "limit"),
+    [
+        (YARN, 131072),  # Qwen3's documented 128K setting
+        ({"max_position_embeddings": 4096, "rope_scaling": {"type": "dynamic", "factor": 2.0}}, 8192),
+        ({"max_position_embeddings": 4096, "rope_scaling": {"rope_type": "linear", "factor": 4.0}}, 16384),
+        ({"max_position_embeddings": 131072, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, 131072),
+        ({"max_position_embeddings": 40960}, 40960),
+        ({"hidden_size": 64}, None),  # no length key: vLLM accepts any --max-model-len
+    ],
+)
+def test_the_search_reads_the_model_limit_as_vllm_derives_it(tmp_path, config, limit):
+    from vllm_lab.search import model_max_position
+
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert model_max_position(str(tmp_path)) == limit
+
+
+def test_a_yarn_model_is_searched_up_to_its_scaled_limit(stub_probe, tmp_path, capsys):
+    (stub_probe.model / "config.json").write_text(json.dumps(YARN))
+    stub_probe.sim.capacity = 100000
+    rc = main(["search", "--model", str(stub_probe.model), "--vllm-cmd", sys.executable,
+               "--gpu-memory-utilization", "0.9", "--low", "16384", "--out", str(tmp_path / "o"), "--json"])  # fmt: skip
+    assert rc == 0
+    assert json.loads(capsys.readouterr().out)["max_model_len"] == 100000  # above max_position_embeddings

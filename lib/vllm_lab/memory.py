@@ -209,8 +209,11 @@ def _rope(cfg: dict) -> dict | None:
 def derived_max_len(cfg: dict) -> tuple[int, str, str]:
     """vLLM's derived max_model_len: the smallest length key, scaled by rope_scaling's factor where vLLM does.
 
-    Returns (length, key, the value as vLLM prints it in the max_len error). yarn: original x factor;
-    su/longrope/llama3 and gemma3: not scaled; dynamic or no factor: not scaled.
+    The one rule for the model's limit (compat, plan checks and the search use it through model_limit).
+    As vLLM's _get_and_verify_max_len (0.6-0.11 read the same): model_max_length wins when set; rope types
+    su/longrope/llama3 and gemma3 models are not scaled; every other type with a factor (linear, dynamic,
+    yarn, ...) multiplies it, yarn starting from original_max_position_embeddings. Returns (length, key, the
+    value as vLLM prints it in the max_len error).
     """
     cfg = _text_config(cfg)
     best: float = math.inf
@@ -364,6 +367,26 @@ def load_model(model: str | os.PathLike | ModelFacts | dict, models_root: Path |
 def model_max_len(config: Any) -> int:
     """The model's own limit as vLLM derives it (max_position_embeddings & co., rope-scaled where vLLM does)."""
     return load_model(config).max_len
+
+
+def model_limit(model: str | os.PathLike) -> tuple[int, str] | None:
+    """(limit, how it is derived) for a model folder, config.json or params/models name; None where the
+    config is unreadable or names no length (vLLM then accepts any --max-model-len)."""
+    try:
+        cfg = json.loads(resolve_model_path(model).read_text())
+    except (SpecError, OSError, ValueError):
+        return None
+    if not isinstance(cfg, dict):
+        return None
+    n, key, shown = derived_max_len(cfg)
+    if key == "default":
+        return None
+    tc = _text_config(cfg)
+    rope = _rope(tc)
+    if rope is None or int(tc[key]) == n:
+        return n, f"{key}={shown} in config.json"
+    rtype = rope.get("rope_type", rope.get("type"))
+    return n, f"{key}={tc[key]} x rope_scaling {rtype} factor {rope.get('factor')} in config.json"
 
 
 # --------------------------------------------------------------------------------------------- KV bytes

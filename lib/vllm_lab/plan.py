@@ -209,18 +209,18 @@ def _load_step(i: int, s, seen: set, model: str, defaults: dict, base: Path) -> 
 
 def _check_model_limit(where: str, model: str, params: dict) -> None:
     """A max_model_len above the model's own limit is a typo, not an experiment (vLLM refuses it anyway)."""
-    from vllm_lab.search import model_max_position
+    from vllm_lab.memory import model_limit
 
-    limit = model_max_position(model)
-    if not limit:
+    found = model_limit(model)
+    if not found:
         return
+    limit, how = found
     for name in ("MAX_MODEL_LEN", "HIGH", "MAX_MODEL_LENS"):
         values = params.get(name)
         for v in values if isinstance(values, list) else [values]:
             if isinstance(v, int) and v > limit:
                 raise SpecError(
-                    f"{where}{name}: {v} is above the model's limit ({limit}, max_position_embeddings in "
-                    f"config.json); use at most {limit}"
+                    f"{where}{name}: {v} is above the model's limit ({limit}: {how}); use at most {limit}"
                 )
 
 

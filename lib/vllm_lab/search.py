@@ -807,13 +807,12 @@ def default_first_guess(trial: Trial) -> int | None:
 
 
 def model_max_position(model: str) -> int | None:
-    """max_position_embeddings from the model's config.json: the default top of the range (not a proven cap)."""
-    try:
-        cfg = json.loads((Path(model) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    v = cfg.get("max_position_embeddings")
-    return int(v) if isinstance(v, int) and v > 0 else None
+    """The model's derived limit (memory.model_limit: rope scaling as vLLM applies it), or None where the
+    config names none: the default top of the range and a cap on the answer."""
+    from vllm_lab.memory import model_limit
+
+    found = model_limit(model)
+    return found[0] if found else None
 
 
 def run_search(
