@@ -18,7 +18,7 @@ from vllm_lab.probe import LONG_REQUEST_OUTPUT_TOKENS as OUT
 from vllm_lab.probe import run_trial
 from vllm_lab.spec import Trial
 
-KEY = "sk-probe-test-0123456789abcdef"
+KEY = "probe-test-key-7f3a9c"  # no well-known token shape: only the flag or name can hide it
 
 
 def chunk(text=" hi", finish=None) -> dict:
@@ -273,3 +273,19 @@ def test_fake_honours_yarn_rope_scaling_in_its_model_limit(tmp_path, run_dir):
     assert ok["outcome"] == "ready", ok["evidence"]  # above max_position_embeddings 40960, below 4 x 32768
     over = run_trial(fake_trial(model, max_model_len=140000, kv_cache_memory_bytes=128 * 2**20), run_dir)
     assert over["failure"] == "max_len_exceeds_model" and "131072.0" in over["evidence"]
+
+
+@pytest.mark.unit
+def test_log_copies_hide_the_key_in_vllms_printed_forms():
+    from vllm_lab.redact import redact_text
+
+    lines = [
+        f"non-default args: {{'model': 'm', 'api_key': ['{KEY}'], 'max_num_batched_tokens': 2048}}",  # < 0.32
+        f"non-default args: {{'api_key': '{KEY}'}}",
+        f"args: ['--model', 'm', '--api-key', '{KEY}']",  # an argv list's repr
+        f"args: Namespace(api_key='{KEY}')",  # 0.6
+        f"VLLM_API_KEY={KEY}",
+    ]
+    for line in lines:
+        assert KEY not in redact_text(line), line
+    assert "'max_num_batched_tokens': 2048" in redact_text(lines[0])  # token counts are not secrets
