@@ -80,6 +80,15 @@ def _rx(pattern: str, flags: int = 0) -> re.Pattern[str]:
 _ANSI = re.compile(
     r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|(?<![\w\]])\[(?:\d{1,3}(?:;\d{1,3})*)?m"
 )
+# Ray's log deduplication appends this to a line that several workers printed alike
+_RAY_DEDUP = re.compile(r"[^\S\n]*\[repeated \d+x across cluster\]")
+
+
+def _plain(text: str) -> str:
+    """Text without ANSI colours and without Ray's dedup counters."""
+    return _RAY_DEDUP.sub("", _ANSI.sub("", text))
+
+
 _LEVELS = r"DEBUG|INFO|WARNING|WARN|ERROR|CRITICAL"
 _PROC = r"\((?:[A-Za-z][\w.-]*(?: rank=\d+)? )?pid=\d+(?:, ip=[\w.:]+)?\)"
 _ISO_TS = r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d(?:[.,]\d+)?(?:Z|[+-]\d\d:?\d\d)?"
@@ -157,7 +166,7 @@ def _strip_prefixes(text: str) -> tuple[str, str | None]:
 
 def clean_line(line: str) -> str:
     """One log line without ANSI colours, box borders, process/rank/compose prefixes and log header."""
-    return _strip_prefixes(_ANSI.sub("", line))[0]
+    return _strip_prefixes(_plain(line))[0]
 
 
 def _split_records(line: str, extra: re.Pattern[str] | None = None) -> list[str]:
@@ -255,7 +264,7 @@ def _compose_marker(text: str) -> re.Pattern[str] | None:
 
 
 def _records(text: str) -> list[_Record]:
-    text = _ANSI.sub("", text).replace("\r\n", "\n").replace("\r", "\n")
+    text = _plain(text).replace("\r\n", "\n").replace("\r", "\n")
     extra = _compose_marker(text)
     out: list[_Record] = []
     for physical in _unwrap(text.split("\n")):
@@ -366,6 +375,12 @@ RULES: tuple[Rule, ...] = (
         r" quantization method specified in the `?quantization`? argument \((?P<arg_quant>[^)]*)\)",
         end=r"\.?",
     ),
+    # --quantization X on a checkpoint that is not an X checkpoint (no quant config in the folder)
+    _rule(
+        "quantization_mismatch",
+        r"Cannot find the config file for (?P<arg_quant>[\w-]+)",
+        remedy="quantization_mismatch/no_config",
+    ),
     _rule(
         "quantization_unsupported_gpu",
         r"The quantization method (?P<quant>.+?) is not supported for the current GPU\. Minimum capability:"
@@ -400,6 +415,13 @@ RULES: tuple[Rule, ...] = (
         remedy="gpu_unsupported/v1",
     ),
     _rule("gpu_unsupported", r"No valid attention backend found for .*compute capability not supported"),
+    # vLLM <= 0.2's own floor, and torch.compile's Triton floor (Pascal cards on builds that compile)
+    _rule(
+        "gpu_unsupported",
+        r"GPUs with compute capability below (?P<min_cc>\d+\.\d+) are not supported",
+        r"Found (?P<gpu_name>.+?) which is too old to be supported by the triton GPU compiler",
+        r"Triton only supports devices of CUDA Capability >= (?P<min_cc>\d+\.\d+)",
+    ),
     # torch's own warnings; they explain a later crash but do not stop the start by themselves
     _rule(
         "gpu_unsupported",
@@ -439,7 +461,7 @@ RULES: tuple[Rule, ...] = (
         end=r"(?:: (?:\[errno \d+\] )?address already in use)?",
         flags=re.I,
     ),
-    _rule("model_not_found", r"Cannot find any model weights with `?(?P<model>[^`\s]+?)`?(?:\s|$)", end=""),
+    _rule("model_not_found", r"Cannot find any model weights with [`'\"]?(?P<model>[^`'\"\s]+)", end=""),
     _rule(
         "model_not_found",
         r"Invalid repository ID or local directory specified: '(?P<model>[^']*)'\.?",
@@ -531,10 +553,31 @@ def _match(record: _Record, grades: Iterable[str]) -> _Hit | None:
     return None
 
 
+# A traceback's `raise ValueError("No available memory ...` line: when the log is cut before the message
+# itself, the raised text still names the cause (as a hint: only when nothing stronger does).
+_RAISE_LITERAL = re.compile(r"""\braise [\w.]+\(\s*f?(["'])(?P<msg>.+?)\1""")
+
+
+def _hint(record: _Record) -> _Hit | None:
+    hit = _match(record, ("hint",))
+    if hit is not None:
+        return hit
+    raised = _RAISE_LITERAL.search(record.text)
+    if raised is None:
+        return None
+    literal = _Record(raised.group("msg"), None, record.index)
+    hit = _match(literal, ("fatal",))
+    return (
+        _Hit(Rule(hit.rule.kind, hit.rule.patterns, "hint", remedy=hit.rule.remedy), literal, hit.match)
+        if hit
+        else None
+    )
+
+
 def classify_line(line: str) -> str | None:
     """The failure kind when this ONE line is a fatal root-cause line (or an INFO line that makes the
     failure certain, such as `# GPU blocks: 0`), else None. Warnings and wrappers give None."""
-    for body, level in _line_records(_ANSI.sub("", line)):
+    for body, level in _line_records(_plain(line)):
         hit = _match(_Record(body, level, 0), ("fatal", "certain"))
         if hit is not None:
             return hit.rule.kind
@@ -604,7 +647,11 @@ FACTS: dict[str, tuple[re.Pattern[str], ...]] = {
             r"Launching vLLM \(v(\d+\.\d+[^)\s]*)\)",
         )
     ),
-    "kv_cache_tokens": (_rx(rf"(?:GPU|CPU|XPU|TPU|HPU|NPU)(?: \+ host)? KV cache size: ({_N}) tokens"),),
+    "kv_cache_tokens": (
+        _rx(rf"(?:GPU|CPU|XPU|TPU|HPU|NPU)(?: \+ host)? KV cache size: ({_N}) tokens"),
+        # V0's error names the KV capacity in tokens itself
+        _rx(rf"maximum number of tokens that can be stored in KV cache \(({_N})\)"),
+    ),
     "max_concurrency": (_rx(rf"Maximum concurrency for {_N} tokens per request: ({_F})x"),),
     "gpu_blocks": (
         _rx(rf"#?\s*(?:GPU|cuda|CUDA|TPU|HPU|XPU|NPU) blocks: ({_N})"),
@@ -715,6 +762,10 @@ REMEDIES: dict[str, tuple[str, ...]] = {
         "lower --kv-cache-memory-bytes / VLLM_CPU_KVCACHE_SPACE (or --gpu-memory-utilization) so the KV cache"
         " fits in the {free_gib} GiB available (asked for {requested_gib} GiB), or free memory on the node",
     ),
+    "quantization_mismatch/no_config": (
+        "drop --quantization {arg_quant}: this checkpoint has no {arg_quant} quantization config (its weights"
+        " are not {arg_quant}-quantized); pass the flag only with a checkpoint quantized that way",
+    ),
     "quantization_mismatch": (
         "drop --quantization {arg_quant} (the checkpoint's config.json says {config_quant}; vLLM picks the"
         " kernel itself) or pass --quantization {config_quant}",
@@ -731,7 +782,7 @@ REMEDIES: dict[str, tuple[str, ...]] = {
     ),
     "dtype_unsupported_gpu/quant": ("pass --dtype half: {quant} supports only {supported}, not {dtype}",),
     "gpu_unsupported": (
-        "this vLLM build has no kernels for this GPU[ ({sm})]: use a vLLM build compiled for its architecture"
+        "this vLLM build has no kernels for this GPU[ ({gpu_name})][ ({sm})]: use a vLLM build compiled for its architecture"
         " (TORCH_CUDA_ARCH_LIST) or a GPU that vLLM supports (compute capability >= 7.0)",
     ),
     "gpu_unsupported/v1": (
@@ -849,12 +900,23 @@ class LogScan:
         return asdict(self)
 
 
+# A GPU that this build cannot run at all is the cause of complaints about what that GPU lacks (bf16, a
+# quantization kernel): fixing those would only reach the next wall. Torch's warning counts (a hint).
+_DOMINATES = {"gpu_unsupported": ("dtype_unsupported_gpu", "quantization_unsupported_gpu")}
+
+
 def _root_cause(records: list[_Record], start: int) -> _Hit | None:
     """Earliest fatal or certain line from `start`; among lines of its kind, the best-ranked non-wrapper."""
-    hits = [h for r in records[start:] if (h := _match(r, ("fatal", "certain")))]
-    if not hits:
+    hits = [h for r in records[start:] if (h := _match(r, ("fatal", "certain")) or _hint(r))]
+    strong = [h for h in hits if h.rule.grade != "hint"]
+    if not strong:
         return None
-    kind = hits[0].rule.kind
+    kind = strong[0].rule.kind
+    for dominant, kinds in _DOMINATES.items():
+        if kind in kinds and any(h.rule.kind == dominant for h in hits):
+            kind = dominant
+            break
+    hits = strong if any(h.rule.kind == kind for h in strong) else hits
     same = [h for h in hits if h.rule.kind == kind]
     return min(same, key=lambda h: (h.wrapper, h.rule.rank, h.record.index))
 
@@ -915,7 +977,7 @@ def scan_log(text: str) -> LogScan:
     hit = _root_cause(records, start)
     kind = hit.rule.kind if hit else None
     if kind is None and _crashed(records, start, after_ready=ready_at is not None):
-        hints = [h for r in records[start:] if (h := _match(r, ("hint",)))]
+        hints = [h for r in records[start:] if (h := _hint(r))]
         hit = hints[0] if hints else None
         kind = hit.rule.kind if hit else "other"
 
