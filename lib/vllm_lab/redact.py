@@ -22,9 +22,14 @@ _PATTERNS = [
         ),
         lambda m: f"{m.group(1)}{m.group(2)}{m.group(3)}{MASK}",
     ),
-    # --api-key value / --api-key=value
+    # vLLM < 0.32 logs its non-default args as a dict: 'api_key': ['x'], 'hf_token': 'x'
     (
-        re.compile(r"(--(?:api-key|hf-token|token|ssl-keyfile-password))(\s+|=)(['\"]?)([^\s'\"]+)"),
+        re.compile(r"(['\"](?:api_key|hf_token)['\"]\s*:\s*)(\[?['\"])([^'\"]+)"),
+        lambda m: f"{m.group(1)}{m.group(2)}{MASK}",
+    ),
+    # --api-key value / --api-key=value (also an argv list's repr: '--api-key', 'x')
+    (
+        re.compile(r"(--(?:api-key|hf-token|token|ssl-keyfile-password))(['\"]?,?\s+|=)(['\"]?)([^\s'\"]+)"),
         lambda m: f"{m.group(1)}{m.group(2)}{m.group(3)}{MASK}",
     ),
     # Authorization: Bearer xxx
