@@ -1,18 +1,22 @@
 """One trial end to end: launch, ready, one chat request, one long request, /metrics, stop -> one record.
 
 The record is appended to <run_dir>/trials.jsonl (fsynced) before this returns, so nothing measured is lost
-if the caller dies next.
+if the caller dies next. Requests use the trial's API key and served model name, and go straight to a
+loopback server (never through HTTP(S)_PROXY).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -36,57 +40,147 @@ def _model_config(model: str) -> dict:
         return {}
 
 
-def chat_ok(base_url: str, model: str, timeout: float) -> bool:
+def _client(base_url: str, api_key: str | None, timeout: float) -> httpx.Client:
+    """A client for the trial's server: its key as a Bearer token; no proxy for a loopback address."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    return httpx.Client(headers=headers, timeout=timeout, trust_env=not _loopback(base_url))
+
+
+def _loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def error_message(body) -> str | None:
+    """The message of a vLLM error body: {"error": {"message": ..}} (>= 0.11), {"message": ..}, {"error": ".."}."""
+    if not isinstance(body, dict):
+        return None
+    err = body.get("error")
+    if isinstance(err, dict):
+        return str(err.get("message") or err)
+    if err:
+        return str(err)
+    return str(body["message"]) if body.get("object") == "error" and body.get("message") else None
+
+
+def chat_ok(base_url: str, model: str, timeout: float, *, api_key: str | None = None) -> bool:
     body = {"model": model, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 4}
     try:
-        r = httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=timeout)
+        with _client(base_url, api_key, timeout) as c:
+            r = c.post(f"{base_url}/v1/chat/completions", json=body)
         return r.status_code == 200 and bool(r.json().get("choices"))
     except (httpx.HTTPError, ValueError):
         return False
 
 
+@dataclass
+class LongRequest:
+    """One full-length request: ok only with HTTP 200, no error chunk, every output token, and [DONE]."""
+
+    ok: bool
+    tokens: int  # prompt + output tokens asked for
+    ttft_s: float | None = None  # to the first chunk that carries a token
+    output_tokens: int | None = None  # from the usage chunk, else one per chunk with a choice
+    error: str | None = None  # why not ok, as the end of "a request of N tokens ..."
+    refused: bool = False  # an HTTP 4xx: the request never ran (key, model name)
+
+
 def long_request(
-    base_url: str, model: str, max_len: int, vocab: int, timeout: float
-) -> tuple[bool, int, float | None]:
+    base_url: str, model: str, max_len: int, vocab: int, timeout: float, *, api_key: str | None = None
+) -> LongRequest:
     """A prompt of token ids that, with its output, fills max_len exactly (so within one block).
 
-    Returns (completed, total tokens asked for, seconds to the first streamed token).
+    vLLM streams a request that dies (an activation OOM at full context, a dead engine) as HTTP 200 with
+    `data: {"error": ...}` then `data: [DONE]`: [DONE] alone is no proof of success.
     """
-    prompt_len = max(1, max_len - LONG_REQUEST_OUTPUT_TOKENS)
+    out_n = LONG_REQUEST_OUTPUT_TOKENS
+    prompt_len = max(1, max_len - out_n)
+    total = prompt_len + out_n
     # Token ids cycle through the ordinary vocabulary (avoid 0..2, often special tokens).
     prompt = [3 + (i % max(1, min(vocab, 50000) - 3)) for i in range(prompt_len)]
-    body = {"model": model, "prompt": prompt, "max_tokens": LONG_REQUEST_OUTPUT_TOKENS, "temperature": 0,
-            "stream": True, "ignore_eos": True}  # fmt: skip
+    body = {"model": model, "prompt": prompt, "max_tokens": out_n, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, "ignore_eos": True}  # fmt: skip
     t0 = time.monotonic()
-    ttft = None
+    s = _StreamState()
     try:
-        with httpx.stream("POST", f"{base_url}/v1/completions", json=body, timeout=timeout) as r:
+        with (
+            _client(base_url, api_key, timeout) as c,
+            c.stream("POST", f"{base_url}/v1/completions", json=body) as r,
+        ):
             if r.status_code != 200:
-                return False, prompt_len + LONG_REQUEST_OUTPUT_TOKENS, None
-            if r.headers.get("content-type", "").startswith(
-                "application/json"
-            ):  # a server that ignores stream
-                ok = bool(json.loads(r.read()).get("choices"))
-                return ok, prompt_len + LONG_REQUEST_OUTPUT_TOKENS, time.monotonic() - t0 if ok else None
-            done = False
-            for line in r.iter_lines():
-                if time.monotonic() - t0 > timeout:
-                    return False, prompt_len + LONG_REQUEST_OUTPUT_TOKENS, ttft
-                if line.startswith("data:") and ttft is None and line.strip() != "data: [DONE]":
-                    ttft = time.monotonic() - t0
-                done = done or line.strip() == "data: [DONE]"
-            return done, prompt_len + LONG_REQUEST_OUTPUT_TOKENS, ttft
-    except (httpx.HTTPError, ValueError):
-        return False, prompt_len + LONG_REQUEST_OUTPUT_TOKENS, ttft
+                msg = _body_message(r)
+                return LongRequest(False, total, error=f"was refused: HTTP {r.status_code}: {msg}",
+                                   refused=400 <= r.status_code < 500)  # fmt: skip
+            if r.headers.get("content-type", "").startswith("application/json"):  # it ignored "stream"
+                s.take(json.loads(r.read()), time.monotonic() - t0)
+                s.done = True
+            else:
+                for line in r.iter_lines():
+                    if time.monotonic() - t0 > timeout:
+                        break
+                    data = line.strip()[5:].strip() if line.startswith("data:") else None
+                    if data == "[DONE]":
+                        s.done = True
+                        break
+                    if data:
+                        s.take(json.loads(data), time.monotonic() - t0)
+    except httpx.HTTPError as e:
+        s.error = s.error or f"did not complete within {timeout:.0f} s ({type(e).__name__})"
+    except ValueError as e:
+        s.error = s.error or f"sent a chunk that is not JSON ({e})"
+    return s.result(total, out_n, timeout)
+
+
+class _StreamState:
+    """What the chunks of one completion stream said: first token, tokens counted, error, [DONE]."""
+
+    def __init__(self) -> None:
+        self.ttft: float | None = None
+        self.chunks = 0
+        self.usage: int | None = None
+        self.error: str | None = None
+        self.done = False
+
+    def take(self, chunk: dict, t: float) -> None:
+        msg = error_message(chunk)
+        if msg is not None:
+            self.error = self.error or f"ended with an error chunk: {msg}"
+            return
+        if isinstance(chunk.get("usage"), dict) and chunk["usage"].get("completion_tokens") is not None:
+            self.usage = int(chunk["usage"]["completion_tokens"])
+        if chunk.get("choices"):  # vLLM sends no empty chunks: each one with a choice carries a token
+            self.chunks += 1
+            self.ttft = t if self.ttft is None else self.ttft
+
+    def result(self, total: int, expected: int, timeout: float) -> LongRequest:
+        got = self.usage if self.usage is not None else self.chunks
+        error = self.error
+        if error is None and not self.done:
+            error = f"did not complete within {timeout:.0f} s (no [DONE])"
+        if error is None and got != expected:
+            error = f"returned {got} of {expected} output tokens"
+        return LongRequest(error is None, total, self.ttft if error is None else None, got, error)
+
+
+def _body_message(r: httpx.Response) -> str:
+    raw = r.read()
+    try:
+        return error_message(json.loads(raw)) or raw.decode(errors="replace")[:300]
+    except ValueError:
+        return raw.decode(errors="replace")[:300]
 
 
 _METRIC = re.compile(r"^(vllm:[a-z_]+)(?:\{[^}]*\})?\s+([0-9.eE+-]+)$")
 
 
-def read_metrics(base_url: str) -> dict:
+def read_metrics(base_url: str, *, api_key: str | None = None) -> dict:
     """The few vLLM metrics a report needs (kv usage, running/waiting, preemptions)."""
     try:
-        text = httpx.get(f"{base_url}/metrics", timeout=5).text
+        with _client(base_url, api_key, 5) as c:
+            text = c.get(f"{base_url}/metrics").text
     except httpx.HTTPError:
         return {}
     keep = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "vllm:num_requests_running",
@@ -149,23 +243,23 @@ def run_trial(trial: Trial, run_dir: str | Path, *, run_id: str | None = None, l
         res = server.start()
         if res.outcome == "ready":
             served = res.served_max_model_len or trial.max_model_len
-            name = trial.model
-            extra["chat_ok"] = chat_ok(res.base_url, name, trial.request_timeout_s)
+            name, key = trial.served_model_name(), trial.api_key()
+            extra["chat_ok"] = chat_ok(res.base_url, name, trial.request_timeout_s, api_key=key)
             if long and served:
-                ok, tokens, ttft = long_request(res.base_url, name, served, int(cfg.get("vocab_size") or 1000),
-                                                trial.request_timeout_s)  # fmt: skip
-                extra.update(
-                    long_request_ok=ok, long_request_tokens=tokens, ttft_s=round(ttft, 3) if ttft else None
-                )
-                if not ok or not server.alive():
+                lr = long_request(res.base_url, name, served, int(cfg.get("vocab_size") or 1000),
+                                  trial.request_timeout_s, api_key=key)  # fmt: skip
+                extra.update(long_request_ok=lr.ok, long_request_tokens=lr.tokens,
+                             ttft_s=round(lr.ttft_s, 3) if lr.ttft_s is not None else None)  # fmt: skip
+                if not lr.ok or not server.alive():
                     res.outcome = "unstable"
-                    res.evidence = (
-                        f"a request of {tokens} tokens did not complete within {trial.request_timeout_s:.0f} s"
-                        if server.alive() else f"the server died during a request of {tokens} tokens")  # fmt: skip
+                    res.evidence = f"a request of {lr.tokens} tokens {lr.error or 'did not complete'}"
+                    if not server.alive():
+                        res.evidence = f"the server died during a request of {lr.tokens} tokens ({lr.error})"
                     res.remedy = (
-                        "lower --max-model-len (the server starts but cannot serve a full-length request)"
-                    )
-            extra["metrics"] = read_metrics(res.base_url) if server.alive() else None
+                        "the server refused the probe's request: check --api-key / VLLM_API_KEY and "
+                        "--served-model-name" if lr.refused else
+                        "lower --max-model-len (the server starts but cannot serve a full-length request)")  # fmt: skip
+            extra["metrics"] = read_metrics(res.base_url, api_key=key) if server.alive() else None
     notes = [f"processes survived the stop: {server.survivors}"] if server.survivors else []
     notes += [server.gpu_note] if server.gpu_note else []
     extra["note"] = "; ".join(notes) or None
