@@ -417,7 +417,9 @@ class VllmServer:
 
     def _served_max_len(self) -> int | None:
         try:
-            data = httpx.get(f"{self.base_url}/v1/models", timeout=5).json()["data"]
+            key = self.trial.api_key()  # /v1/* needs the key when the server has one
+            auth = {"Authorization": f"Bearer {key}"} if key else None
+            data = httpx.get(f"{self.base_url}/v1/models", headers=auth, timeout=5).json()["data"]
             return int(data[0]["max_model_len"])
         except (httpx.HTTPError, KeyError, IndexError, TypeError, ValueError):
             return None

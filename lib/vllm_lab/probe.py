@@ -260,7 +260,8 @@ def run_trial(trial: Trial, run_dir: str | Path, *, run_id: str | None = None, l
                         "--served-model-name" if lr.refused else
                         "lower --max-model-len (the server starts but cannot serve a full-length request)")  # fmt: skip
             extra["metrics"] = read_metrics(res.base_url, api_key=key) if server.alive() else None
-    notes = [f"processes survived the stop: {server.survivors}"] if server.survivors else []
+    notes = [trial.memory_note] if trial.memory_note else []  # both memory knobs given: which one applied
+    notes += [f"processes survived the stop: {server.survivors}"] if server.survivors else []
     notes += [server.gpu_note] if server.gpu_note else []
     extra["note"] = "; ".join(notes) or None
     extra["peak_gpu_mib"] = getattr(sampler, "peak_mib", None)
