@@ -142,6 +142,109 @@ def test_cli_preflight_text_and_json(capsys):
     assert head_auto["max_model_len_085"] and head_auto["max_model_len_095"]
 
 
+# --------------------------------------------------------------------------------------------- the notes' card
+
+NOTES_KV_TOKENS = 22256  # "GPU KV cache size: 22,256 tokens" (the rollback notes, RTX 3060 12 GB, 0.85)
+
+
+def test_rtx3060_profile_is_the_card_the_notes_measured_on():
+    card = gpu.load_gpu_profile("rtx3060-12gb")
+    assert round(card.memory_gib, 2) == 11.76 and card.cc_int == 86 and card.bf16
+    assert gpu.load_gpu_profile("NVIDIA GeForce RTX 3060").name == card.name
+
+
+def test_predict_on_rtx3060_lands_within_1pct_of_the_notes_kv_size(capsys):
+    assert main(["predict", "--model", "Qwen3-8B-AWQ", "--gpu", "rtx3060-12gb", "--gpu-memory-utilization", "0.85",
+                 "--json"]) == 0  # fmt: skip
+    d = json.loads(capsys.readouterr().out)
+    assert d["kv_bytes_per_token"] == 36 * 8 * 128 * 2 * 2  # 144 KiB
+    assert abs(d["kv_cache_tokens"] - NOTES_KV_TOKENS) <= 0.01 * NOTES_KV_TOKENS, d["kv_cache_tokens"]
+    # the overhead comes from the notes' "Available KV cache memory: 3.06 GiB", not from the token count
+    assert d["overhead_source"].startswith("observed on GeForce RTX 3060 12GB: 0.85 x 11.76 GiB")
+    assert "'Available KV cache memory: 3.06 GiB'" in d["overhead_source"]
+    assert d["available_kv_gib"] == pytest.approx(3.06, abs=0.005)
+    assert d["overhead_gib"] == pytest.approx(0.85 * 11.76 - d["weights_gib"] - 3.06, abs=1e-3)
+    assert d["max_model_len"] >= 16384  # the notes' 16384 started
+
+
+def test_observed_overhead_yields_to_a_given_one_and_to_other_cards(capsys):
+    assert main(["predict", "--model", "Qwen3-8B-AWQ", "--gpu", "rtx3060", "--gpu-memory-utilization", "0.85",
+                 "--overhead-gib", "2", "--json"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["overhead_source"] == "given"
+    p = predict.predict_for("Qwen3-8B-AWQ", "rtx-3090", gpu_memory_utilization=0.85)
+    assert p.overhead_source.startswith("default band")  # observed on the 3060 only
+
+
+def test_from_vllm_021_the_notes_cuda_graphs_come_out_of_the_kv_budget():
+    before = predict.predict_for(
+        "Qwen3-8B-AWQ", "rtx3060-12gb", gpu_memory_utilization=0.85, vllm_version="0.20.0"
+    )
+    after = predict.predict_for(
+        "Qwen3-8B-AWQ", "rtx3060-12gb", gpu_memory_utilization=0.85, vllm_version="0.21.0"
+    )
+    assert after.overhead_gib == pytest.approx(before.overhead_gib + 1.38)
+    assert (
+        "CUDA graphs 1.38 GiB" in after.overhead_source
+        and after.kv_cache_tokens < 16384 < before.kv_cache_tokens
+    )
+
+
+def test_preflight_rtx3060_refutes_h1_and_names_the_suspects_at_095(capsys):
+    assert main(["preflight", "--model", "Qwen3-8B-AWQ", "--gpu", "rtx3060-12gb"]) == 0
+    out = capsys.readouterr().out
+    assert ("H1 (the --quantization flag is needed) is refuted on GeForce RTX 3060 12GB (compute capability 8.6): "
+            "both launchers start, the legacy one (--quantization awq_marlin) and the head one (no flag); with no "
+            "flag vLLM turns the awq checkpoint into awq_marlin by itself.") in out  # fmt: skip
+    assert "0.95 x 11.76 = 11.17 GiB requested leaves 0.59 GiB, less than the 1.38 GiB of CUDA graphs" in out
+    assert "--enforce-eager" in out and "--gpu-memory-utilization 0.88 or lower" in out
+    assert (
+        "Free memory on device ... is less than desired GPU memory utilization" in out
+        and "free the GPU" in out
+    )
+    assert main(["preflight", "--model", "Qwen3-8B-AWQ", "--gpu", "rtx3060-12gb", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["h1"] == "refuted"
+    assert d["launchers"]["legacy"] == {"flag": "awq_marlin", "can_start": True, "failure": None,
+                                        "effective_quantization": "awq_marlin"}  # fmt: skip
+    assert d["launchers"]["head"]["flag"] is None and d["launchers"]["head"]["can_start"] is True
+    assert d["launchers"]["head"]["effective_quantization"] == "awq_marlin"
+    graphs, others = d["suspects"]
+    assert (
+        graphs["name"] == "cuda_graphs_outside_budget" and others["name"] == "memory_held_by_other_processes"
+    )
+    assert graphs["numbers"] == {"gpu_memory_utilization": 0.95, "total_gib": 11.76, "requested_gib": 11.17,
+                                 "left_gib": 0.59, "cuda_graph_gib": 1.38, "highest_utilization_with_graphs": 0.88}  # fmt: skip
+    assert "--enforce-eager" in graphs["knob"] and "free the GPU" in others["knob"]
+
+
+def test_preflight_p40_says_neither_launcher_starts_and_names_no_memory_suspect(capsys):
+    assert main(["preflight", "--model", "Qwen3-8B-AWQ", "--gpu", "p40"]) == 0
+    out = capsys.readouterr().out
+    assert "cannot be the cause on Tesla P40 (compute capability 6.1): neither launcher starts" in out
+    assert "suspects" not in out
+    assert main(["preflight", "--model", "Qwen3-8B-AWQ", "--gpu", "p40", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["h1"] == "neither_starts" and d["suspects"] == []
+    assert {k: v["can_start"] for k, v in d["launchers"].items()} == {"legacy": False, "head": False}
+
+
+def test_suspects_follow_the_vllm_version():
+    late = predict.preflight("Qwen3-8B-AWQ", "rtx3060-12gb", "0.21.0")
+    assert [x["name"] for x in late.suspects] == [
+        "memory_held_by_other_processes"
+    ]  # graphs inside the budget
+    early = predict.preflight("Qwen3-8B-AWQ", "rtx3060-12gb", "0.8.5")
+    assert "does not check free memory at start" in early.suspects[-1]["why"]
+    roomy = predict.preflight("Qwen3-8B-AWQ", "a100-80gb")  # 4 GiB left at 0.95: the graphs fit
+    assert [x["name"] for x in roomy.suspects] == ["memory_held_by_other_processes"]
+    plain = predict.preflight("Qwen3-8B-AWQ", "rtx-3090")
+    assert (
+        plain.h1 == "refuted"
+        and "measured for this model on GeForce RTX 3060 12GB" in plain.suspects[0]["why"]
+    )
+    assert "cuda_graph_gib" not in plain.suspects[1]["numbers"]
+
+
 # --------------------------------------------------------------------------------------------- one trial
 
 

@@ -785,6 +785,13 @@ def calibrate(
     return round(prediction.requested_gib - prediction.weights_gib - avail, 4)
 
 
+def observations(model: Any) -> list[dict]:
+    """What vLLM printed for this model on real cards (model.yaml `observed:`), the inputs calibrate() takes."""
+    f = load_model(model)
+    seen = _load_model_yaml(Path(f.model_dir) if f.model_dir else None).get("observed") or []
+    return [o for o in seen if isinstance(o, dict)]
+
+
 def with_overhead(prediction: Prediction, overhead_gib: float) -> Prediction:
     """A copy re-predicted at one overhead value (band collapsed)."""
     return repredict(replace(prediction), overhead_gib=overhead_gib)

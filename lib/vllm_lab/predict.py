@@ -9,6 +9,7 @@ message vLLM would print (compat.py), with the predicted largest max_model_len a
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -18,6 +19,14 @@ from vllm_lab.spec import SpecError
 
 PREFLIGHT_UTILIZATIONS = (0.85, 0.95)
 DTYPES = ("auto", "float16", "bfloat16")
+GRAPHS_IN_BUDGET_FROM = (
+    0,
+    21,
+    0,
+)  # vLLM subtracts its CUDA-graph estimate from the KV budget (facts section 3)
+# V1 refuses to start when free memory < requested. Facts section 10 says 0.9.2, its table ">= 0.9"; public
+# logs show v0.9.1 printing it (vllm-project/vllm#20305, llm-compressor#1560), so 0.9.1.
+FREE_MEMORY_CHECK_FROM = (0, 9, 1)
 
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -42,6 +51,84 @@ def _facts(model: Any) -> memory.ModelFacts:
     return memory.load_model(model)
 
 
+# --------------------------------------------------------------------------------------------- observed
+
+
+def observed_on(facts: memory.ModelFacts, prof: GpuProfile | None) -> dict | None:
+    """What vLLM printed for this model on this card (model.yaml `observed:`), or None."""
+    if prof is None:
+        return None
+    for ob in memory.observations(facts):
+        try:
+            if load_gpu_profile(str(ob.get("gpu"))).name == prof.name:
+                return ob
+        except SpecError:  # an observation on a card without a profile: nothing to match
+            continue
+    return None
+
+
+def observed_graphs_gib(facts: memory.ModelFacts, prof: GpuProfile | None) -> tuple[float, str] | None:
+    """CUDA-graph memory measured for this model and the card's name (this card first: the size depends on the
+    model and its batch sizes more than on the card)."""
+    mine = observed_on(facts, prof)
+    for ob in ([mine] if mine else []) + memory.observations(facts):
+        if ob.get("cuda_graph_gib") is not None:
+            try:
+                card = load_gpu_profile(str(ob.get("gpu"))).name
+            except SpecError:
+                card = str(ob.get("gpu"))
+            return float(ob["cuda_graph_gib"]), card
+    return None
+
+
+def observed_overhead(
+    facts: memory.ModelFacts, prof: GpuProfile | None, vllm_version: str | None = None,
+    weights_gib: float | None = None,
+) -> tuple[float, str] | None:  # fmt: skip
+    """The non-KV overhead on this card from what vLLM printed for this model there, and where it comes from.
+
+    overhead = util x total - weights - "Available KV cache memory" (memory.calibrate), all at the observed
+    setting; from 0.21 the observed CUDA-graph memory is added, as vLLM then takes it out of the KV budget.
+    """
+    ob = observed_on(facts, prof)
+    if ob is None or ob.get("available_kv_gib") is None or ob.get("gpu_memory_utilization") is None:
+        return None
+    total, util = float(ob.get("total_gib") or prof.memory_gib), float(ob["gpu_memory_utilization"])
+    base = memory.predict(facts, gpu_memory_gib=total, gpu_memory_utilization=util, weights_gib=weights_gib,
+                          overhead_gib=0.0)  # fmt: skip
+    avail = float(ob["available_kv_gib"])
+    overhead = memory.calibrate(base, reported_available_kv_gib=avail)
+    src = (f"observed on {prof.name}: {util} x {total} GiB = {base.requested_gib:.2f} GiB - weights "
+           f"{base.weights_gib:.2f} GiB - 'Available KV cache memory: {avail} GiB' ({ob.get('source', 'model.yaml')})")  # fmt: skip
+    v = memory.parse_vllm_version(vllm_version)
+    graphs = ob.get("cuda_graph_gib")
+    if graphs and not ob.get("cuda_graphs_in_budget") and v is not None and v >= GRAPHS_IN_BUDGET_FROM:
+        overhead += float(graphs)
+        src += f" + CUDA graphs {graphs} GiB (inside the budget from vLLM 0.21)"
+    return round(overhead, 4), src
+
+
+def gpu_predict(
+    facts: memory.ModelFacts, prof: GpuProfile | None, *, gpu_memory_gib: float | None = None,
+    overhead_gib: float | None = None, vllm_version: str | None = None, **kw: Any,
+) -> memory.Prediction:  # fmt: skip
+    """memory.predict on a card: its memory size, and its observed overhead for this model where there is one
+    (an overhead given wins; the default band applies where nothing was observed)."""
+    src = None
+    if overhead_gib is None and (kw.get("tensor_parallel_size") or 1) == 1:
+        found = observed_overhead(facts, prof, vllm_version, kw.get("weights_gib"))
+        if found is not None:
+            overhead_gib, src = found
+    if gpu_memory_gib is None and prof is not None:
+        gpu_memory_gib = prof.memory_gib
+    p = memory.predict(
+        facts, gpu_memory_gib=gpu_memory_gib, overhead_gib=overhead_gib, vllm_version=vllm_version, **kw
+    )
+    if src is not None and p.requested_gib is not None:
+        p.overhead_source = src
+    return p
+
+
 # --------------------------------------------------------------------------------------------- predict
 
 
@@ -50,9 +137,7 @@ def predict_for(
 ) -> memory.Prediction:
     """memory.predict with a GPU profile (or name) supplying the memory size."""
     prof = resolve_gpu(gpu)
-    if prof is not None and gpu_memory_gib is None:
-        gpu_memory_gib = prof.memory_gib
-    p = memory.predict(model, gpu_memory_gib=gpu_memory_gib, **kw)
+    p = gpu_predict(_facts(model), prof, gpu_memory_gib=gpu_memory_gib, **kw)
     p.inputs["gpu"] = prof.name if prof else None
     return p
 
@@ -131,6 +216,13 @@ class Preflight:
     memory: dict  # util -> prediction dict (what the memory alone allows, whatever the verdicts)
     summary: list[str]
     alternatives: list[str]
+    launchers: dict = field(default_factory=dict)  # legacy / head at --dtype auto: flag, can_start, failure
+    h1: str | None = (
+        None  # "the flag is needed" on this card: refuted | supported | reversed | neither_starts
+    )
+    suspects: list[dict] = field(
+        default_factory=list
+    )  # likelier causes of a failed start at the top utilization
 
     @property
     def any_can_start(self) -> bool:
@@ -164,8 +256,8 @@ def preflight(
         raise SpecError("gpu: preflight needs a GPU; pass --gpu NAME (e.g. p40) or --gpu auto")
     combos: list[tuple[str, str | None]] = [("legacy", None), ("head", None)]
     combos += [("explicit", q) for q in _quant_candidates(facts)]
-    preds = {u: memory.predict(facts, gpu_memory_gib=prof.memory_gib, gpu_memory_utilization=u,
-                               overhead_gib=overhead_gib, vllm_version=vllm_version) for u in utilizations}  # fmt: skip
+    preds = {u: gpu_predict(facts, prof, gpu_memory_utilization=u, overhead_gib=overhead_gib,
+                            vllm_version=vllm_version) for u in utilizations}  # fmt: skip
     rows = []
     for launcher, q in combos:
         for d in DTYPES:
@@ -185,8 +277,86 @@ def preflight(
         model=facts.name, gpu=prof.to_dict(), vllm_version=vllm_version, model_facts=facts.to_dict(), rows=rows,
         memory=mem, summary=[], alternatives=[],
     )  # fmt: skip
+    pf.launchers = {r.launcher: {"flag": r.quantization, "can_start": r.can_start, "failure": r.failure,
+                                 "effective_quantization": r.effective_quantization}
+                    for r in rows if r.launcher in ("legacy", "head") and r.dtype == "auto"}  # fmt: skip
+    pf.h1, h1_line = _h1(pf.launchers, facts, prof)
     pf.summary, pf.alternatives = _summarize(pf, facts, prof, vllm_version, preds, utilizations)
+    if h1_line:
+        pf.summary.insert(1, h1_line)
+    if pf.any_can_start:  # where nothing starts the card itself is the cause
+        pf.suspects = _suspects(facts, prof, vllm_version, max(utilizations))
     return pf
+
+
+def _h1(launchers: dict, facts: memory.ModelFacts, prof: GpuProfile) -> tuple[str | None, str]:
+    """H1 of the rollback notes ("the --quantization flag is needed"), judged by vLLM's own rules on this card."""
+    leg, head = launchers.get("legacy"), launchers.get("head")
+    if not leg or not head or leg["flag"] == head["flag"]:
+        return None, ""  # both launchers pass the same flag for this model: H1 does not arise
+    flag = f"--quantization {leg['flag']}"
+    on = f"on {prof.name} (compute capability {prof.compute_capability})"
+    if leg["can_start"] and head["can_start"]:
+        by_itself = (f"; with no flag vLLM turns the {facts.quant.method} checkpoint into "
+                     f"{head['effective_quantization']} by itself" if head["effective_quantization"] == leg["flag"] else "")  # fmt: skip
+        return "refuted", (f"H1 (the --quantization flag is needed) is refuted {on}: both launchers start, "
+                           f"the legacy one ({flag}) and the head one (no flag){by_itself}.")  # fmt: skip
+    if not leg["can_start"] and not head["can_start"]:
+        return "neither_starts", (
+            f"H1 (the --quantization flag is needed) cannot be the cause {on}: neither launcher starts, the "
+            f"legacy one ({flag}: {leg['failure']}) nor the head one (no flag: {head['failure']}); the flag "
+            "only changes which error vLLM prints."
+        )
+    if leg["can_start"]:
+        return "supported", (f"H1 (the --quantization flag is needed) holds {on}: the legacy launcher ({flag}) "
+                             f"starts, the head one (no flag) does not ({head['failure']}).")  # fmt: skip
+    return "reversed", (f"H1 is reversed {on}: the legacy launcher's {flag} stops the start ({leg['failure']}); "
+                        "the head one (no flag) starts.")  # fmt: skip
+
+
+def _ver(v: tuple[int, int, int]) -> str:
+    return ".".join(map(str, v[:2] if v[2] == 0 else v))
+
+
+def _suspects(
+    facts: memory.ModelFacts, prof: GpuProfile, vllm_version: str | None, util: float
+) -> list[dict]:
+    """Why a start that vLLM's rules allow can still fail at `util`: memory outside the budget, by version."""
+    v = memory.parse_vllm_version(vllm_version) or compat.ASSUMED_VERSION
+    total = prof.memory_gib
+    requested = util * total
+    left = total - requested
+    numbers = {"gpu_memory_utilization": util, "total_gib": round(total, 2), "requested_gib": round(requested, 2),
+               "left_gib": round(left, 2)}  # fmt: skip
+    head = f"{util} x {total:.2f} = {requested:.2f} GiB requested leaves {left:.2f} GiB"
+    out: list[dict] = []
+    extra: dict = {}
+    graphs = observed_graphs_gib(facts, prof)
+    if v < GRAPHS_IN_BUDGET_FROM and (graphs is None or graphs[0] > left):
+        if graphs is None:
+            why, knob = (f"vLLM < {_ver(GRAPHS_IN_BUDGET_FROM)} captures CUDA graphs outside the budget: {head} for them (not measured "
+                         "for this model)", "--enforce-eager (no CUDA graphs), or a lower --gpu-memory-utilization")  # fmt: skip
+        else:
+            where = "on this card" if graphs[1] == prof.name else f"on {graphs[1]}"
+            top = math.floor((total - graphs[0]) / total * 100) / 100
+            why = (f"vLLM < {_ver(GRAPHS_IN_BUDGET_FROM)} captures CUDA graphs outside the budget: {head}, less than the {graphs[0]:.2f} "
+                   f"GiB of CUDA graphs measured for this model {where}")  # fmt: skip
+            knob = f"--enforce-eager (no CUDA graphs), or --gpu-memory-utilization {top:.2f} or lower"
+            extra = {"cuda_graph_gib": graphs[0], "highest_utilization_with_graphs": top}
+        out.append({"name": "cuda_graphs_outside_budget", "why": why, "knob": knob,
+                    "numbers": {**numbers, **extra}})  # fmt: skip
+    if v >= FREE_MEMORY_CHECK_FROM:
+        why = (f"vLLM >= {_ver(FREE_MEMORY_CHECK_FROM)} refuses to start when free memory is below the request: {head} for everything "
+               "else on the card (a display, a desktop, another server or notebook); more than that held elsewhere "
+               "stops it with 'Free memory on device ... is less than desired GPU memory utilization'")  # fmt: skip
+    else:
+        why = (f"{head} for everything else on the card; vLLM < {_ver(FREE_MEMORY_CHECK_FROM)} does not check free memory at start (V1 up "
+               "to 0.8.5 takes memory held by others out of the KV cache, V0 from 0.6.5 ignores it and can run "
+               "out of memory later)")  # fmt: skip
+    out.append({"name": "memory_held_by_other_processes", "why": why, "numbers": numbers,
+                "knob": "free the GPU (nvidia-smi lists who holds memory), or a lower --gpu-memory-utilization "
+                        "(at most free / total)"})  # fmt: skip
+    return out
 
 
 def _summarize(pf, facts, prof, vllm_version, preds, utils) -> tuple[list[str], list[str]]:
@@ -216,7 +386,9 @@ def _summarize(pf, facts, prof, vllm_version, preds, utils) -> tuple[list[str], 
         f"Memory alone (weights {_size(p85.weights_gib)}{' estimated' if p85.weights_estimated else ''}): "
         + ", ".join(f"{u:.2f} -> max_model_len {preds[u].max_model_len:,} ({preds[u].kv_cache_tokens:,} KV tokens)"
                     for u in utils)
-        + f" (model limit {facts.max_len:,}; KV {p85.kv_bytes_per_token:,} bytes per token)."
+        + f" (model limit {facts.max_len:,}; KV {p85.kv_bytes_per_token:,} bytes per token"
+        + (f"; overhead {p85.overhead_gib:.2f} GiB {p85.overhead_source.split(':')[0]}"
+           if p85.overhead_source.startswith("observed") else "") + ")."
     )  # fmt: skip
     if cc < compat.vllm_min_capability(vllm_version) or not ok:
         fp16_gib = (facts.param_count or memory.config_param_count(facts)) * 2 / memory.GIB
@@ -251,6 +423,10 @@ def format_preflight(pf: Preflight) -> str:
         out.append(f"    {r.message}")
     out.append("")
     out.extend(pf.summary)
+    if pf.suspects:
+        top = pf.suspects[0]["numbers"]["gpu_memory_utilization"]
+        out += ["", f"If a start at {top} still fails here, the likelier causes (suspects):"]
+        out.extend(f"- {x['name']}: {x['why']}. Knob: {x['knob']}." for x in pf.suspects)
     return "\n".join(out)
 
 
@@ -303,8 +479,8 @@ def predict_trial_outcome(
             facts, kv_cache_memory_bytes=int(kv_cache_memory_bytes), vllm_version=vllm_version, block_size=bs
         )
     elif prof is not None:
-        pred = memory.predict(facts, gpu_memory_gib=prof.memory_gib, gpu_memory_utilization=gpu_memory_utilization or 0.9,
-                              overhead_gib=overhead_gib, vllm_version=vllm_version)  # fmt: skip
+        pred = gpu_predict(facts, prof, gpu_memory_utilization=gpu_memory_utilization or 0.9,
+                           overhead_gib=overhead_gib, vllm_version=vllm_version)  # fmt: skip
     if pred is not None:
         out["predicted_kv_cache_tokens"], out["predicted_max_model_len"] = (
             pred.kv_cache_tokens,
