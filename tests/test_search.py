@@ -501,7 +501,9 @@ def test_trial_launcher_builds_one_trial_per_launch(tmp_path):
     rec = launch(16384)
     assert rec["outcome"] == "ready"
     t = seen[0]
-    assert (t.max_model_len, t.step, t.trial_id) == (16384, STEP, f"{STEP}-len16384")
+    assert (t.max_model_len, t.step) == (16384, STEP) and t.trial_id.startswith(
+        f"{STEP}-head-len16384-kv8388608-"
+    )
     assert t.kv_cache_memory_bytes == 8 << 20 and t.extra_args == ["-e"]
     assert template.max_model_len is None  # the template is not modified
 
@@ -541,7 +543,10 @@ def test_cli_search_json(stub_probe, tmp_path, capsys):
         (28672, "failed"),
         (22256, "ready"),
     ]
-    assert [t.trial_id for t in stub_probe.trials] == [f"{STEP}-len28672", f"{STEP}-len22256"]
+    assert [t.trial_id.rsplit("-", 1)[0] for t in stub_probe.trials] == [
+        f"{STEP}-head-len28672-kv8388608",
+        f"{STEP}-head-len22256-kv8388608",
+    ]
     assert all(t.step == STEP for t in stub_probe.trials)
     assert len(record.read_records(out).rows) == 2
     assert json.loads((out / "search.json").read_text())["max_model_len"] == 22256

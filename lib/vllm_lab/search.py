@@ -768,9 +768,13 @@ def trial_launcher(
     if run_trial is None:
         from vllm_lab.probe import run_trial
     run_dir = Path(run_dir)
+    tries: dict[int, int] = {}
 
     def launch(n: int) -> dict:
-        trial = dataclasses.replace(template, max_model_len=int(n), trial_id=f"{template.step}-len{n}")
+        trial = dataclasses.replace(template, max_model_len=int(n), trial_id="")  # default_id: hashed
+        tries[n] = tries.get(n, 0) + 1
+        if tries[n] > 1:  # the search's retry is a trial of its own (run_or_reuse would return the first)
+            trial.trial_id += f"-try{tries[n]}"
         return run_trial(trial, run_dir)
 
     return launch
@@ -793,7 +797,7 @@ def memory_launcher(
             over = {"gpu_memory_utilization": float(value), "kv_cache_memory_bytes": None}
         else:
             over = {"kv_cache_memory_bytes": int(value), "gpu_memory_utilization": None}
-        trial = dataclasses.replace(template, **over, trial_id=f"{template.step}-mem{value}")
+        trial = dataclasses.replace(template, **over, trial_id="")
         return run_trial(trial, run_dir)
 
     return launch_mem
@@ -851,7 +855,6 @@ def cli_search(args) -> int:
         max_model_len=args.high or args.low, gpu_memory_utilization=args.gpu_memory_utilization,
         kv_cache_memory_bytes=args.kv_cache_memory_bytes, vllm_cmd=args.vllm_cmd or DEFAULT_VLLM_CMD,
         extra_args=shlex.split(args.extra_args or ""), startup_timeout_s=args.timeout, step=STEP,
-        trial_id="search",
     ).validate()  # fmt: skip
     if args.axis == "memory":
         return _cli_search_memory(args, template)

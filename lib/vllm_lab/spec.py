@@ -7,7 +7,9 @@ field and the fix (the CLI prints it and exits 2).
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
+import json
 import os
 import shlex
 import shutil
@@ -43,24 +45,47 @@ class Trial:
     startup_timeout_s: float = 600.0
     request_timeout_s: float = 120.0
     step: str = "adhoc"
-    trial_id: str = ""
+    trial_id: str = ""  # "": default_id()
+    memory_note: str | None = None  # set here where both memory knobs were given: which one applies
 
     def __post_init__(self) -> None:
-        if self.kv_cache_memory_bytes is not None:
-            self.gpu_memory_utilization = (
-                None  # a KV budget bypasses utilization in vLLM; record only what applies
+        kv, util = self.kv_cache_memory_bytes, self.gpu_memory_utilization
+        if kv is not None and util is not None:
+            # vLLM sizes the KV cache from --kv-cache-memory-bytes alone; only the knob that applies is passed
+            # and recorded, and the record says so (a GPU plan must not run on a budget by accident).
+            self.memory_note = (
+                f"kv_cache_memory_bytes {kv} used; gpu_memory_utilization {util} not passed (a KV budget "
+                "bypasses it in vLLM)"
             )
+            self.gpu_memory_utilization = None
+        elif kv is None:
+            self.memory_note = None  # a copy made for a utilization keeps no stale note
         if not self.trial_id:
             self.trial_id = self.default_id()
 
+    def fingerprint(self) -> str:
+        """8 hex digits over what defines the launch: a changed plan never matches an old record on resume.
+
+        Secrets (a token in env, --api-key) enter only through the hash, never in clear.
+        """
+        key = {
+            "model": self.model, "vllm_cmd": split_cmd(self.vllm_cmd), "launcher": self.launcher,
+            "quantization": self.quantization if self.launcher == "explicit" else None,
+            "max_model_len": self.max_model_len, "gpu_memory_utilization": self.gpu_memory_utilization,
+            "kv_cache_memory_bytes": self.kv_cache_memory_bytes, "extra_args": list(self.extra_args),
+            "env": {str(k): str(v) for k, v in dict(self.env).items()},
+        }  # fmt: skip
+        return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
     def default_id(self) -> str:
+        """Readable prefix (step, launcher, length, memory) for reports, then the fingerprint."""
         mem = (
             f"kv{self.kv_cache_memory_bytes}"
             if self.kv_cache_memory_bytes is not None
             else f"u{self.gpu_memory_utilization}"
         )
         q = f"-q{self.quantization}" if self.launcher == "explicit" and self.quantization else ""
-        return f"{self.step}-{self.launcher}{q}-len{self.max_model_len}-{mem}"
+        return f"{self.step}-{self.launcher}{q}-len{self.max_model_len}-{mem}-{self.fingerprint()}"
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -136,5 +136,5 @@ def search_step(p: StepParams, low: int | None, high: int | None):
     """
     from vllm_lab import search
 
-    template = p.trial(max_model_len=high or low, trial_id=f"{p.step}-search")
+    template = p.trial(max_model_len=high or low)
     return search.run_search(template, p.run_dir, low=low, high=high, run_trial=run_or_reuse)
