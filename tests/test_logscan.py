@@ -1481,7 +1481,10 @@ HELDOUT_EXPECT = {
 }
 
 # Held-out logs the scanner still gets wrong: name -> why (the expectation above stays the right answer).
-HELDOUT_KNOWN_MISSES: dict[str, str] = {}
+HELDOUT_KNOWN_MISSES: dict[str, str] = {
+    "vllm-2814.log": "transformers' \"OSError: Can't load the configuration of 'X' ... make sure 'X' is the correct"
+    ' path to a directory containing a config.json file" has no rule yet: classified other',
+}
 
 
 def _split_of(names: list[str]) -> dict[str, str]:
