@@ -288,3 +288,26 @@ def test_report_summary_names_mixed_verdicts():
 
     summary = report._hypothesis_summary(hypotheses.verdicts(fixture_rows("fake_only")))
     assert summary == "**Hypotheses.** Supported: H4. Refuted: H1, H3. Mixed: H2. Not tested: none."
+
+
+def test_enforce_eager_levels_become_trials_with_and_without_the_flag(tmp_path):
+    from vllm_lab import steps
+    from vllm_lab.spec import SpecError
+
+    p = steps.StepParams(
+        run_dir=str(tmp_path), step="04_hypotheses", model="/m", extra_args=["--enforce-eager", "-x"]
+    )
+    mems = steps.memory_levels([0.85, 0.95], None)
+    default = steps.factorial_trials(p, ["legacy", "head"], [16384, 22256], mems)
+    assert len(default) == 8 and all(
+        "--enforce-eager" in t.extra_args for t in default
+    )  # EXTRA_ARGS as given
+    trials = steps.factorial_trials(p, ["head"], [16384, 22256], mems, [False, True])  # replaces the launcher
+    assert len(trials) == 8 and len({t.trial_id for t in trials}) == 8
+    assert sorted(t.extra_args for t in trials)[::4] == [["-x"], ["-x", "--enforce-eager"]]
+    planned = steps.planned_trials("04_hypotheses", {"RUN_DIR": str(tmp_path), "STEP": "h", "MODEL": "/m",
+        "LAUNCHERS": ["legacy", "head"], "MAX_MODEL_LENS": [1, 2], "UTILIZATIONS": [0.8, 0.9],
+        "ENFORCE_EAGER": [False, True]})  # fmt: skip
+    assert len(planned) == 16
+    with pytest.raises(SpecError, match="ENFORCE_EAGER"):
+        steps.factorial_trials(p, ["head"], [1], mems, ["yes"])
