@@ -36,7 +36,7 @@ class RunSummary:
 def new_run_dir(plan: Plan, out: str | None) -> Path:
     from vllm_lab.probe import new_run_id
 
-    parent = Path(out) if out else OUTPUTS_DIR
+    parent = Path(out).expanduser().absolute() if out else OUTPUTS_DIR  # notebooks get it: cwd differs
     d = parent / f"{new_run_id()}-{plan.name}"
     d.mkdir(parents=True, exist_ok=False)
     return d
@@ -162,7 +162,7 @@ def run_plan(plan_path: str, *, out: str | None = None, resume: str | None = Non
         print_dry_run(plan, steps)
         return RunSummary(run_dir=Path("-"))
     if resume:
-        run_dir = Path(resume)
+        run_dir = Path(resume).expanduser().absolute()
         if not run_dir.is_dir():
             raise SpecError(
                 f"--resume: {resume} is not a run folder; pass an earlier outputs/<run_id> folder"

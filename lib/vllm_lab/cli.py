@@ -184,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from vllm_lab.paths import absolute_cli_paths
+
+    absolute_cli_paths(args)  # once, here: notebooks (cwd: repo root) and this process see one folder
     try:
         return int(args.func(args) or 0)
     except SpecError as e:

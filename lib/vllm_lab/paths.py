@@ -41,3 +41,26 @@ def resolve_cmd(cmd: str | list[str], base: Path | None = None) -> str | list[st
     if parts and "/" in parts[0] and not parts[0].startswith("/"):
         parts[0] = resolve_path(parts[0], base=base)
     return " ".join(parts) if isinstance(cmd, str) else parts
+
+
+# Command-line options that name a run folder or a plan (vllm-lab <cmd> --out ..., reap RUN_DIR, ...).
+CLI_PATH_OPTIONS = ("out", "resume", "run_dir", "plan", "out_dir")
+
+
+def absolute_cli_paths(args) -> None:
+    """Make every path option absolute against the caller's cwd, once, before any subcommand runs.
+
+    Notebooks run with the repo root as cwd; the batch's progress bar, reap and report run in the
+    caller's: a relative --out would otherwise split one run over two folders. A --model that exists as a
+    path becomes absolute too (a hub id or a params/models name stays as given).
+    """
+    for name in CLI_PATH_OPTIONS:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and value:
+            setattr(args, name, os.path.abspath(os.path.expanduser(value)))
+    model = getattr(args, "model", None)
+    if isinstance(model, str) and Path(model).expanduser().exists():
+        args.model = os.path.abspath(os.path.expanduser(model))
+    cmd = getattr(args, "vllm_cmd", None)
+    if isinstance(cmd, str) and cmd:
+        args.vllm_cmd = resolve_cmd(cmd)
