@@ -63,12 +63,18 @@ def memory_levels(utils: list | None, kv_budgets: list | None) -> list[dict]:
 
 
 def factorial_trials(
-    p: StepParams, launchers: list[str], lengths: list[int], mems: list[dict]
+    p: StepParams, launchers: list[str], lengths: list[int], mems: list[dict], eager: list | None = None
 ) -> list[Trial]:
-    """H1-H4 as a full factorial: launcher x max_model_len x memory setting."""
+    """H1-H4 as a full factorial: launcher x max_model_len x memory setting [x enforce_eager levels]."""
+    if eager is not None and (not eager or not all(isinstance(e, bool) for e in eager)):
+        raise SpecError(f"ENFORCE_EAGER: {eager!r} must be a list of true/false levels, e.g. [false, true]")
+    # A level sets --enforce-eager in the extra args (removing it for False); None leaves them as given.
+    eager_args = [None] if eager is None else [
+        [a for a in p.extra_args if a != "--enforce-eager"] + (["--enforce-eager"] if e else []) for e in eager
+    ]  # fmt: skip
     return [
-        p.trial(launcher=lch, max_model_len=int(n), **m)
-        for lch, n, m in itertools.product(launchers, lengths, mems)
+        p.trial(launcher=lch, max_model_len=int(n), **m, **({"extra_args": x} if x is not None else {}))
+        for lch, n, m, x in itertools.product(launchers, lengths, mems, eager_args)
     ]
 
 
@@ -125,7 +131,7 @@ def planned_trials(notebook: str, nb: dict) -> list[Trial] | None:
         return [p.trial()]
     if notebook == "04_hypotheses":
         mems = memory_levels(nb.get("UTILIZATIONS"), nb.get("KV_BUDGETS_BYTES"))
-        return factorial_trials(p, nb["LAUNCHERS"], nb["MAX_MODEL_LENS"], mems)
+        return factorial_trials(p, nb["LAUNCHERS"], nb["MAX_MODEL_LENS"], mems, nb.get("ENFORCE_EAGER"))
     return None
 
 
