@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from vllm_lab.launcher import (
     reap,
 )
 from vllm_lab.spec import Trial
+from vllm_lab.testing.fake_nvml import FakeNvml
 
 pytestmark = pytest.mark.fake
 
@@ -188,8 +190,7 @@ def test_stop_waits_for_gpu_memory_and_notes_when_it_is_not_released(fake_model,
     """With NVML present the stop waits until the device is back at its pre-launch level (fake NVML here)."""
     from vllm_lab import gpu
 
-    levels = iter([{0: 1000.0}])  # before the launch
-    monkeypatch.setattr(gpu, "used_mib", lambda *a, **k: next(levels))
+    monkeypatch.setattr(gpu, "_NVML_OVERRIDE", FakeNvml([dict(P40, used=[1000])]))
     calls = []
 
     class Waited:
@@ -207,3 +208,156 @@ def test_stop_waits_for_gpu_memory_and_notes_when_it_is_not_released(fake_model,
         assert s.start().outcome == "ready"
     assert calls == [([0], {0: 1000.0})]
     assert "not released" in s.gpu_note and "9000 MiB" in s.gpu_note
+
+
+# --- issue 16: GPU accounting per visible device, one wait per stop ------------------------------------------
+
+P40 = {"name": "Tesla P40", "uuid": "GPU-aaaa1111-2222", "cc": (6, 1), "total": 24576, "used": [1000]}
+A100 = {
+    "name": "NVIDIA A100-SXM4-80GB",
+    "uuid": "GPU-bbbb3333-4444",
+    "cc": (8, 0),
+    "total": 81920,
+    "used": [300],
+}
+
+
+@pytest.mark.parametrize("where", ["trial", "process"])
+def test_gpu_baseline_and_release_wait_cover_only_the_visible_device(fake_model, run_dir, monkeypatch, where):
+    """A neighbour's job grows on GPU 0 while the trial runs on GPU 1: its stop must not wait for GPU 0."""
+    from vllm_lab import gpu
+
+    neighbour = dict(P40, used=[1000, 9000])  # grows after the first reading
+    fake = FakeNvml([neighbour, dict(A100, used=[300, 6000, 300])])
+    monkeypatch.setattr(gpu, "_NVML_OVERRIDE", fake)
+    waits = []
+    real_wait = gpu.wait_for_memory_free
+    monkeypatch.setattr(gpu, "wait_for_memory_free", lambda d, b, *a, **k: waits.append((d, b)) or real_wait(
+        d, b, *a, **{**k, "timeout_s": 1, "interval_s": 0.01}))  # fmt: skip
+    env = {"CUDA_VISIBLE_DEVICES": "GPU-bbbb3333"} if where == "trial" else {}
+    if where == "process":
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    with VllmServer(trial(fake_model, env=env), run_dir) as s:
+        assert s.start().outcome == "ready"
+    assert [d for d, _ in waits] == [[1]]
+    assert set(waits[0][1]) == {1}
+    assert s.gpu_note is None
+
+
+def test_failed_launch_waits_for_gpu_memory_once(fake_model, run_dir, monkeypatch):
+    from vllm_lab import gpu
+
+    monkeypatch.setattr(gpu, "_NVML_OVERRIDE", FakeNvml([dict(P40)]))
+    waits = []
+    monkeypatch.setattr(gpu, "wait_for_memory_free", lambda *a, **k: waits.append(a) or True)
+    with VllmServer(trial(fake_model, env=fake_env(scenario="fail:cuda_oom")), run_dir) as s:
+        assert s.start().outcome == "failed"
+    assert len(waits) == 1
+
+
+def test_record_gpu_facts_peak_and_timeline_are_the_visible_devices(fake_model, run_dir, monkeypatch):
+    from vllm_lab import gpu
+    from vllm_lab.probe import run_trial
+
+    monkeypatch.setattr(
+        gpu, "_NVML_OVERRIDE", FakeNvml([dict(P40, used=[20000]), dict(A100, used=[300, 700])])
+    )
+    rec = run_trial(trial(fake_model, env={"CUDA_VISIBLE_DEVICES": "1"}), run_dir, long=False)
+    assert (rec["gpu_name"], rec["gpu_cc"], rec["gpu_total_mib"]) == ("NVIDIA A100-SXM4-80GB", "8.0", 81920)
+    assert rec["peak_gpu_mib"] == 700.0  # GPU 0's 20000 MiB is a neighbour's
+    assert {v for _, v in rec["gpu_memory_timeline"]} <= {300.0, 700.0}
+
+
+# --- issue 16: backend, readiness, proxies, exit codes, logs, caches ------------------------------------------
+
+STANDIN = f"{sys.executable} -m vllm_lab.testing.standin"
+
+
+def test_backend_comes_from_the_command_never_from_log_words(fake_model, run_dir):
+    """A stand-in in an environment without vLLM that prints CUDA words is not vllm-cuda."""
+    with VllmServer(trial(fake_model, vllm_cmd=STANDIN), run_dir) as s:
+        res = s.start()
+    assert res.outcome == "ready"
+    assert "platform cuda" in Path(res.log_path).read_text()
+    assert res.backend == "unknown"
+
+
+def test_ready_via_health_without_uvicorns_log_line(fake_model, run_dir):
+    with VllmServer(trial(fake_model, vllm_cmd=STANDIN, env={"STANDIN_NO_UVICORN": "1"}), run_dir) as s:
+        res = s.start()
+    assert res.outcome == "ready"
+    assert "Application startup complete" not in Path(res.log_path).read_text()
+
+
+def test_loopback_requests_do_not_go_through_a_proxy(fake_model, run_dir, monkeypatch):
+    with socket.socket() as dead:
+        dead.bind(("127.0.0.1", 0))
+        proxy = f"http://127.0.0.1:{dead.getsockname()[1]}"
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "all_proxy"):
+        monkeypatch.setenv(name, proxy)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with VllmServer(trial(fake_model, startup_timeout_s=15), run_dir) as s:
+        res = s.start()
+    assert res.outcome == "ready"
+    assert res.served_max_model_len == 1024
+
+
+def test_sigkill_before_ready_is_recorded_and_named_as_the_oom_killer(fake_model, run_dir):
+    from vllm_lab.probe import run_trial
+
+    rec = run_trial(trial(fake_model, vllm_cmd=STANDIN, env={"STANDIN_SIGKILL": "1"}), run_dir)
+    assert (rec["outcome"], rec["failure"]) == ("failed", "other")
+    assert (rec["exit_code"], rec["exit_signal"]) == (-9, "SIGKILL")
+    assert "OOM killer" in rec["evidence"]
+
+
+def test_exit_code_of_a_server_that_ends_by_itself(fake_model, run_dir):
+    with VllmServer(trial(fake_model, vllm_cmd=STANDIN, env={"STANDIN_EXIT": "3"}), run_dir) as s:
+        res = s.start()
+    assert (res.outcome, res.exit_code, res.exit_signal) == ("failed", 3, None)
+
+
+def test_death_after_ready_is_recorded_with_its_exit_code(fake_model, run_dir):
+    t = trial(fake_model, env=fake_env(scenario="die_after_ready", die_after=0.3))
+    with VllmServer(t, run_dir) as s:
+        res = s.start()
+        assert res.outcome == "ready" and res.exit_code is None
+        time.sleep(1.5)
+    assert (res.exit_code, res.exit_signal) == (3, None)
+    assert "exited by itself" in s.stop_note
+
+
+def test_fail_fast_stop_is_not_recorded_as_the_servers_own_exit(fake_model, run_dir):
+    t = trial(fake_model, env=fake_env(scenario="fail:cuda_oom", linger=60))
+    with VllmServer(t, run_dir) as s:
+        res = s.start()
+    assert res.outcome == "failed" and (res.exit_code, res.exit_signal) == (None, None)
+
+
+def test_logs_are_never_overwritten(fake_model, run_dir):
+    logs = []
+    for version in ("0.10.2", "0.32.0", "0.33.0"):
+        with VllmServer(trial(fake_model, trial_id="same", env=fake_env(version=version)), run_dir) as s:
+            logs.append(s.start().log_path)
+    assert [Path(p).name for p in logs] == ["same.log", "same-2.log", "same-3.log"]
+    assert [("version " + v) in Path(p).read_text() for p, v in zip(logs, ("0.10.2", "0.32.0", "0.33.0"),
+                                                                    strict=True)] == [True] * 3  # fmt: skip
+
+
+def test_caches_are_the_users_and_tmpdir_is_private(fake_model, run_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.delenv("VLLM_CACHE_ROOT", raising=False)
+    envs = []
+    for n, extra in enumerate([{}, {}, {"VLLM_LAB_ISOLATE_CACHE": "1"}]):
+        dump = tmp_path / f"env{n}.json"
+        t = trial(fake_model, vllm_cmd=STANDIN, env={"STANDIN_ENV_DUMP": str(dump), **extra})
+        with VllmServer(t, run_dir) as s:
+            assert s.start().outcome == "ready"
+        envs.append(json.loads(dump.read_text()))
+    shared, again, isolated = envs
+    assert shared["HF_HOME"] == str(tmp_path / "hf-home")  # the user's HF cache: a hub model downloads once
+    assert "XDG_CACHE_HOME" not in shared and "VLLM_CACHE_ROOT" not in shared  # ~/.cache/vllm: shared
+    assert shared["TMPDIR"] != again["TMPDIR"]  # private per launch (ZMQ sockets)
+    assert isolated["VLLM_CACHE_ROOT"].startswith(isolated["TMPDIR"])  # isolation only on request

@@ -5,13 +5,18 @@ an unread pipe), readiness that also checks the process is alive, terminate -> w
 fail fast on the first fatal log line, its own session per launch (so EngineCore and every other child can
 be found and ended), a pid file per live server (so a later run can refuse to start beside a survivor and
 `vllm-lab reap` can end it), and secrets redacted in the log copy.
+
+A `docker run` / `podman run` command starts a container the client does not own: ending the client leaves
+it (and its GPU memory) behind. So the launcher names it (`--name vllm-lab-...`), publishes the port, stops
+it by name (`stop -t N`, then `kill`) and records the name in the pid file for `vllm-lab reap`.
+The Hugging Face cache and vLLM's compile cache are the user's (shared across trials; a trial can ask for
+a private compile cache with VLLM_LAB_ISOLATE_CACHE=1); only TMPDIR (ZMQ sockets, the raw log) is private.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import functools
 import json
 import os
 import shutil
@@ -20,13 +25,14 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import psutil
 
-from vllm_lab import logscan
+from vllm_lab import commands, logscan
 from vllm_lab.compat import legacy_quantization_flag  # the older launcher: flag from the model NAME
 from vllm_lab.redact import redact_argv, redact_text
 from vllm_lab.spec import SpecError, Trial, split_cmd
@@ -36,6 +42,8 @@ READ_CHUNK_BYTES = 4 << 20
 MAX_LOG_COPY_BYTES = 64 << 20
 OWNER_ENV = "VLLM_LAB_OWNER"  # set in every launched server's environment: which process launched it
 STOP_GRACE_S = 8.0
+HEALTH_POLL_S = 0.5  # /health is polled even without uvicorn's log line (other log configs, containers)
+ISOLATE_CACHE_ENV = "VLLM_LAB_ISOLATE_CACHE"  # =1 in a trial's env: a private vLLM compile cache
 
 
 class LaunchRefused(SpecError):
@@ -73,8 +81,38 @@ def bind_kernel_to_batch() -> None:
         _die_with_parent()
 
 
-def build_argv(trial: Trial, port: int) -> list[str]:
+def container_name(trial: Trial) -> str:
+    """Unique per launch, and a valid container name (letters, digits, _.-)."""
+    safe = (
+        "".join(c if c.isalnum() or c in "_.-" else "-" for c in trial.trial_id)[:60].strip("-.") or "trial"
+    )
+    return f"vllm-lab-{safe}-{uuid.uuid4().hex[:6]}"
+
+
+def container_args(trial: Trial, port: int, name: str) -> list[str]:
+    """What goes right after `docker run`: a name to stop it by, the port, the trial's env, --rm."""
+    c = commands.analyse(trial.vllm_cmd)
+    opts = c.options
+    out = [] if "--name" in opts else ["--name", name]
+    if "--rm" not in opts:
+        out.append("--rm")  # a stopped trial leaves no container behind
+    if not c.host_network:
+        publish = "127.0.0.1" if trial.host in ("127.0.0.1", "localhost", "0.0.0.0") else trial.host
+        out += ["-p", f"{publish}:{port}:{port}"]
+    for k in trial.env:  # by name only: the value comes from the client's environment, never the argv
+        out += ["-e", k]
+    return out
+
+
+def build_argv(trial: Trial, port: int, container: str | None = None) -> list[str]:
     cmd = split_cmd(trial.vllm_cmd)
+    c = commands.analyse(cmd)
+    host = trial.host
+    if c.run_at is not None:
+        name = (c.options.get("--name") or [container or container_name(trial)])[-1]
+        cmd = [*cmd[: c.run_at + 1], *container_args(trial, port, name), *cmd[c.run_at + 1 :]]
+        if not c.host_network:
+            host = "0.0.0.0"  # inside the container; the published port is bound on the host side only
     # `vllm serve MODEL` takes the model positionally; the api_server module takes --model.
     argv = [*cmd, trial.model] if cmd[-1] == "serve" else [*cmd, "--model", trial.model]
     quant = quantization_flag(trial)
@@ -86,7 +124,7 @@ def build_argv(trial: Trial, port: int) -> list[str]:
         argv += ["--kv-cache-memory-bytes", str(trial.kv_cache_memory_bytes)]
     elif trial.gpu_memory_utilization is not None:
         argv += ["--gpu-memory-utilization", str(trial.gpu_memory_utilization)]
-    argv += ["--host", trial.host, "--port", str(port), *trial.extra_args]
+    argv += ["--host", host, "--port", str(port), *trial.extra_args]
     return argv
 
 
@@ -122,7 +160,9 @@ def _pid_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "servers"
 
 
-def _write_pidfile(run_dir: Path, trial_id: str, proc: psutil.Process, port: int, tmp: Path) -> Path:
+def _write_pidfile(
+    run_dir: Path, trial_id: str, proc: psutil.Process, port: int, tmp: Path, container: dict | None = None
+) -> Path:
     path = _pid_dir(run_dir) / f"{trial_id}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     info = {
@@ -131,44 +171,95 @@ def _write_pidfile(run_dir: Path, trial_id: str, proc: psutil.Process, port: int
         "port": port,
         "tmp": str(tmp),
         "trial_id": trial_id,
+        **(container or {}),  # {"container": name, "runtime": path of the docker/podman client}
     }
     path.write_text(json.dumps(info))
     return path
 
 
+def _pid_alive(info: dict) -> bool:
+    try:
+        proc = psutil.Process(info["pid"])
+        return abs(proc.create_time() - info["create_time"]) < 1 and proc.status() != psutil.STATUS_ZOMBIE
+    except (psutil.Error, OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def live_servers(run_dir: str | Path) -> list[dict]:
-    """Servers recorded in pid files whose process (same pid AND start time) is still alive."""
+    """Servers recorded in pid files whose process (same pid AND start time) or container is still alive."""
     alive = []
     for path in sorted(_pid_dir(Path(run_dir)).glob("*.json")):
         try:
             info = json.loads(path.read_text())
-            proc = psutil.Process(info["pid"])
-            if abs(proc.create_time() - info["create_time"]) < 1 and proc.status() != psutil.STATUS_ZOMBIE:
-                alive.append({**info, "pidfile": str(path)})
-                continue
-        except (psutil.Error, OSError, ValueError, KeyError):
-            pass
+        except (OSError, ValueError):
+            info = {}
+        if isinstance(info, dict) and (
+            _pid_alive(info)
+            or (info.get("container") and container_alive(info["runtime"], info["container"]))
+        ):
+            alive.append({**info, "pidfile": str(path)})
+            continue
         path.unlink(missing_ok=True)  # stale: that server is gone
     return alive
 
 
-def reap(run_dir: str | Path) -> list[int]:
-    """End every server left alive by an earlier run in this folder; return the pids that were ended."""
+def reap_all(run_dir: str | Path) -> list[dict]:
+    """End every server (and container) left alive by an earlier run in this folder; their pid-file facts."""
     ended = []
     for info in live_servers(run_dir):
+        if info.get("container") and not stop_container(info["runtime"], info["container"]):
+            raise RuntimeError(f"could not end container {info['container']}")
         survivors = stop_tree(info["pid"])
         if survivors:
             raise RuntimeError(f"could not end pids {survivors}")
         shutil.rmtree(info["tmp"], ignore_errors=True)
         Path(info["pidfile"]).unlink(missing_ok=True)
-        ended.append(info["pid"])
+        ended.append(info)
     return ended
 
 
+def reap(run_dir: str | Path) -> list[int]:
+    """End every server left alive by an earlier run in this folder; return the pids that were ended."""
+    return [info["pid"] for info in reap_all(run_dir)]
+
+
 def cli_reap(args) -> int:
-    ended = reap(args.run_dir)
-    print(f"ended {len(ended)} server(s): {ended}" if ended else "no live server recorded in " + args.run_dir)
+    ended = reap_all(args.run_dir)
+    names = [
+        f"pid {i['pid']}" + (f" (container {i['container']})" if i.get("container") else "") for i in ended
+    ]
+    print(
+        f"ended {len(ended)} server(s): {', '.join(names)}"
+        if ended
+        else "no live server recorded in " + args.run_dir
+    )
     return 0
+
+
+# --- containers: stopped by name, since ending the client leaves them running ------------------------------
+
+
+def _runtime_call(runtime: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess | None:
+    try:
+        return subprocess.run([runtime, *args], capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def container_alive(runtime: str, name: str) -> bool:
+    r = _runtime_call(runtime, "inspect", "--format", "{{.State.Running}}", name)
+    return bool(r and r.returncode == 0 and r.stdout.strip().lower() == "true")
+
+
+def stop_container(runtime: str, name: str, grace_s: float = STOP_GRACE_S) -> bool:
+    """`stop -t N name`, then `kill name` if it still runs; True when it no longer runs."""
+    _runtime_call(runtime, "stop", "-t", str(max(1, round(grace_s))), name, timeout=grace_s + 30)
+    if container_alive(runtime, name):
+        _runtime_call(runtime, "kill", name)
+        deadline = time.monotonic() + 10
+        while container_alive(runtime, name) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    return not container_alive(runtime, name)
 
 
 # --- stopping a tree ------------------------------------------------------------------------------------------
@@ -229,54 +320,40 @@ class LaunchResult:
     log_path: str
     port: int
     base_url: str
-    backend: str | None
+    backend: str  # vllm-cuda | vllm-cpu | fake | unknown: from the command's environment, never its log
     failure: str | None = None
     evidence: str | None = None
     remedy: str | None = None
     served_max_model_len: int | None = None
-    exit_code: int | None = None
+    exit_code: int | None = None  # only when the server ended by itself (not by our stop)
+    exit_signal: str | None = None  # e.g. SIGKILL
     scan: dict = field(default_factory=dict)  # logscan facts (kv tokens, version, ...)
 
 
-def detect_backend(log_text: str) -> str | None:
-    """From what the server printed, never assumed: None where the log does not say (it died too early)."""
-    if "FAKE vLLM" in log_text:
-        return "fake"
-    low = log_text.lower()
-    if any(
-        m in low
-        for m in ("detected platform cpu", "cpu kv cache size", "cpu memory utilization", "on node 0")
-    ):
-        return "vllm-cpu"
-    if any(m in low for m in ("detected platform cuda", "gpu kv cache size", "cuda", "# gpu blocks")):
-        return "vllm-cuda"
-    return None
+def backend_of_command(cmd: tuple[str, ...] | list[str] | str, env: dict | None = None) -> str:
+    """Which vLLM build the command runs, from its environment's installed packages; never raises."""
+    return commands.backend(cmd, env)
 
 
-@functools.cache
-def backend_of_command(cmd: tuple[str, ...]) -> str | None:
-    """Which vLLM build the command runs, from its environment's installed packages (no vLLM import)."""
-    if any("fake_vllm" in part for part in cmd):
-        return "fake"
-    python = cmd[0] if "-m" in cmd else _shebang_python(cmd[0])
-    if not python:
-        return None
-    code = ("import importlib.metadata as m\nnames={d.metadata['Name'].lower() for d in m.distributions()}\n"
-            "print('vllm-cpu' if 'vllm-cpu' in names else 'vllm-cuda' if 'vllm' in names else '')")  # fmt: skip
+OOM_KILLER_EVIDENCE = (
+    "the server was killed by SIGKILL and its log names no cause: likely the kernel's OOM killer "
+    "(host memory ran out); see `dmesg` or `journalctl -k`"
+)
+OOM_KILLER_REMEDY = (
+    "free host memory (other programs, a smaller --swap-space or --cpu-offload-gb; on the CPU build a smaller "
+    "KV budget), then launch again"
+)
+
+
+def exit_facts(code: int | None, container: bool = False) -> tuple[int | None, str | None]:
+    """(exit code, signal name): -9 -> SIGKILL; a container client's 137 (128 + 9) -> SIGKILL too."""
+    if code is None:
+        return None, None
+    sig = -code if code < 0 else (code - 128 if container and 128 < code < 160 else None)
     try:
-        out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=60).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out or None
-
-
-def _shebang_python(exe: str) -> str | None:
-    path = shutil.which(exe)
-    try:
-        first = Path(path).read_bytes()[:200].split(b"\n", 1)[0].decode() if path else ""
-    except OSError:
-        return None
-    return first[2:].strip().split()[0] if first.startswith("#!") else None
+        return code, signal.Signals(sig).name if sig else None
+    except ValueError:
+        return code, None
 
 
 class VllmServer:
@@ -295,8 +372,31 @@ class VllmServer:
         self._read = 0  # bytes of the raw log already read
         self._copied = 0  # bytes written to the redacted copy
         self.survivors: list[int] = []
+        self._gpus: list[int] = []  # physical GPUs this trial can see (its CUDA_VISIBLE_DEVICES)
         self._gpu_baseline: dict[int, float] = {}
         self.gpu_note: str | None = None  # set by stop() when NVML still shows the memory held
+        self.stop_note: str | None = (
+            None  # set by stop(): the server had died by itself, a container was left
+        )
+        self._stopped = False
+        self._own_exit: int | None = None  # return code when the server ended by itself
+        self.result: LaunchResult | None = None
+        cmd = commands.analyse(trial.vllm_cmd)
+        self.runtime = shutil.which(cmd.argv[0]) or cmd.argv[0] if cmd.run_at is not None else None
+        self.container = (cmd.options.get("--name") or [container_name(trial)])[-1] if self.runtime else None
+
+    def _new_log_path(self) -> Path:
+        """logs/<trial_id>.log, or -2, -3 ... when taken: an older record may still point to that log."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        stem = self.trial.trial_id
+        for n in range(1, 10_000):
+            path = self.log_path.parent / (f"{stem}.log" if n == 1 else f"{stem}-{n}.log")
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+                return path
+            except FileExistsError:
+                continue
+        raise LaunchRefused(f"logs: {self.log_path.parent} holds 10000 logs of {stem}; use a new run folder")
 
     # The raw log lives in the launch's private TMPDIR (0700); the run folder only gets the redacted copy.
     # A flooding server must not fill the run folder: the copy stops at MAX_LOG_COPY_BYTES (lines are still
@@ -332,19 +432,27 @@ class VllmServer:
             out.write(data)
         self._copied += len(data)
 
+    def _env(self) -> dict[str, str]:
+        """The server's environment: the user's caches (HF, vLLM compile cache) shared, TMPDIR private."""
+        env = {**os.environ, **self.trial.env, "TMPDIR": str(self.tmp), "PYTHONUNBUFFERED": "1",
+               OWNER_ENV: os.environ.get(OWNER_ENV, str(os.getpid()))}  # fmt: skip
+        if env.get(ISOLATE_CACHE_ENV) == "1":
+            env["VLLM_CACHE_ROOT"] = str(
+                self.tmp / "vllm-cache"
+            )  # on request only: a cold compile each launch
+        if commands.is_local_model(self.trial.model):
+            env.setdefault("HF_HUB_OFFLINE", "1")
+        return env
+
     def start(self) -> LaunchResult:
         refuse_if_survivors(self.run_dir)
         check_port_free(self.trial.host, self.port)
-        self._gpu_baseline = _gpu_used_now()
-        argv = build_argv(self.trial, self.port)
+        self._gpus = visible_gpus(self.trial)
+        self._gpu_baseline = _gpu_used_now(self._gpus)
+        argv = build_argv(self.trial, self.port, self.container)
         self.tmp = Path(tempfile.mkdtemp(prefix="vllm-lab-"))  # short path: ZMQ ipc sockets live here
-        env = {**os.environ, **self.trial.env, "TMPDIR": str(self.tmp),
-               "VLLM_CACHE_ROOT": str(self.tmp / "vllm-cache"), "XDG_CACHE_HOME": str(self.tmp / "xdg-cache"),
-               "PYTHONUNBUFFERED": "1", OWNER_ENV: os.environ.get(OWNER_ENV, str(os.getpid()))}  # fmt: skip
-        if Path(self.trial.model).is_dir():
-            env.setdefault("HF_HUB_OFFLINE", "1")
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.log_path.write_text("")
+        env = self._env()
+        self.log_path = self._new_log_path()
         self._raw_log = self.tmp / "vllm.log"
         t0 = time.monotonic()
         with open(self._raw_log, "wb") as log:
@@ -358,8 +466,9 @@ class VllmServer:
                 preexec_fn=_die_with_parent,
             )
         with contextlib.suppress(psutil.Error):
+            where = {"container": self.container, "runtime": self.runtime} if self.container else None
             self.pidfile = _write_pidfile(
-                self.run_dir, self.trial.trial_id, psutil.Process(self.proc.pid), self.port, self.tmp
+                self.run_dir, self.trial.trial_id, psutil.Process(self.proc.pid), self.port, self.tmp, where
             )
         outcome, fatal = self._wait_ready(t0)
         seconds = time.monotonic() - t0
@@ -373,25 +482,32 @@ class VllmServer:
         failure = facts.get("failure") or (fatal if outcome == "failed" else None)
         if outcome == "failed" and not failure:
             failure = "other"
-        return LaunchResult(
+        code, sig = exit_facts(self._own_exit, bool(self.container))
+        evidence, remedy = facts.get("evidence"), facts.get("remedy")
+        if outcome == "failed" and sig == "SIGKILL" and not facts.get("failure"):
+            evidence, remedy = OOM_KILLER_EVIDENCE, OOM_KILLER_REMEDY
+        self.result = LaunchResult(
             outcome=outcome,
             seconds_to_outcome=round(seconds, 3),
             argv=redact_argv(argv),
             log_path=str(self.log_path),
             port=self.port,
             base_url=self.base_url,
-            backend=detect_backend(text) or backend_of_command(tuple(argv[:3])),
+            backend=backend_of_command(tuple(split_cmd(self.trial.vllm_cmd)), env),
             failure=failure if outcome == "failed" else None,
-            evidence=facts.get("evidence") if outcome == "failed" else None,
-            remedy=facts.get("remedy") if outcome == "failed" else None,
+            evidence=evidence if outcome == "failed" else None,
+            remedy=remedy if outcome == "failed" else None,
             served_max_model_len=self._served_max_len() if outcome == "ready" else None,
-            exit_code=self.proc.returncode,
+            exit_code=code,
+            exit_signal=sig,
             scan=facts,
         )
+        return self.result
 
     def _wait_ready(self, t0: float) -> tuple[str, str | None]:
         deadline = t0 + self.trial.startup_timeout_s
         marker_seen = False
+        next_health = t0
         while time.monotonic() < deadline:
             for line in self._copy_log():
                 kind = logscan.classify_line(line)
@@ -399,19 +515,23 @@ class VllmServer:
                     return "failed", kind  # fail fast: do not wait for the process to wind down
                 marker_seen = marker_seen or logscan.READY_MARKER in line
             if self.proc.poll() is not None:
+                self._own_exit = self.proc.returncode
                 for line in self._copy_log(final=True):
                     kind = logscan.classify_line(line)
                     if kind:
                         return "failed", kind
                 return "failed", None
-            if marker_seen and self._healthy():
+            # uvicorn's line, or /health on its own every HEALTH_POLL_S (a log without that line)
+            if (marker_seen or time.monotonic() >= next_health) and self._healthy():
                 return "ready", None
+            if time.monotonic() >= next_health:
+                next_health = time.monotonic() + HEALTH_POLL_S
             time.sleep(POLL_S)
         return "timeout", None
 
     def _healthy(self) -> bool:
-        try:
-            return httpx.get(f"{self.base_url}/health", timeout=2).status_code == 200
+        try:  # our own loopback server: never through HTTP(S)_PROXY
+            return httpx.get(f"{self.base_url}/health", timeout=2, trust_env=False).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -419,7 +539,9 @@ class VllmServer:
         try:
             key = self.trial.api_key()  # /v1/* needs the key when the server has one
             auth = {"Authorization": f"Bearer {key}"} if key else None
-            data = httpx.get(f"{self.base_url}/v1/models", headers=auth, timeout=5).json()["data"]
+            data = httpx.get(f"{self.base_url}/v1/models", headers=auth, timeout=5, trust_env=False).json()[
+                "data"
+            ]
             return int(data[0]["max_model_len"])
         except (httpx.HTTPError, KeyError, IndexError, TypeError, ValueError):
             return None
@@ -428,20 +550,41 @@ class VllmServer:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self) -> list[int]:
-        """End the whole tree and verify none survives; where NVML exists, wait for its memory to be freed."""
-        if self.proc is None:
-            return []
+        """End the whole tree (and container) and verify none survives; where NVML exists, wait for the
+        trial's GPUs to be back at their baseline. Once only: a failed start stops, and so does __exit__."""
+        if self.proc is None or self._stopped:
+            return self.survivors
+        self._stopped = True
+        if self._own_exit is None and self.proc.poll() is not None:
+            self._note_own_exit(self.proc.returncode)  # it died by itself (after ready, mid-request)
+        left = bool(self.container) and not stop_container(self.runtime, self.container)
+        if left:  # keep its pid file: `vllm-lab reap` stops it by name
+            self._add_note(f"container {self.container} still runs after `stop` and `kill`")
         self.survivors = stop_tree(self.proc.pid)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=1)
         self._copy_log(final=True)
-        if not self.survivors:
+        if not self.survivors and not left:
             if self.pidfile:
                 self.pidfile.unlink(missing_ok=True)
             if self.tmp:
                 shutil.rmtree(self.tmp, ignore_errors=True)
         self.gpu_note = _wait_gpu_memory_released(self._gpu_baseline)
         return self.survivors
+
+    def _note_own_exit(self, code: int) -> None:
+        self._own_exit = code
+        exit_code, sig = exit_facts(code, bool(self.container))
+        if self.result is not None:
+            self.result.exit_code, self.result.exit_signal = exit_code, sig
+        self._add_note(
+            OOM_KILLER_EVIDENCE
+            if sig == "SIGKILL"
+            else f"the server exited by itself ({sig or f'code {exit_code}'})"
+        )
+
+    def _add_note(self, text: str) -> None:
+        self.stop_note = f"{self.stop_note}; {text}" if self.stop_note else text
 
     def __enter__(self) -> VllmServer:
         return self
@@ -460,11 +603,28 @@ def refuse_if_survivors(run_dir: Path) -> None:
         )
 
 
-def _gpu_used_now() -> dict[int, float]:
-    """Used MiB per GPU before a launch ({} without NVML): the level to come back to after the stop."""
+def trial_gpu_env(trial: Trial) -> dict[str, str]:
+    """The environment that decides which GPUs a trial's server sees: its env over ours; for a container,
+    its `--gpus` (none without it)."""
+    c = commands.analyse(trial.vllm_cmd)
+    if c.run_at is None:
+        return {**os.environ, **trial.env}
+    cvd = commands.container_gpu_env(c.options)
+    return {} if cvd is None else {"CUDA_VISIBLE_DEVICES": cvd}
+
+
+def visible_gpus(trial: Trial) -> list[int]:
+    """Physical (NVML) indices of the GPUs the trial's server can use ([] without NVML)."""
     from vllm_lab import gpu
 
-    return gpu.used_mib()
+    return gpu.visible_physical_indices(env=trial_gpu_env(trial))
+
+
+def _gpu_used_now(devices: list[int]) -> dict[int, float]:
+    """Used MiB per visible GPU before a launch ({} without NVML): the level to come back to after the stop."""
+    from vllm_lab import gpu
+
+    return gpu.used_mib(devices) if devices else {}
 
 
 def _wait_gpu_memory_released(baseline: dict[int, float]) -> str | None:

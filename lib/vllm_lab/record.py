@@ -24,6 +24,7 @@ FIELDS = (
     "long_request_ok", "ttft_s", "gpu_name", "gpu_cc", "gpu_total_mib", "log_path", "schema_version",
     # extensions
     "served_max_model_len", "chat_ok", "gpu_memory_timeline", "metrics", "note", "gpu_blocks",
+    "exit_code", "exit_signal",  # a server that ended by itself: its code and signal (SIGKILL: OOM killer?)
 )  # fmt: skip
 
 OUTCOMES = ("ready", "failed", "timeout", "unstable")
