@@ -151,3 +151,99 @@ def test_notebook_runs_under_plain_papermill_cli(tmp_path, fake_model):
     assert len(rows) == 1 and rows[0]["outcome"] == "ready" and rows[0]["served_max_model_len"] == 32768
     nb = nbformat.read(out, as_version=4)
     assert [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
+
+
+# ---- memory knobs: no CPU-demo budget by default, and a plan that sets both hears which one is used -----
+
+TRIAL_NOTEBOOKS = ("01_restore_launcher", "02_context_budget", "03_max_context_search")
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("notebook", TRIAL_NOTEBOOKS)
+def test_a_gpu_plan_that_sets_only_the_utilization_runs_at_that_utilization(tmp_path, fake_model, notebook):
+    from vllm_lab.dryrun import _trials
+    from vllm_lab.plan import load_plan, notebook_parameter_defaults
+    from vllm_lab.steps import step_params
+
+    assert notebook_parameter_defaults(notebook)["KV_CACHE_MEMORY_BYTES"] is None  # not the CPU demo's 10 MiB
+    path = tmp_path / "gpu.yaml"
+    path.write_text(yaml.safe_dump({"model": str(fake_model), "vllm_cmd": FAKE_CMD, "steps": [
+        {"name": "s", "notebook": notebook, "parameters": {"GPU_MEMORY_UTILIZATION": 0.9}}]}))  # fmt: skip
+    plan = load_plan(path)
+    trials = _trials(plan, plan.steps[0])
+    if trials is None:  # the search: its template trial
+        params = {
+            **notebook_parameter_defaults(notebook),
+            **plan.notebook_parameters(plan.steps[0], tmp_path),
+        }
+        trials = [step_params(params).trial()]
+    assert [(t.gpu_memory_utilization, t.kv_cache_memory_bytes, t.memory_note) for t in trials] == [
+        (0.9, None, None)
+    ]
+
+
+@pytest.mark.unit
+def test_a_plan_step_with_both_memory_knobs_warns_in_one_line_and_still_loads(tmp_path, fake_model, capsys):
+    from vllm_lab.plan import load_plan
+
+    path = tmp_path / "both.yaml"
+    path.write_text(yaml.safe_dump({"model": str(fake_model), "vllm_cmd": FAKE_CMD, "steps": [
+        {"name": "a", "notebook": "02_context_budget",
+         "parameters": {"GPU_MEMORY_UTILIZATION": 0.9, "KV_CACHE_MEMORY_BYTES": KV_LOW}},
+        {"name": "b", "notebook": "02_context_budget", "parameters": {"GPU_MEMORY_UTILIZATION": 0.9}},
+        {"name": "c", "notebook": "04_hypotheses", "parameters": {
+            "LAUNCHERS": ["head"], "MAX_MODEL_LENS": [1024], "UTILIZATIONS": [0.9], "KV_BUDGETS_BYTES": [KV_LOW]}},
+    ]}))  # fmt: skip
+    assert [s.name for s in load_plan(path).steps] == ["a", "b", "c"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2, err
+    assert "steps[0]" in err[0] and "KV_CACHE_MEMORY_BYTES" in err[0] and "GPU_MEMORY_UTILIZATION" in err[0]
+    assert "steps[2]" in err[1] and "KV_BUDGETS_BYTES" in err[1]
+    assert all(line.startswith("vllm-lab: warning:") for line in err)
+
+
+@pytest.mark.unit
+def test_the_cpu_demo_plan_sets_its_kv_budgets_itself(capsys):
+    from vllm_lab.plan import load_plan
+
+    raw = yaml.safe_load((ROOT / "params" / "demo-cpu.yaml").read_text())
+    for step in raw["steps"]:
+        params = step.get("parameters") or {}
+        if step["notebook"] in TRIAL_NOTEBOOKS:
+            assert isinstance(params.get("KV_CACHE_MEMORY_BYTES"), int), step["name"]
+        if step["notebook"] == "04_hypotheses":
+            assert params.get("KV_BUDGETS_BYTES"), step["name"]
+    load_plan(ROOT / "params" / "demo-cpu.yaml", check_command=False)
+    assert capsys.readouterr().err == ""  # no knob clash in the demo
+
+
+@pytest.mark.notebook
+@pytest.mark.fake
+def test_relative_out_from_another_folder_runs_steps_1_and_4_into_one_run_folder(tmp_path, fake_model):
+    """The installed command from a folder that is not the repo root, --out relative: one run folder."""
+    plan = {
+        "name": "rel", "model": str(fake_model), "vllm_cmd": FAKE_CMD,
+        "defaults": {"env": {"FAKE_VLLM_VERSION": "0.10.2"}, "startup_timeout_s": 30, "request_timeout_s": 15},
+        "steps": [
+            {"name": "01_restore_launcher", "notebook": "01_restore_launcher",
+             "parameters": {"LAUNCHER": "head", "MAX_MODEL_LEN": 16384, "KV_CACHE_MEMORY_BYTES": KV_LOW}},
+            {"name": "03_max_context_search", "notebook": "03_max_context_search",
+             "parameters": {"KV_CACHE_MEMORY_BYTES": KV_LOW, "LOW": 16384, "HIGH": 40960}},
+        ],
+    }  # fmt: skip
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan))
+    exe = Path(sys.executable).with_name("vllm-lab")
+    r = subprocess.run([str(exe), "run", "../plan.yaml", "--out", "rel"], cwd=cwd, capture_output=True, text=True,
+                       timeout=600)  # fmt: skip
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-2000:])
+    (run,) = (cwd / "rel").iterdir()
+    rows = record.read_records(run).rows
+    assert rows[0]["step"] == "01_restore_launcher" and len(rows) >= 2
+    assert all(Path(r["log_path"]).is_relative_to(run) for r in rows)
+    assert rows[0]["kv_cache_memory_bytes"] == KV_LOW and "gpu_memory_utilization 0.85" in rows[0]["note"]
+    glued = record.read_glued(run / "notebooks" / "03_max_context_search.ipynb")
+    assert glued["verdict"] == "found" and glued["max_model_len"] == 20480
+    assert (run / "report.md").is_file()
+    assert not (ROOT / "rel").exists()

@@ -7,6 +7,7 @@ is one SpecError line naming the key and the fix.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -204,7 +205,19 @@ def _load_step(i: int, s, seen: set, model: str, defaults: dict, base: Path) -> 
         raise SpecError(f"{where}.timeout_s: {timeout!r} must be a positive number of seconds")
     step_model = resolve_path(s["model"], base=base) if s.get("model") else model
     _check_model_limit(f"{where}.parameters.", step_model, params)
+    _warn_both_memory_knobs(f"{where} ({name})", params)
     return Step(name=name, notebook=nb, parameters=params, timeout_s=float(timeout), model=step_model)
+
+
+def _warn_both_memory_knobs(where: str, params: dict) -> None:
+    """Both knobs set: the KV budget wins (vLLM sizes the KV cache from it alone). Legal, so a warning."""
+    for util, kv in (
+        ("GPU_MEMORY_UTILIZATION", "KV_CACHE_MEMORY_BYTES"),
+        ("UTILIZATIONS", "KV_BUDGETS_BYTES"),
+    ):
+        if params.get(util) is not None and params.get(kv) is not None:
+            print(f"vllm-lab: warning: {where} sets both {util} and {kv}; {kv} is used and {util} is not "
+                  f"passed (set {kv}: null to run at the utilization)", file=sys.stderr)  # fmt: skip
 
 
 def _check_model_limit(where: str, model: str, params: dict) -> None:
