@@ -666,3 +666,21 @@ def test_a_yarn_model_is_searched_up_to_its_scaled_limit(stub_probe, tmp_path, c
                "--gpu-memory-utilization", "0.9", "--low", "16384", "--out", str(tmp_path / "o"), "--json"])  # fmt: skip
     assert rc == 0
     assert json.loads(capsys.readouterr().out)["max_model_len"] == 100000  # above max_position_embeddings
+
+
+def test_memory_search_retries_a_timeout_once_and_does_not_take_it_as_too_much_memory():
+    gpu = SimulatedGpu(free_gib=22.05, total_gib=23.87)
+    first: list[float] = []
+
+    def launch(u):
+        if not first:
+            first.append(u)
+            return record.new_record(
+                gpu_memory_utilization=u, outcome="timeout", evidence="not ready in 600 s"
+            )
+        return gpu(u)
+
+    res = search_max_memory(launch, low=0.5, high=0.98)
+    assert res.value == gpu.edge() and res.steps[1]["why"].startswith("retry")
+    always = search_max_memory(lambda u: record.new_record(gpu_memory_utilization=u, outcome="timeout"))
+    assert always.value is None and always.launches == 2 and "twice" in always.reason

@@ -688,6 +688,7 @@ def search_max_memory(
         tuple[int, str]
     ] = []  # from the last free/total report: its best value, then its safe one
     stop = None
+    retry: int | None = None  # a timeout or an unnamed crash is launched once more before it counts
     first: tuple[int, str] = (
         (min(high_k, max(low_k, math.floor(first_guess / p + 1e-9))), "first guess")
         if first_guess is not None
@@ -706,6 +707,9 @@ def search_max_memory(
             [first] if not records else [c for c in report_picks if lo < c[0] < bad and c[0] not in launched]
         )
         k, why = picks[0] if picks and lo < picks[0][0] < bad else ((lo + bad) // 2, "bisection")
+        retried = retry is not None
+        if retried:
+            k, why, retry = retry, f"retry: {describe(records[-1])} once may be a glitch", None
         rec = launch_mem(val(k))
         records.append(rec)
         launched.add(k)
@@ -720,6 +724,11 @@ def search_max_memory(
             break
         elif rec.get("outcome") == "failed" and kind in TOO_LITTLE_MEMORY:
             floor_k = max(floor_k, k)
+        elif failure_kind(rec) in RETRY_ONCE and not retried:
+            retry = k
+        elif failure_kind(rec) in RETRY_ONCE:
+            stop = f"stopped: the launch at {val(k)} ended {failure_kind(rec)} twice: {str(rec.get('evidence') or '')[:200]}"
+            break
         elif k < bad:
             bad, bad_why = k, f"the launch at {val(k)} was {describe(rec)}"
         ft = free_total_from(rec) if axis == "gpu_memory_utilization" else None
@@ -792,12 +801,17 @@ def memory_launcher(
         from vllm_lab.probe import run_trial
     run_dir = Path(run_dir)
 
+    tries: dict[float, int] = {}
+
     def launch_mem(value: float) -> dict:
         if axis == "gpu_memory_utilization":
             over = {"gpu_memory_utilization": float(value), "kv_cache_memory_bytes": None}
         else:
             over = {"kv_cache_memory_bytes": int(value), "gpu_memory_utilization": None}
         trial = dataclasses.replace(template, **over, trial_id="")
+        tries[value] = tries.get(value, 0) + 1
+        if tries[value] > 1:  # a retry is a trial of its own
+            trial.trial_id += f"-try{tries[value]}"
         return run_trial(trial, run_dir)
 
     return launch_mem
@@ -856,6 +870,9 @@ def cli_search(args) -> int:
         kv_cache_memory_bytes=args.kv_cache_memory_bytes, vllm_cmd=args.vllm_cmd or DEFAULT_VLLM_CMD,
         extra_args=shlex.split(args.extra_args or ""), startup_timeout_s=args.timeout, step=STEP,
     ).validate()  # fmt: skip
+    from vllm_lab.hub import prefetch_trial
+
+    prefetch_trial(template)  # a hub model: downloaded once, before the first trial and outside its timeout
     if args.axis == "memory":
         return _cli_search_memory(args, template)
     res = run_search(template, args.out, low=args.low, high=args.high)
