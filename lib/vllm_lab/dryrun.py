@@ -57,7 +57,7 @@ def print_dry_run(plan: Plan, steps: list[Step]) -> None:
                    else f"util={t.gpu_memory_utilization}")  # fmt: skip
             verdict = p.get("outcome", "?") + (f" ({p['failure']})" if p.get("failure") else "")
             print(
-                f"  {t.trial_id:<48} {t.launcher:<8} len={t.max_model_len!s:<6} {mem:<14} predicted: {verdict}"
+                f"  {t.trial_id:<58} {t.launcher:<8} len={t.max_model_len!s:<6} {mem:<14} predicted: {verdict}"
             )
             if p.get("reason"):
                 print(f"      {p['reason']}")

@@ -40,7 +40,11 @@ The search keeps a bracket (good, bad): good is the largest n launched that was 
 *proven* not stable. The answer is final when bad = good + 1 block: "one block more fails" is then part of
 the answer, never assumed. What proves that n fails:
 
-1. a launch at some m <= n that was not stable (failed, timeout, unstable): stability is monotone in n;
+1. a launch at some m <= n that failed BECAUSE of its length (kv_cache_insufficient, max_len_exceeds_model,
+   an unstable full-length request; see failure_class): stability is monotone in n. Other failures prove
+   nothing about n: one the length cannot change stops the search with it as the verdict, a timeout or an
+   unnamed crash is launched once more, and a failure that depends on n only in V0 (no_kv_memory, a CUDA
+   OOM after the weights loaded) gets one control launch at low;
 2. the model's limit: a launch failed with max_len_exceeds_model and named the derived limit d (or the caller
    passed ``model_limit``): every n > d fails;
 3. Rule A, a capacity report R (an estimate or a pool, never the GiB approximation) from a launch at m <= n
