@@ -128,7 +128,28 @@ CLI_CASES = [
     ("run-only-unknown", lambda e: ["run", str(ROOT / "params" / "demo-cpu.yaml"), "--only", "nosuchstep", "--dry-run"], "nosuchstep"),
     ("search-util-0", lambda e: ["search", "--model", e["model"], "--vllm-cmd", e["cmd"], "--gpu-memory-utilization", "0", "--out", str(e["run"])], "gpu_memory_utilization"),
     ("report-no-trials", lambda e: ["report", str(e["tmp"] / "empty")], "trials.jsonl"),
+    # command shapes (issue 10): the first word may be anything executable, but some shapes cannot be followed
+    ("launch-docker-not-installed", lambda e: _launch(e, f"{e['tmp'] / 'nobin' / 'docker'} run --gpus all vllm/vllm-openai"), "install docker"),
+    ("search-podman-not-installed", lambda e: ["search", "--model", e["model"], "--vllm-cmd", f"{e['tmp'] / 'nobin' / 'podman'} run img", "--kv-cache-memory-bytes", "8388608", "--out", str(e["run"])], "install podman"),
+    ("launch-docker-detached", lambda e: _launch(e, f"{_docker(e)} run -d --gpus all fake-vllm"), "detach"),
+    ("launch-docker-bundled-detach", lambda e: _launch(e, f"{_docker(e)} run -dit fake-vllm"), "detach"),
+    ("launch-docker-no-image", lambda e: _launch(e, f"{_docker(e)} run --gpus all"), "image"),
+    ("launch-env-without-command", lambda e: _launch(e, "env VLLM_USE_V1=1"), "env"),
+    ("launch-env-command-missing", lambda e: _launch(e, "env VLLM_USE_V1=1 /no/such/vllm serve"), "after env"),
+    ("launch-assignment-first", lambda e: _launch(e, "VLLM_USE_V1=1 vllm serve"), "env NAME=value"),
+    ("launch-runner-python-without-vllm", lambda e: _launch(e, "/no/such/conda run -n e python -m vllm"), "install conda"),
 ]  # fmt: skip
+
+
+def _launch(e, vllm_cmd: str) -> list[str]:
+    return ["launch", "--model", e["model"], "--vllm-cmd", vllm_cmd, "--out", str(e["run"])]
+
+
+def _docker(e) -> Path:
+    """The docker shim (no container runtime runs here): installed, but never reached by bad input."""
+    from vllm_lab.testing.docker_shim import install
+
+    return install(e["tmp"] / "docker-bin", e["tmp"] / "docker-state")
 
 
 @pytest.mark.parametrize(("case", "build", "words"), CLI_CASES, ids=[c[0] for c in CLI_CASES])

@@ -244,6 +244,8 @@ def not_found_fix(exe: str) -> str:
     name = basename(exe)
     if name in CONTAINER_RUNTIMES or name in ("apptainer", "singularity"):
         return f"install {name} (or use the runtime you have), or run vLLM without a container"
+    if name in ENV_RUNNERS:
+        return f"install {name}, or name that environment's python: /path/to/env/bin/python -m vllm.entrypoints.openai.api_server"
     if _ASSIGN.match(exe):
         return (
             "a variable assignment is not a command: write `env NAME=value vllm serve`, or set it under env:"
