@@ -329,6 +329,7 @@ def test_preflight_notebook_runs_under_papermill(tmp_path):
     assert g["kv_bytes_per_token"] == 147456 and g["weights_estimated"] is True
     assert g["gpu_profile"]["name"] == "Tesla P40" and g["any_can_start"] is False
     assert any("no AWQ path" in s for s in g["summary"])
+    assert g["h1"] == "neither_starts" and g["suspects"] == []  # the card itself is the cause
     assert len(g["verdicts"]) == 12 and {v["launcher"] for v in g["verdicts"]} == {
         "legacy",
         "head",
@@ -337,6 +338,18 @@ def test_preflight_notebook_runs_under_papermill(tmp_path):
     assert [p["gpu_memory_utilization"] for p in g["predicted_max_model_len"]] == [0.5, 0.85, 0.95]
     assert all(p["low"] <= p["max_model_len"] <= p["high"] for p in g["predicted_max_model_len"])
     assert (tmp_path / "run" / "00_preflight_predicted_max_model_len.png").stat().st_size > 1000
+    import nbformat
+
+    shown = [
+        o
+        for c in nbformat.read(out, as_version=4).cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+    ]
+    assert any("image/png" in o.get("data", {}) for o in shown)  # the figure shows in the notebook itself
+    plot_cell = next(c for c in nbformat.read(ROOT / "notebooks" / "00_preflight.ipynb", as_version=4).cells
+                     if "preflight_figure" in c.source)  # fmt: skip
+    assert len(plot_cell.source.splitlines()) <= 10  # the figure lives in plots.py (it was 47 lines)
 
 
 @pytest.mark.notebook

@@ -248,3 +248,27 @@ def test_report_reads_only_the_record(built):
     run_dir, _ = built["p40_factorial"]
     rows = [json.loads(line) for line in (run_dir / "trials.jsonl").read_text().splitlines()]
     assert len(report.load_run(run_dir)) == len(rows)
+
+
+def test_preflight_figure_draws_predictions_hollow_and_the_notes_measurement_filled(tmp_path):
+    from vllm_lab import memory, predict
+
+    facts, card = memory.load_model("Qwen3-8B-AWQ"), predict.resolve_gpu("rtx3060-12gb")
+    curve = predict.utilization_curve(facts, card, [0.5, 0.85, 0.95])
+    fig = plots.preflight_figure(
+        curve, "Qwen3-8B-AWQ on RTX 3060", facts.max_len, predict.observed_on(facts, card)
+    )
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    pred = lines["predicted largest max_model_len"]
+    assert pred.get_markerfacecolor() == "none" and pred.get_linestyle() == "--"
+    assert list(pred.get_ydata()) == [r["max_model_len"] for r in curve]
+    seen = lines["measured on this card: 22,256 KV tokens"]
+    assert seen.get_markerfacecolor() != "none" and list(seen.get_xdata()) == [0.85]
+    assert "model limit 40,960" in lines and "predicted" in fig.axes[0].get_title()
+    assert not fig.axes[0].collections  # overhead observed on this card: no band drawn
+    p40 = plots.preflight_figure(predict.utilization_curve(facts, "p40", [0.5, 0.95]), "P40", facts.max_len)
+    assert p40.axes[0].collections and not any(
+        t.startswith("measured") for t in p40.axes[0].get_legend_handles_labels()[1]
+    )
+    assert plots.save_figure(p40, tmp_path / "pf.png").read_bytes()[:4] == b"\x89PNG"
+    assert plots.preflight_figure([], "empty", 1) is None

@@ -41,7 +41,7 @@ def _new(figsize: tuple[float, float]):
     return fig, fig.subplots()
 
 
-def _save(fig: Figure | None, path: str | Path) -> Path | None:
+def save_figure(fig: Figure | None, path: str | Path) -> Path | None:
     if fig is None:
         return None
     path = Path(path)
@@ -118,7 +118,7 @@ def outcome_grid_figure(df: pd.DataFrame) -> Figure | None:
 
 
 def plot_outcome_grid(df: pd.DataFrame, path: str | Path) -> Path | None:
-    return _save(outcome_grid_figure(df), path)
+    return save_figure(outcome_grid_figure(df), path)
 
 
 # ---- (b) capacity against memory setting -------------------------------------------------------------
@@ -229,7 +229,7 @@ def _draw_estimates(ax, rows: pd.DataFrame, dx: float) -> int:
 
 
 def plot_capacity(df: pd.DataFrame, path: str | Path) -> Path | None:
-    return _save(capacity_figure(df), path)
+    return save_figure(capacity_figure(df), path)
 
 
 # ---- (c) seconds to outcome --------------------------------------------------------------------------
@@ -260,7 +260,7 @@ def seconds_figure(df: pd.DataFrame) -> Figure | None:
 
 
 def plot_seconds(df: pd.DataFrame, path: str | Path) -> Path | None:
-    return _save(seconds_figure(df), path)
+    return save_figure(seconds_figure(df), path)
 
 
 # ---- (d) GPU memory timeline -------------------------------------------------------------------------
@@ -298,7 +298,7 @@ def timeline_figure(df: pd.DataFrame) -> Figure | None:
 
 
 def plot_timeline(df: pd.DataFrame, path: str | Path) -> Path | None:
-    return _save(timeline_figure(df), path)
+    return save_figure(timeline_figure(df), path)
 
 
 # ---- (e) search trajectory ---------------------------------------------------------------------------
@@ -349,7 +349,39 @@ def _search_markers(ax, rows: pd.DataFrame) -> None:
 
 
 def plot_search(df: pd.DataFrame, path: str | Path) -> Path | None:
-    return _save(search_figure(df), path)
+    return save_figure(search_figure(df), path)
+
+
+# ---- (f) preflight: predicted capacity against gpu_memory_utilization (no records: nothing launched) ---
+
+
+def preflight_figure(
+    curve: pd.DataFrame | list[dict], title: str, model_max_len: int, observed: dict | None = None
+) -> Figure | None:
+    """predict.utilization_curve rows: predicted max_model_len and KV tokens (hollow, dashed), the overhead band,
+    the model's own limit, and what vLLM printed on this card where model.yaml has it (filled: measured)."""
+    c = pd.DataFrame(curve)
+    if c.empty:
+        return None
+    c = c.sort_values("gpu_memory_utilization")
+    x = c["gpu_memory_utilization"]
+    fig, ax = _new((7.5, 4.5))
+    ax.plot(
+        x, c["max_model_len"], "o--", mfc="none", color="#1f4e9c", label="predicted largest max_model_len"
+    )
+    ax.plot(x, c["kv_cache_tokens"], "s:", mfc="none", color="#555555", label="predicted KV cache tokens")
+    if (c["low"] != c["high"]).any():
+        ax.fill_between(x, c["low"], c["high"], color="#1f4e9c", alpha=0.15, label="band (unknown overhead)")
+    ax.axhline(model_max_len, ls="--", color="gray", lw=1, label=f"model limit {model_max_len:,}")
+    if observed and observed.get("kv_cache_tokens") and observed.get("gpu_memory_utilization"):
+        ax.plot(observed["gpu_memory_utilization"], observed["kv_cache_tokens"], "o", color="#2a9d47",
+                markersize=9, label=f"measured on this card: {observed['kv_cache_tokens']:,} KV tokens")  # fmt: skip
+    ax.set(xlabel="gpu_memory_utilization", ylabel="tokens")
+    ax.set_ylim(bottom=0, top=max(c["high"].max(), c["kv_cache_tokens"].max(), model_max_len) * 1.15)
+    ax.set_title(f"{title}: predicted capacity", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(alpha=0.3)
+    return fig
 
 
 PLOTS = {

@@ -188,6 +188,23 @@ def cli_predict(args) -> int:
     return 0
 
 
+def utilization_curve(
+    model: Any, gpu: str | GpuProfile, utilizations: Any, *, overhead_gib: float | None = None,
+    vllm_version: str | None = None,
+) -> list[dict]:  # fmt: skip
+    """The predicted largest max_model_len (and its band) and KV tokens at each gpu_memory_utilization."""
+    facts, prof = _facts(model), resolve_gpu(gpu)
+    rows = []
+    for u in utilizations:
+        p = gpu_predict(
+            facts, prof, gpu_memory_utilization=u, overhead_gib=overhead_gib, vllm_version=vllm_version
+        )
+        lo, hi = p.band["max_model_len"]
+        rows.append({"gpu_memory_utilization": u, "max_model_len": p.max_model_len, "low": lo, "high": hi,
+                     "kv_cache_tokens": p.kv_cache_tokens})  # fmt: skip
+    return rows
+
+
 # --------------------------------------------------------------------------------------------- preflight
 
 
@@ -424,10 +441,18 @@ def format_preflight(pf: Preflight) -> str:
     out.append("")
     out.extend(pf.summary)
     if pf.suspects:
-        top = pf.suspects[0]["numbers"]["gpu_memory_utilization"]
-        out += ["", f"If a start at {top} still fails here, the likelier causes (suspects):"]
-        out.extend(f"- {x['name']}: {x['why']}. Knob: {x['knob']}." for x in pf.suspects)
+        out += ["", *suspect_lines(pf)]
     return "\n".join(out)
+
+
+def suspect_lines(pf: Preflight) -> list[str]:
+    """The suspects as text: a heading, then one line each with its knob."""
+    if not pf.suspects:
+        return []
+    top = pf.suspects[0]["numbers"]["gpu_memory_utilization"]
+    return [f"If a start at {top} still fails here, the likelier causes (suspects):"] + [
+        f"- {x['name']}: {x['why']}. Knob: {x['knob']}." for x in pf.suspects
+    ]
 
 
 def cli_preflight(args) -> int:
