@@ -6,6 +6,7 @@ Fast mode (--enforce-eager, VLLM_ENABLE_V1_MULTIPROCESSING=0): ~25-35 s per laun
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,10 +14,11 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 from conftest import REAL_CMD, ROOT, TINY_AWQ_MODEL, TINY_MODEL, VLLM_VENV_PY, processes_in_session
-from vllm_lab import record, steps
+from vllm_lab import probe, record, steps
 from vllm_lab.launcher import VllmServer
 from vllm_lab.probe import run_trial
 from vllm_lab.spec import Trial
@@ -38,7 +40,8 @@ def real_trial(**kw) -> Trial:
     kw.setdefault("startup_timeout_s", 300)
     kw.setdefault("request_timeout_s", 180)
     kw["env"] = {**FAST["env"], **kw.get("env", {})}
-    return Trial(vllm_cmd=REAL_CMD, extra_args=FAST["extra_args"], **kw)
+    kw["extra_args"] = [*FAST["extra_args"], *kw.get("extra_args", [])]
+    return Trial(vllm_cmd=REAL_CMD, **kw)
 
 
 def test_clean_start_reads_capacity_from_the_real_log_and_serves_a_full_context(run_dir):
@@ -128,3 +131,54 @@ def test_the_same_trial_through_a_notebook_under_papermill(tmp_path):
     assert len(rows) == 1
     assert rows[0]["backend"] == "vllm-cpu" and rows[0]["outcome"] == "ready" and rows[0]["long_request_ok"]
     assert record.read_glued(out)["records"][0]["trial_id"] == rows[0]["trial_id"]
+
+
+def test_api_key_and_served_model_name(run_dir, monkeypatch):
+    """Issue 16: a server with --api-key and --served-model-name is ready and served, and the key is hidden."""
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    key = "lab-api-key-5e1f07"  # no well-known token shape: only the flag can hide it
+    t = real_trial(max_model_len=2048, kv_cache_memory_bytes=8 * MIB,
+                   extra_args=["--api-key", key, "--served-model-name", "tiny", "tiny-alias"])  # fmt: skip
+    rec = run_trial(t, run_dir)
+    assert rec["outcome"] == "ready", rec["evidence"]
+    assert rec["chat_ok"] is True
+    assert rec["long_request_ok"] is True and rec["long_request_tokens"] == 2048
+    assert rec["served_max_model_len"] == 2048  # /v1/models answered with the key
+    assert key not in json.dumps(rec)
+    assert key not in Path(rec["log_path"]).read_text()
+    assert record.read_records(run_dir).rows[-1]["trial_id"] == rec["trial_id"]
+
+
+def test_a_request_whose_engine_dies_streams_an_error_chunk_then_done(run_dir):
+    """What the probe relies on, from the real server: kill the EngineCore mid-stream (multiprocessing on)."""
+    t = real_trial(
+        max_model_len=1024, kv_cache_memory_bytes=8 * MIB, env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    )
+    with VllmServer(t, run_dir) as s:
+        res = s.start()
+        assert res.outcome == "ready", res.evidence
+        engine = [c for c in psutil.Process(s.proc.pid).children(recursive=True)
+                  if "EngineCore" in " ".join(c.cmdline()) or "EngineCore" in c.name()]  # fmt: skip
+        body = {"model": t.model, "prompt": [5] * 16, "max_tokens": 900, "ignore_eos": True, "stream": True}
+        events = []
+        with httpx.stream(
+            "POST", f"{res.base_url}/v1/completions", json=body, timeout=60, trust_env=False
+        ) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data:"):
+                    events.append(line[5:].strip())
+                    if len(events) == 3:
+                        for p in engine:
+                            p.kill()
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])
+    assert set(error) == {"error"} and error["error"]["message"], events[
+        -2
+    ]  # {"error": {message, type, ...}}
+    state = probe._StreamState()
+    for e in events[:-1]:
+        state.take(json.loads(e), 0.1)
+    state.done = True
+    verdict = state.result(1024, 900, 60)
+    assert verdict.ok is False and verdict.error.startswith("ended with an error chunk: ")
