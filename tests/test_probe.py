@@ -289,3 +289,18 @@ def test_log_copies_hide_the_key_in_vllms_printed_forms():
     for line in lines:
         assert KEY not in redact_text(line), line
     assert "'max_num_batched_tokens': 2048" in redact_text(lines[0])  # token counts are not secrets
+
+
+@pytest.mark.fake
+def test_a_server_that_dies_mid_request_is_named_dead_with_what_the_request_saw(fake_model, run_dir):
+    rec = run_trial(fake_trial(fake_model, env=fake_env(scenario="die_mid_request")), run_dir)
+    assert rec["outcome"] == "unstable" and rec["long_request_ok"] is False
+    assert rec["evidence"].startswith("the server died during a request of 1024 tokens (broke off: ")
+
+
+@pytest.mark.fake
+def test_warnings_that_mention_oom_do_not_end_a_start(fake_model, run_dir):
+    rec = run_trial(fake_trial(fake_model, env=fake_env(scenario="oom_warnings")), run_dir)
+    assert (rec["outcome"], rec["long_request_ok"]) == ("ready", True), rec["evidence"]
+    log = Path(rec["log_path"]).read_text()
+    assert "WARNING:root:CUDA out of memory" in log and "] Warning: OOM" in log

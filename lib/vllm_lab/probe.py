@@ -127,8 +127,10 @@ def long_request(
                         break
                     if data:
                         s.take(json.loads(data), time.monotonic() - t0)
+    except httpx.TimeoutException:
+        s.error = s.error or f"did not complete within {timeout:.0f} s"
     except httpx.HTTPError as e:
-        s.error = s.error or f"did not complete within {timeout:.0f} s ({type(e).__name__})"
+        s.error = s.error or f"broke off: {type(e).__name__}: {e}"
     except ValueError as e:
         s.error = s.error or f"sent a chunk that is not JSON ({e})"
     return s.result(total, out_n, timeout)
@@ -254,7 +256,8 @@ def run_trial(trial: Trial, run_dir: str | Path, *, run_id: str | None = None, l
                     res.outcome = "unstable"
                     res.evidence = f"a request of {lr.tokens} tokens {lr.error or 'did not complete'}"
                     if not server.alive():
-                        res.evidence = f"the server died during a request of {lr.tokens} tokens ({lr.error})"
+                        why = f" ({lr.error})" if lr.error else ""
+                        res.evidence = f"the server died during a request of {lr.tokens} tokens{why}"
                     res.remedy = (
                         "the server refused the probe's request: check --api-key / VLLM_API_KEY and "
                         "--served-model-name" if lr.refused else
