@@ -8,11 +8,14 @@ run together on one line. Wordings are the ones in vLLM's source (see reference/
 
 How it reads a log:
 1. `_records()` turns the text into clean records: one per log record, prefixes and borders stripped,
-   the log level kept (a WARNING never counts as a failure).
+   the log level kept (a WARNING never counts as a failure: vLLM's header, Python's `WARNING:root:`,
+   torch's `[W1128 ...]`, the warnings module's `UserWarning:`); Ray's `[repeated Nx across cluster]` dropped.
 2. `RULES` is the table of (kind, patterns, grade): `fatal` lines are raised root causes; `certain` lines
    are INFO lines that make a failure of that kind inevitable (`# GPU blocks: 0`); `hint` lines only
-   explain a crash that nothing stronger explains. The earliest fatal/certain record is the root cause
-   (wrappers such as `Engine core initialization failed` come after it and are never evidence).
+   explain a crash that nothing stronger explains (so does a traceback's `raise X("known message"` line when
+   the log is cut before the message). The earliest fatal/certain record is the root cause (wrappers such as
+   `Engine core initialization failed` come after it and are never evidence), except that a GPU this build
+   cannot run at all (`_DOMINATES`) outranks the dtype/quantization complaints it causes.
 3. `FACTS` is the table of capacity facts, each a list of patterns in order of preference.
 4. `REMEDIES` holds one-line remedies per kind with the log's numbers filled in.
 """
@@ -782,8 +785,8 @@ REMEDIES: dict[str, tuple[str, ...]] = {
     ),
     "dtype_unsupported_gpu/quant": ("pass --dtype half: {quant} supports only {supported}, not {dtype}",),
     "gpu_unsupported": (
-        "this vLLM build has no kernels for this GPU[ ({gpu_name})][ ({sm})]: use a vLLM build compiled for its architecture"
-        " (TORCH_CUDA_ARCH_LIST) or a GPU that vLLM supports (compute capability >= 7.0)",
+        "this vLLM build has no kernels for this GPU[ ({gpu_name})][ ({sm})]: use a vLLM build compiled for its"
+        " architecture (TORCH_CUDA_ARCH_LIST) or a GPU that vLLM supports (compute capability >= 7.0)",
     ),
     "gpu_unsupported/v1": (
         "unset VLLM_USE_V1 (the V1 engine of this vLLM needs compute capability >= 8.0) or use vLLM >= 0.10.2",
