@@ -39,6 +39,17 @@ def test_oom_warning_is_not_fatal(line):
 
 
 @pytest.mark.unit
+def test_torch_socket_warning_is_not_a_port_failure():
+    # torch's c10d store retries on its own; vLLM's API port failure is the OSError, not this warning
+    line = (
+        "[W socket.cpp:464] [c10d] The server socket has failed to bind to [::]:29500 (errno: 98 - Address"
+        " already in use)."
+    )
+    assert classify_line(line) is None
+    assert classify_line("OSError: [Errno 98] Address already in use") == "port_in_use"
+
+
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "line",
     [
