@@ -18,6 +18,7 @@ import pytest
 from conftest import FAKE_CMD, fake_env
 from vllm_lab import commands, launcher
 from vllm_lab.launcher import LaunchRefused, VllmServer, build_argv, live_servers, reap
+from vllm_lab.redact import redact_argv
 from vllm_lab.spec import Trial
 from vllm_lab.testing import docker_shim
 
@@ -156,6 +157,31 @@ def test_container_argv_names_publishes_and_passes_env_by_name(fake_model):
     assert "-p" not in host_net and host_net[host_net.index("--host") + 1] == "127.0.0.1"
     mine = build_argv(trial(fake_model, vllm_cmd="docker run --name mine img"), 8123, "n")
     assert mine.count("--name") == 1
+    secret = "hf_" + "s3cr3t" * 6
+    shown = redact_argv(
+        build_argv(trial(fake_model, vllm_cmd=f"docker run -e HF_TOKEN={secret} img"), 1, "n")
+    )
+    assert secret not in " ".join(shown)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("cmd", "visible"),
+    [
+        ("docker run --gpus all img", [0, 1]),
+        ("docker run --gpus '\"device=1\"' img", [1]),
+        ("docker run --gpus device=GPU-bbbb3333 img", [1]),
+        ("docker run --gpus 1 img", [0]),
+        ("docker run img", []),  # no --gpus: the container sees no GPU, so there is nothing to wait for
+    ],
+)
+def test_a_containers_gpus_come_from_its_gpus_flag(fake_model, monkeypatch, cmd, visible):
+    from vllm_lab import gpu
+    from vllm_lab.testing.fake_nvml import two_gpus
+
+    monkeypatch.setattr(gpu, "_NVML_OVERRIDE", two_gpus())
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # the client's own env does not reach the container
+    assert launcher.visible_gpus(trial(fake_model, vllm_cmd=cmd)) == visible
 
 
 # ------------------------------------------------------------------------------------------- launches

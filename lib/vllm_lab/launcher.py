@@ -97,7 +97,7 @@ def container_args(trial: Trial, port: int, name: str) -> list[str]:
     if "--rm" not in opts:
         out.append("--rm")  # a stopped trial leaves no container behind
     if not c.host_network:
-        publish = "127.0.0.1" if trial.host in ("127.0.0.1", "localhost", "0.0.0.0") else trial.host
+        publish = "127.0.0.1" if trial.host == "localhost" else trial.host  # the host side binds where asked
         out += ["-p", f"{publish}:{port}:{port}"]
     for k in trial.env:  # by name only: the value comes from the client's environment, never the argv
         out += ["-e", k]
@@ -375,14 +375,12 @@ class VllmServer:
         self._gpus: list[int] = []  # physical GPUs this trial can see (its CUDA_VISIBLE_DEVICES)
         self._gpu_baseline: dict[int, float] = {}
         self.gpu_note: str | None = None  # set by stop() when NVML still shows the memory held
-        self.stop_note: str | None = (
-            None  # set by stop(): the server had died by itself, a container was left
-        )
+        self.stop_note: str | None = None  # set by stop(): it had died by itself, or a container was left
         self._stopped = False
         self._own_exit: int | None = None  # return code when the server ended by itself
         self.result: LaunchResult | None = None
         cmd = commands.analyse(trial.vllm_cmd)
-        self.runtime = shutil.which(cmd.argv[0]) or cmd.argv[0] if cmd.run_at is not None else None
+        self.runtime = (shutil.which(cmd.argv[0]) or cmd.argv[0]) if cmd.run_at is not None else None
         self.container = (cmd.options.get("--name") or [container_name(trial)])[-1] if self.runtime else None
 
     def _new_log_path(self) -> Path:
@@ -436,10 +434,8 @@ class VllmServer:
         """The server's environment: the user's caches (HF, vLLM compile cache) shared, TMPDIR private."""
         env = {**os.environ, **self.trial.env, "TMPDIR": str(self.tmp), "PYTHONUNBUFFERED": "1",
                OWNER_ENV: os.environ.get(OWNER_ENV, str(os.getpid()))}  # fmt: skip
-        if env.get(ISOLATE_CACHE_ENV) == "1":
-            env["VLLM_CACHE_ROOT"] = str(
-                self.tmp / "vllm-cache"
-            )  # on request only: a cold compile each launch
+        if env.get(ISOLATE_CACHE_ENV) == "1":  # on request only: a cold torch.compile on every launch
+            env["VLLM_CACHE_ROOT"] = str(self.tmp / "vllm-cache")
         if commands.is_local_model(self.trial.model):
             env.setdefault("HF_HUB_OFFLINE", "1")
         return env
@@ -598,8 +594,9 @@ def refuse_if_survivors(run_dir: Path) -> None:
     if alive:
         first = alive[0]
         raise LaunchRefused(
-            f"server: a vLLM server from an earlier run is still alive (pid {first['pid']}, trial "
-            f"{first['trial_id']}, port {first['port']}); run `vllm-lab reap {run_dir}` to stop it"
+            f"server: a vLLM server from an earlier run is still alive (pid {first['pid']}"
+            + (f", container {first['container']}" if first.get("container") else "")
+            + f", trial {first['trial_id']}, port {first['port']}); run `vllm-lab reap {run_dir}` to stop it"
         )
 
 
@@ -635,9 +632,3 @@ def _wait_gpu_memory_released(baseline: dict[int, float]) -> str | None:
 
     waited = gpu.wait_for_memory_free(list(baseline), baseline)
     return None if waited else f"GPU memory not released after the stop: {getattr(waited, 'reason', '')}"
-
-
-def signal_name(code: int | None) -> str | None:
-    if code is None or code >= 0:
-        return None
-    return signal.Signals(-code).name
