@@ -170,6 +170,10 @@ def run_plan(plan_path: str, *, out: str | None = None, resume: str | None = Non
         _report_torn(run_dir)
     else:
         run_dir = None
+    from vllm_lab.hub import prefetch
+
+    for model in dict.fromkeys(s.model for s in steps):  # a hub model: downloaded once, before the first trial
+        prefetch(model, plan.vllm_cmd, plan.defaults.get("env"), plan.defaults.get("extra_args", ()))
     wait = os.environ.get("VLLM_LAB_WAIT_LOCK") == "1"
     with DeviceLock(wait=wait):
         if run_dir is not None:  # a killed run may have left its servers behind: they are ours to end

@@ -195,14 +195,16 @@ def read_metrics(base_url: str, *, api_key: str | None = None) -> dict:
     return out
 
 
-def _gpu_facts() -> dict:
+def _gpu_facts(trial: Trial) -> dict:
+    """The first GPU the trial can see (its CUDA_VISIBLE_DEVICES), not the machine's first."""
     try:
         from vllm_lab import gpu
+        from vllm_lab.launcher import trial_gpu_env
 
-        inv = gpu.inventory()
+        inv = gpu.inventory(env=trial_gpu_env(trial))
     except Exception:
         return {}
-    devices = getattr(inv, "devices", None) or []
+    devices = inv.visible_devices if getattr(inv, "available", False) else []
     if not devices:
         return {}
     d = devices[0]
@@ -221,7 +223,8 @@ def to_record(trial: Trial, res: LaunchResult, *, run_id: str, started_at: str, 
         seconds_to_outcome=res.seconds_to_outcome, kv_cache_tokens=s.get("kv_cache_tokens"),
         max_concurrency=s.get("max_concurrency"), gpu_blocks=s.get("gpu_blocks"), estimated_max_model_len=s.get("estimated_max_model_len"),
         available_kv_gib=s.get("available_kv_gib"), weights_gib=s.get("weights_gib"), log_path=res.log_path,
-        served_max_model_len=res.served_max_model_len, **extra,
+        served_max_model_len=res.served_max_model_len, exit_code=res.exit_code, exit_signal=res.exit_signal,
+        **extra,
     )  # fmt: skip
 
 
@@ -238,9 +241,9 @@ def run_trial(trial: Trial, run_dir: str | Path, *, run_id: str | None = None, l
     cfg = _model_config(trial.model)
     extra: dict = {
         "predicted_kv_cache_tokens": predicted_kv_tokens(trial.model, trial.kv_cache_memory_bytes),
-        **_gpu_facts(),
+        **_gpu_facts(trial),
     }
-    sampler = _sampler()
+    sampler = _sampler(trial)
     with VllmServer(trial, run_dir) as server, sampler:
         res = server.start()
         if res.outcome == "ready":
@@ -266,6 +269,7 @@ def run_trial(trial: Trial, run_dir: str | Path, *, run_id: str | None = None, l
     notes = [trial.memory_note] if trial.memory_note else []  # both memory knobs given: which one applied
     notes += [f"processes survived the stop: {server.survivors}"] if server.survivors else []
     notes += [server.gpu_note] if server.gpu_note else []
+    notes += [server.stop_note] if server.stop_note else []
     extra["note"] = "; ".join(notes) or None
     extra["peak_gpu_mib"] = getattr(sampler, "peak_mib", None)
     timeline = getattr(sampler, "timeline", None)
@@ -305,14 +309,16 @@ class _NoSampler:
         return None
 
 
-def _sampler():
+def _sampler(trial: Trial):
+    """Samples only the GPUs the trial can see: a neighbour's job on another card is not this trial's peak."""
     try:
-        from vllm_lab import gpu
+        from vllm_lab.gpu import MemorySampler
+        from vllm_lab.launcher import visible_gpus
 
-        inv = gpu.inventory()
-        if not getattr(inv, "available", False):
+        devices = visible_gpus(trial)
+        if not devices:
             return _NoSampler()
-        return gpu.MemorySampler([d.index for d in inv.devices], interval_s=0.5)
+        return MemorySampler(devices, interval_s=0.5)
     except Exception:
         return _NoSampler()
 
@@ -334,6 +340,9 @@ def trial_from_args(args, *, step: str) -> Trial:
 
 def cli_launch(args) -> int:
     trial = trial_from_args(args, step="launch").validate()
+    from vllm_lab.hub import prefetch_trial
+
+    prefetch_trial(trial)  # a hub model: downloaded once, before the launch and outside its timeout
     rec = run_trial(trial, args.out)
     if args.json:
         print(json.dumps(rec, default=str))

