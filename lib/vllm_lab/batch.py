@@ -172,7 +172,8 @@ def run_plan(plan_path: str, *, out: str | None = None, resume: str | None = Non
         run_dir = None
     from vllm_lab.hub import prefetch
 
-    for model in dict.fromkeys(s.model for s in steps):  # a hub model: downloaded once, before the first trial
+    # a hub model is downloaded once, before the first trial (not inside a trial's start-up timeout)
+    for model in dict.fromkeys(s.model for s in steps):
         prefetch(model, plan.vllm_cmd, plan.defaults.get("env"), plan.defaults.get("extra_args", ()))
     wait = os.environ.get("VLLM_LAB_WAIT_LOCK") == "1"
     with DeviceLock(wait=wait):
