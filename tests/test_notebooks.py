@@ -226,7 +226,8 @@ def test_relative_out_from_another_folder_runs_steps_1_and_4_into_one_run_folder
         "defaults": {"env": {"FAKE_VLLM_VERSION": "0.10.2"}, "startup_timeout_s": 30, "request_timeout_s": 15},
         "steps": [
             {"name": "01_restore_launcher", "notebook": "01_restore_launcher",
-             "parameters": {"LAUNCHER": "head", "MAX_MODEL_LEN": 16384, "KV_CACHE_MEMORY_BYTES": KV_LOW}},
+             "parameters": {"LAUNCHER": "head", "MAX_MODEL_LEN": 16384, "KV_CACHE_MEMORY_BYTES": KV_LOW,
+                            "GPU_MEMORY_UTILIZATION": 0.85}},
             {"name": "03_max_context_search", "notebook": "03_max_context_search",
              "parameters": {"KV_CACHE_MEMORY_BYTES": KV_LOW, "LOW": 16384, "HIGH": 40960}},
         ],
@@ -243,6 +244,8 @@ def test_relative_out_from_another_folder_runs_steps_1_and_4_into_one_run_folder
     assert rows[0]["step"] == "01_restore_launcher" and len(rows) >= 2
     assert all(Path(r["log_path"]).is_relative_to(run) for r in rows)
     assert rows[0]["kv_cache_memory_bytes"] == KV_LOW and "gpu_memory_utilization 0.85" in rows[0]["note"]
+    assert "both" in r.stderr.lower() or "0.85" in r.stderr  # the plan check warned before the run
+    assert all(not (r["note"] or "").startswith("kv_cache_memory_bytes") for r in rows[1:])  # only KV: no note
     glued = record.read_glued(run / "notebooks" / "03_max_context_search.ipynb")
     assert glued["verdict"] == "found" and glued["max_model_len"] == 20480
     assert (run / "report.md").is_file()
