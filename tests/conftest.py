@@ -11,6 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 from vllm_lab.launcher import OWNER_ENV
+from vllm_lab.spec import Trial
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_CMD = f"{sys.executable} -m vllm_lab.testing.fake_vllm"
@@ -49,6 +50,15 @@ def run_dir(tmp_path: Path) -> Path:
     d = tmp_path / "run"
     d.mkdir()
     return d
+
+
+def fake_trial(model, **kw) -> Trial:
+    """A short trial of the fake vLLM: small KV budget, a 30 s start-up limit."""
+    kw.setdefault("vllm_cmd", FAKE_CMD)
+    kw.setdefault("max_model_len", 1024)
+    kw.setdefault("kv_cache_memory_bytes", 8 * 2**20)
+    kw.setdefault("startup_timeout_s", 30)
+    return Trial(model=str(model), **kw)
 
 
 def fake_env(**knobs) -> dict[str, str]:

@@ -16,24 +16,16 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import FAKE_CMD, fake_env
+from conftest import fake_trial as trial
 from vllm_lab import commands, launcher
 from vllm_lab.launcher import LaunchRefused, VllmServer, build_argv, live_servers, reap
 from vllm_lab.redact import redact_argv
-from vllm_lab.spec import Trial
 from vllm_lab.testing import docker_shim
 
 pytestmark = pytest.mark.fake
 
 STANDIN = f"{sys.executable} -m vllm_lab.testing.standin"
 STANDIN_SCRIPT = Path(docker_shim.__file__).with_name("standin.py")
-
-
-def trial(model, **kw) -> Trial:
-    kw.setdefault("vllm_cmd", FAKE_CMD)
-    kw.setdefault("max_model_len", 1024)
-    kw.setdefault("kv_cache_memory_bytes", 8 * 2**20)
-    kw.setdefault("startup_timeout_s", 30)
-    return Trial(model=str(model), **kw)
 
 
 def executable(path: Path, text: str | bytes) -> Path:

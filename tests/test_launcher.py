@@ -11,7 +11,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import FAKE_CMD, fake_env, processes_in_session
+from conftest import fake_env, processes_in_session
+from conftest import fake_trial as trial
 from vllm_lab.launcher import (
     LaunchRefused,
     VllmServer,
@@ -20,7 +21,6 @@ from vllm_lab.launcher import (
     live_servers,
     reap,
 )
-from vllm_lab.spec import Trial
 from vllm_lab.testing.fake_nvml import FakeNvml
 
 pytestmark = pytest.mark.fake
@@ -30,14 +30,6 @@ FAILURE_KINDS = [
     "quantization_unsupported_gpu", "dtype_unsupported_gpu", "gpu_unsupported", "cuda_oom",
     "max_len_exceeds_model", "model_not_found",
 ]  # fmt: skip
-
-
-def trial(model, **kw) -> Trial:
-    kw.setdefault("vllm_cmd", FAKE_CMD)
-    kw.setdefault("max_model_len", 1024)
-    kw.setdefault("kv_cache_memory_bytes", 8 * 2**20)
-    kw.setdefault("startup_timeout_s", 30)
-    return Trial(model=str(model), **kw)
 
 
 @pytest.mark.unit

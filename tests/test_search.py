@@ -521,13 +521,20 @@ def stub_probe(monkeypatch, tmp_path):
         record.append_record(run_dir, rec)
         return rec
 
+    return types.SimpleNamespace(
+        trials=trials, model=_stub_probe_module(monkeypatch, tmp_path, run_trial), sim=sim
+    )
+
+
+def _stub_probe_module(monkeypatch, tmp_path, run_trial) -> Path:
+    """Stand `run_trial` in for vllm_lab.probe's; return a model folder with a 40960-token limit."""
     mod = types.ModuleType("vllm_lab.probe")
     mod.run_trial = run_trial
     monkeypatch.setitem(sys.modules, "vllm_lab.probe", mod)
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"max_position_embeddings": 40960}))
-    return types.SimpleNamespace(trials=trials, model=model, sim=sim)
+    return model
 
 
 def test_cli_search_json(stub_probe, tmp_path, capsys):
@@ -619,12 +626,7 @@ def test_cli_search_stopped_by_a_length_independent_failure_exits_1_and_says_why
                                  failure="quantization_unsupported_gpu",
                                  evidence="The quantization method awq_marlin is not supported for the current GPU.")  # fmt: skip
 
-    mod = types.ModuleType("vllm_lab.probe")
-    mod.run_trial = run_trial
-    monkeypatch.setitem(sys.modules, "vllm_lab.probe", mod)
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps({"max_position_embeddings": 40960}))
+    model = _stub_probe_module(monkeypatch, tmp_path, run_trial)
     rc = main(["search", "--model", str(model), "--vllm-cmd", sys.executable, "--gpu-memory-utilization", "0.9",
                "--low", "16384", "--out", str(tmp_path / "o")])  # fmt: skip
     out = capsys.readouterr().out
