@@ -245,7 +245,8 @@ def test_relative_out_from_another_folder_runs_steps_1_and_4_into_one_run_folder
     assert all(Path(r["log_path"]).is_relative_to(run) for r in rows)
     assert rows[0]["kv_cache_memory_bytes"] == KV_LOW and "gpu_memory_utilization 0.85" in rows[0]["note"]
     assert "both" in r.stderr.lower() or "0.85" in r.stderr  # the plan check warned before the run
-    assert all(not (r["note"] or "").startswith("kv_cache_memory_bytes") for r in rows[1:])  # only KV: no note
+    # only a KV budget: no both-knobs note
+    assert all(not (row["note"] or "").startswith("kv_cache_memory_bytes") for row in rows[1:])
     glued = record.read_glued(run / "notebooks" / "03_max_context_search.ipynb")
     assert glued["verdict"] == "found" and glued["max_model_len"] == 20480
     assert (run / "report.md").is_file()
