@@ -134,6 +134,7 @@ CLI_CASES = [
     ("launch-docker-detached", lambda e: _launch(e, f"{_docker(e)} run -d --gpus all fake-vllm"), "detach"),
     ("launch-docker-bundled-detach", lambda e: _launch(e, f"{_docker(e)} run -dit fake-vllm"), "detach"),
     ("launch-docker-no-image", lambda e: _launch(e, f"{_docker(e)} run --gpus all"), "image"),
+    ("launch-docker-no-daemon", lambda e: _launch(e, f"{_docker(e, daemon=False)} run --gpus all fake-vllm"), "daemon"),
     ("launch-env-without-command", lambda e: _launch(e, "env VLLM_USE_V1=1"), "env"),
     ("launch-env-command-missing", lambda e: _launch(e, "env VLLM_USE_V1=1 /no/such/vllm serve"), "after env"),
     ("launch-assignment-first", lambda e: _launch(e, "VLLM_USE_V1=1 vllm serve"), "env NAME=value"),
@@ -145,11 +146,21 @@ def _launch(e, vllm_cmd: str) -> list[str]:
     return ["launch", "--model", e["model"], "--vllm-cmd", vllm_cmd, "--out", str(e["run"])]
 
 
-def _docker(e) -> Path:
-    """The docker shim (no container runtime runs here): installed, but never reached by bad input."""
+def _docker(e, daemon: bool = True) -> Path:
+    """The docker shim (no container runtime runs here): installed, but never reached by bad input.
+
+    daemon=False: a client whose daemon is not running (`docker info` fails, as the real one here does).
+    """
     from vllm_lab.testing.docker_shim import install
 
-    return install(e["tmp"] / "docker-bin", e["tmp"] / "docker-state")
+    shim = install(e["tmp"] / "docker-bin", e["tmp"] / "docker-state")
+    if daemon:
+        return shim
+    exe = e["tmp"] / "no-daemon-bin" / "docker"
+    exe.parent.mkdir(exist_ok=True)
+    exe.write_text(f'#!/bin/sh\nDOCKER_SHIM_NO_DAEMON=1 exec {shim} "$@"\n')
+    exe.chmod(0o755)
+    return exe
 
 
 @pytest.mark.parametrize(("case", "build", "words"), CLI_CASES, ids=[c[0] for c in CLI_CASES])

@@ -308,6 +308,9 @@ def test_exit_code_of_a_server_that_ends_by_itself(fake_model, run_dir):
     with VllmServer(trial(fake_model, vllm_cmd=STANDIN, env={"STANDIN_EXIT": "3"}), run_dir) as s:
         res = s.start()
     assert (res.outcome, res.exit_code, res.exit_signal) == ("failed", 3, None)
+    # no cause in the log: the evidence still says how it ended and what it printed last (not None)
+    assert res.evidence.startswith("the server exited with code 3 before it was ready")
+    assert "# GPU blocks: 1391" in res.evidence and "run vllm_cmd by hand" in res.remedy
 
 
 def test_death_after_ready_is_recorded_with_its_exit_code(fake_model, run_dir):

@@ -268,12 +268,37 @@ def check_shape(argv: list[str]) -> None:
                 f"vllm_cmd: `{' '.join(argv)}` names no image; end it with one, e.g. `docker run --gpus all "
                 "vllm/vllm-openai:latest`"
             )
+        problem = daemon_problem(argv[0])
+        if problem:
+            raise SpecError(
+                f"vllm_cmd: {basename(argv[0])} cannot run a container here ({problem}); start its daemon "
+                f"(e.g. `sudo systemctl start {basename(argv[0])}`) or run vLLM without a container"
+            )
         return
     inner, _ = unwrap_env(argv)
     if not inner:
         raise SpecError("vllm_cmd: `env` runs no command; write e.g. `env VLLM_USE_V1=1 vllm serve`")
     if basename(argv[0]) == "env" and not _resolve(inner[0]):
         raise SpecError(f"vllm_cmd: {inner[0]} (after env) not found; {not_found_fix(inner[0])}")
+
+
+def daemon_problem(runtime: str) -> str | None:
+    """Why `RUNTIME info` fails (a daemon that is not running, no permission on its socket), else None.
+
+    A client without its daemon fails only after the launch, as exit code 125 and no vLLM log: say it first.
+    """
+    try:
+        r = subprocess.run(
+            [runtime, "info"], capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"`{basename(runtime)} info` failed: {e}"
+    if r.returncode == 0:
+        return None
+    lines = [line.strip() for line in (r.stderr + "\n" + r.stdout).splitlines() if line.strip()]
+    why = next((line for line in lines if re.search(r"daemon|cannot connect|permission denied|error", line, re.I)),
+               f"`{basename(runtime)} info` exited with {r.returncode}")  # fmt: skip
+    return why.removeprefix("ERROR: ")
 
 
 def python_module(argv: list[str]) -> tuple[str, str] | None:

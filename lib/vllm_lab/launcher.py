@@ -345,6 +345,17 @@ OOM_KILLER_REMEDY = (
 )
 
 
+def _unexplained_exit(code: int | None, sig: str | None, log_text: str) -> tuple[str, str]:
+    """A start that ended with no cause vLLM's log names (a wrapper or a container client failed first)."""
+    how = f"was killed by {sig}" if sig else f"exited with code {code}" if code is not None else "stopped"
+    last = next((line.strip() for line in reversed(log_text.splitlines()) if line.strip()), None)
+    said = f"; its last line: {last[:300]}" if last else "; it printed nothing"
+    return (
+        f"the server {how} before it was ready and its log names no known cause{said}",
+        "read the log (log_path); run vllm_cmd by hand to see it fail",
+    )
+
+
 def exit_facts(code: int | None, container: bool = False) -> tuple[int | None, str | None]:
     """(exit code, signal name): -9 -> SIGKILL; a container client's 137 (128 + 9) -> SIGKILL too."""
     if code is None:
@@ -482,6 +493,8 @@ class VllmServer:
         evidence, remedy = facts.get("evidence"), facts.get("remedy")
         if outcome == "failed" and sig == "SIGKILL" and not facts.get("failure"):
             evidence, remedy = OOM_KILLER_EVIDENCE, OOM_KILLER_REMEDY
+        elif outcome == "failed" and not evidence:
+            evidence, remedy = _unexplained_exit(code, sig, text)
         self.result = LaunchResult(
             outcome=outcome,
             seconds_to_outcome=round(seconds, 3),

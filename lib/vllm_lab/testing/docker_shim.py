@@ -3,7 +3,7 @@
 Like the real client, `run` starts the "container" detached from the client (double fork, its own session,
 not a descendant of the client), streams its output, and exits with its code; ending the client leaves
 the container running. `stop -t N`, `kill`, `inspect --format {{.State.Running}}`, `ps` and `rm -f` work
-by name. `install(bin_dir, state_dir)` writes `docker` and `podman` executables that run this module.
+by name; `info` fails as without a daemon when DOCKER_SHIM_NO_DAEMON=1. `install(bin_dir, state_dir)` writes `docker` and `podman` executables that run this module.
 
 Images: `fake-vllm` runs vllm_lab.testing.fake_vllm, `standin` runs vllm_lab.testing.standin; any other
 image fails as an unknown one does (exit 125). The container's environment is the client's PATH/HOME/LANG
@@ -250,6 +250,17 @@ def cmd_ps(args: list[str]) -> int:
     return 0
 
 
+def cmd_info(args: list[str]) -> int:
+    """As the real client: client facts on stdout; without a daemon (DOCKER_SHIM_NO_DAEMON=1) an error, exit 1."""
+    print("Client:\n Version: shim")
+    if os.environ.get("DOCKER_SHIM_NO_DAEMON") == "1":
+        print("Cannot connect to the Docker daemon at unix:///var/run/docker.sock. Is the docker daemon running?",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    print("Server:\n Server Version: shim")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["container"]:
@@ -259,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     cmd, rest = args[0], args[1:]
     table = {"run": cmd_run, "stop": cmd_stop, "kill": cmd_kill, "rm": cmd_rm, "inspect": cmd_inspect,
-             "ps": cmd_ps}  # fmt: skip
+             "ps": cmd_ps, "info": cmd_info}  # fmt: skip
     if cmd == "_spawn":
         return _spawn(rest[0])
     if cmd == "_supervise":
