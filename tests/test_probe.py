@@ -304,3 +304,27 @@ def test_warnings_that_mention_oom_do_not_end_a_start(fake_model, run_dir):
     assert (rec["outcome"], rec["long_request_ok"]) == ("ready", True), rec["evidence"]
     log = Path(rec["log_path"]).read_text()
     assert "WARNING:root:CUDA out of memory" in log and "] Warning: OOM" in log
+
+
+@pytest.mark.unit
+def test_unstable_start_gets_the_engines_cause_and_a_not_a_length_remedy(tmp_path):
+    """The demo's AWQ twin on the CPU build: ready, then dead on the chat request; the record says why."""
+    from vllm_lab.launcher import LaunchResult
+
+    log = (
+        Path(__file__).parent
+        / "fixtures"
+        / "logs"
+        / "runtime"
+        / "cpu-0.32-awq-engine-dies-on-first-request.log"
+    )
+    res = LaunchResult(outcome="unstable", seconds_to_outcome=30.0, argv=[], log_path=str(log), port=1,
+                       base_url="http://127.0.0.1:1", backend="vllm-cpu", evidence="a request of 16384 tokens broke off: ConnectError",
+                       remedy="lower --max-model-len (the server starts but cannot serve a full-length request)")  # fmt: skip
+    probe._explain_unstable(res, chat=False)
+    assert "cpu_gemm_wna16" in res.evidence and res.evidence.startswith("a request of 16384 tokens broke off")
+    assert "not a length problem" in res.remedy
+    long_only = LaunchResult(outcome="unstable", seconds_to_outcome=30.0, argv=[], log_path=str(log), port=1,
+                             base_url="http://127.0.0.1:1", backend="vllm-cpu", evidence="e", remedy="lower --max-model-len")  # fmt: skip
+    probe._explain_unstable(long_only, chat=True)
+    assert long_only.remedy == "lower --max-model-len"  # the chat worked: the length is still the suspect

@@ -5,7 +5,9 @@ Pure (pandas only): reads records, never launches or writes anything. The plan's
 memory setting is gpu_memory_utilization when set, else the KV budget (kv_cache_memory_bytes, CPU demo);
 enforce_eager {False, True} joins as a fourth factor when the records hold both levels (issue 10: before
 vLLM 0.21 CUDA-graph memory sat outside the budget, a likelier cause of a crash at a high utilization).
-A trial "starts" when its outcome is ready; a cell's value is the share of its trials that started.
+A trial "starts" when the server came up (outcome ready or unstable: the notes' question is "does it start";
+whether it then served a full-length request is the separate `stable` column); a cell's value is the share of
+its trials that started.
 Missing cells are never guessed: an effect or hypothesis that needs them is reported as not tested.
 """
 
@@ -65,7 +67,7 @@ def prepare(records) -> pd.DataFrame:
     ]
     # The recorded argv is what ran: --enforce-eager there (from extra args or the factor) is the level.
     df["enforce_eager"] = [isinstance(a, list | tuple) and EAGER_FLAG in a for a in df["argv"]]
-    df["started"] = df["outcome"].eq("ready")
+    df["started"] = df["outcome"].isin(("ready", "unstable"))  # as search.started: the server came up
     df["stable"] = df["started"] & df["long_request_ok"].map(lambda v: v is True)
     return df
 

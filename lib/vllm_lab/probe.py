@@ -274,6 +274,8 @@ def run_trial(trial: Trial, run_dir: str | Path, *, run_id: str | None = None, l
     extra["peak_gpu_mib"] = getattr(sampler, "peak_mib", None)
     timeline = getattr(sampler, "timeline", None)
     extra["gpu_memory_timeline"] = _timeline(timeline)
+    if res.outcome == "unstable":
+        _explain_unstable(res, chat=extra.get("chat_ok"))
     if res.outcome != "ready" and res.outcome != "unstable":
         # A failed launch: re-read the full log now the tree is down (the fail-fast read may be partial).
         from vllm_lab import logscan
@@ -287,6 +289,27 @@ def run_trial(trial: Trial, run_dir: str | Path, *, run_id: str | None = None, l
     rec = to_record(trial, res, run_id=run_id, started_at=started_at, extra=extra)
     record.append_record(run_dir, rec)
     return rec
+
+
+def _explain_unstable(res: LaunchResult, *, chat: bool | None) -> None:
+    """A start that could not serve: the engine's own cause after ready, read from the full log (the tree is
+    down now, so the log is complete), beside what the request saw.
+
+    When even the short chat request failed, no max_model_len fixes it (a kernel this build lacks, a model
+    it cannot run): the remedy says so, and the search treats it as independent of the length.
+    """
+    from vllm_lab import logscan
+
+    scan = logscan.scan_file(res.log_path)  # counts an engine that died after ready, not a refused request
+    if scan.evidence:
+        res.evidence = f"{res.evidence}; the engine's log: {scan.evidence}"
+    if scan.failure and scan.failure != "other":
+        res.failure = scan.failure
+    if chat is False and not (res.remedy or "").startswith("the server refused"):
+        res.remedy = (
+            "the server starts but fails even a short chat request: not a length problem, no max_model_len "
+            "fixes it; read the evidence (e.g. a kernel this build lacks for the model's quantization)"
+        )
 
 
 def _timeline(timeline) -> list | None:

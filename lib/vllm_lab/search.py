@@ -149,6 +149,8 @@ def failure_class(rec: dict) -> str:
     """pass | proof | independent | retry | control: what a launch at n says about every longer n."""
     if passes(rec):
         return "pass"
+    if rec.get("outcome") == "unstable" and rec.get("chat_ok") is False:
+        return "independent"  # even a short chat request failed: no length changes that
     if rec.get("outcome") == "unstable" or rec.get("failure") in LENGTH_DEPENDENT:
         return "proof"
     kind = failure_kind(rec)
