@@ -85,3 +85,60 @@ def two_gpus(used0=(1000,), used1=(300,)) -> FakeNvml:
         {"name": "NVIDIA A100-SXM4-80GB", "uuid": "GPU-bbbb3333-4444", "cc": (8, 0), "total": 81920,
          "used": list(used1)},
     ])  # fmt: skip
+
+
+# --- one simulated GPU shared by processes ---------------------------------------------------------------
+
+LEDGER_ENV = "VLLM_LAB_FAKE_GPU_LEDGER"  # a folder: device.json and one <pid>.mib file per holding process
+H200 = {"name": "NVIDIA H200", "uuid": "GPU-fake0200-0000", "cc": (9, 0), "total": 143771, "baseline": 600}
+
+
+def _pid_alive(pid: int) -> bool:
+    """A zombie holds no GPU memory: the driver frees it when the process exits, before it is reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+class LedgerNvml(FakeNvml):
+    """One simulated GPU whose used memory is its baseline plus what live processes hold.
+
+    Holders (testing/gpu_alloc.py, in place of a torch allocation) write `<pid>.mib` into the ledger folder;
+    a dead process's file counts for nothing. Being a folder, it is one GPU for every process that reads it:
+    the CLI's sampler and release wait see the fake vLLM's child allocate and, once killed, free.
+    """
+
+    def __init__(self, ledger: str, device: dict | None = None):
+        import json
+        from pathlib import Path
+
+        self.ledger = Path(ledger)
+        self.ledger.mkdir(parents=True, exist_ok=True)
+        spec = self.ledger / "device.json"
+        if device is not None or not spec.is_file():
+            spec.write_text(json.dumps(device or H200))
+        dev = json.loads(spec.read_text())
+        dev["cc"] = tuple(dev["cc"])
+        super().__init__([{**dev, "used": [dev["baseline"]]}])
+
+    def held(self) -> dict[int, float]:
+        out = {}
+        for f in self.ledger.glob("*.mib"):
+            try:
+                pid, mib = int(f.stem), float(f.read_text())
+            except (OSError, ValueError):
+                continue
+            if _pid_alive(pid):
+                out[pid] = mib
+        return out
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        d = self.devices[h]
+        self.reads[h] += 1
+        used = d["baseline"] + sum(self.held().values())
+        return SimpleNamespace(total=d["total"] * MIB, used=used * MIB, free=(d["total"] - used) * MIB)
+
+    def nvmlDeviceGetComputeRunningProcesses(self, h):
+        return [SimpleNamespace(pid=p, usedGpuMemory=m * MIB) for p, m in sorted(self.held().items())]

@@ -24,6 +24,9 @@ Environment knobs (all optional):
     FAKE_VLLM_LINGER       seconds to linger after a fatal line before exiting (default 0)
     FAKE_VLLM_DIE_AFTER    seconds after ready for die_after_ready (default 1.0)
     FAKE_VLLM_ERROR_ABOVE  prompt tokens above which error_chunk errs (default 64: short chats still work)
+    FAKE_VLLM_GPU_ALLOC    a factor: a child really holds factor x the KV budget of GPU memory (torch; the
+                           fake NVML's ledger without a GPU), as vLLM's engine holds its KV cache;
+                           under stubborn_child that child ignores SIGTERM (testing/gpu_alloc.py)
 
 Like vLLM: `--api-key` (or VLLM_API_KEY) guards /v1/* (401 without it), `--served-model-name` names the
 model requests must use (404 otherwise), and rope_scaling (yarn) scales the model's derived max length.
@@ -208,6 +211,19 @@ def spawn_engine_child(stubborn: bool) -> subprocess.Popen:
         + "while True: time.sleep(1)\n"
     )
     return subprocess.Popen([sys.executable, "-c", code])
+
+
+def hold_kv_cache(log: Log, nbytes: float, stubborn: bool) -> subprocess.Popen:
+    """A child that really holds the KV cache's GPU memory until the tree is stopped (it ends with it)."""
+    from vllm_lab.testing.gpu_alloc import AllocError, spawn_holder
+
+    try:
+        proc, info = spawn_holder(nbytes / 2**20, stubborn=stubborn)
+    except AllocError as e:
+        log.engine(str(e), level="ERROR", src="gpu_model_runner.py:1")
+        sys.exit(1)
+    log.engine(f"GPU_ALLOC {json.dumps(info)}", src="gpu_model_runner.py:1")
+    return proc
 
 
 def make_handler(state: dict):
@@ -436,6 +452,9 @@ def main(argv: list[str] | None = None) -> None:
             "kv_cache_insufficient",
             {**ctx, "tokens": tokens, "need_gib": max_len * bpt / GIB, "avail_gib": avail},
         )
+    alloc = float(env.get("FAKE_VLLM_GPU_ALLOC") or 0)
+    if alloc > 0:  # its child holds the memory until the tree is stopped
+        hold_kv_cache(log, budget * alloc, scenario == "stubborn_child")
     conc = tokens / max_len
     if not v1:
         log.engine(f"# GPU blocks: {blocks}, # CPU blocks: 2048", src="executor_base.py:1")
