@@ -5,8 +5,10 @@
 # How to run it, from a copy of this repo on the GPU machine (no network, no vLLM, no venv needed):
 #     bash scripts/gpu-check.sh [OUT]            # results in OUT, else $OUT, else ./gpu-check-out
 # It uses `python3` (GPU_CHECK_PYTHON=... to choose) with PYTHONPATH=lib, and needs torch and nvidia-ml-py.
-# Each step names the packages it lacks in one line (OUT/deps.txt) and is skipped; GPU_CHECK_SITE=DIR puts a
-# folder holding them (e.g. unpacked wheels: pyyaml, httpx, psutil) on PYTHONPATH. At most 8 minutes
+# Each step names the packages it lacks in one line (OUT/deps.txt) and is skipped. Packages the machine
+# lacks are taken from GPU_CHECK_SITE (default .cache/gpu-site, if there; only what is missing is used), made
+# here by: .venv/bin/python -m pip install --target .cache/gpu-site --only-binary :all: httpx psutil pyyaml
+# exceptiongroup typing_extensions (pure python or abi3: any python 3.10+; carry it along). At most 8 minutes
 # (GPU_CHECK_LIMIT_S); every step writes what it measured before the next starts.
 # GPU_CHECK_FAKE=1 runs the same steps against the fake NVML (one simulated H200 shared by every process,
 # lib/vllm_lab/testing/fake_nvml.LedgerNvml) with no torch: tests/test_gpu_check.py runs it in CI.
@@ -39,7 +41,8 @@ LIMIT_S=${GPU_CHECK_LIMIT_S:-480}
 KV_MIBS=${GPU_CHECK_KV_MIB:-"2048 8192"}
 STUBBORN_MIB=${GPU_CHECK_STUBBORN_MIB:-4096}
 START=$(date +%s)
-export PYTHONPATH="$ROOT/lib${GPU_CHECK_SITE:+:$GPU_CHECK_SITE}${PYTHONPATH:+:$PYTHONPATH}"
+SITE=${GPU_CHECK_SITE:-$ROOT/.cache/gpu-site}
+export PYTHONPATH="$ROOT/lib${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 export GPU_CHECK_RUN="gpu-check-$START-$$"  # in every process it starts: a leftover is easy to find
 cd "$ROOT" || exit 1
@@ -56,6 +59,24 @@ else
   VLAB=("$PY" -m vllm_lab.cli)
 fi
 HELP=("$PY" -m vllm_lab.testing.gpu_alloc)
+
+# Packages this python lacks, taken from $SITE (links in OUT/site-fill): it fills gaps, never shadows what
+# the machine has (torch's own numpy or typing_extensions stay). Pure-python and abi3 wheels work on any 3.x.
+if [ -d "$SITE" ]; then
+  mkdir -p "$OUT/site-fill"
+  "$PY" - "$SITE" "$OUT/site-fill" >"$OUT/site-fill.txt" 2>&1 <<'EOF'
+import importlib.util, os, sys
+site, fill = (os.path.abspath(a) for a in sys.argv[1:3])
+for name in sorted(os.listdir(site)):
+    mod = name[:-3] if name.endswith(".py") else name
+    if name.endswith((".dist-info", ".egg-info", ".pth")) or not mod.isidentifier() or mod in ("bin", "__pycache__"):
+        continue
+    if importlib.util.find_spec(mod) is None and not os.path.lexists(os.path.join(fill, name)):
+        os.symlink(os.path.join(site, name), os.path.join(fill, name))
+        print(mod)
+EOF
+  export PYTHONPATH="$PYTHONPATH:$OUT/site-fill"
+fi
 FAKE_CMD="$PY -m vllm_lab.testing.fake_vllm"
 FAILED=0
 
@@ -79,7 +100,7 @@ run_step() {  # NAME "MODULES NEEDED" FUNCTION: skipped with one line when a mod
   local name=$1 needs=$2 fn=$3 lack t0 rc detail
   lack=$(missing $needs)
   if [ -n "$lack" ]; then
-    echo "$name: needs python modules not importable here: $lack (pip install them, or GPU_CHECK_SITE=DIR)" >>"$OUT/deps.txt"
+    echo "$name: needs python modules not importable here: $lack (pip install them, or put them in GPU_CHECK_SITE)" >>"$OUT/deps.txt"
     record_step "$name" skipped 0 "missing python modules: $lack"
     return
   fi

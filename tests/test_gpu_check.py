@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import venv
 from pathlib import Path
 
@@ -23,8 +24,8 @@ pytestmark = pytest.mark.fake
 SCRIPT = ROOT / "scripts" / "gpu-check.sh"
 
 
-def run_check(out: Path, python: str, timeout: float = 170) -> subprocess.CompletedProcess:
-    env = {**os.environ, "GPU_CHECK_FAKE": "1", "GPU_CHECK_PYTHON": python}
+def run_check(out: Path, python: str, timeout: float = 170, **env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "GPU_CHECK_FAKE": "1", "GPU_CHECK_PYTHON": python, **env}
     env.pop("OUT", None)
     return subprocess.run(["bash", str(SCRIPT), str(out)], env=env, capture_output=True, text=True,
                           timeout=timeout, cwd=out.parent)  # fmt: skip
@@ -105,24 +106,81 @@ def test_fake_mode_writes_every_result_and_leaves_nothing(tmp_path):
     assert holders_of(out / "fake-gpu") == []
 
 
-def test_a_bare_python_gets_one_line_per_missing_package_and_no_traceback(tmp_path):
+def test_a_bare_python_gets_one_line_per_missing_package_and_what_the_site_folder_fills(tmp_path):
+    import yaml
+
     bare = tmp_path / "bare"
     venv.EnvBuilder(with_pip=False).create(bare)  # no yaml, httpx, psutil, pandas, torch, pytest
+    site = tmp_path / "site"  # GPU_CHECK_SITE holding only pyyaml: it fills that gap and no other
+    site.mkdir()
+    (site / "yaml").symlink_to(Path(yaml.__file__).parent)
     out = tmp_path / "gpu-check-out"
-    r = run_check(out, str(bare / "bin" / "python"), timeout=60)
+    r = run_check(out, str(bare / "bin" / "python"), timeout=60, GPU_CHECK_SITE=str(site))
     assert r.returncode == 1
     assert "Traceback" not in r.stdout + r.stderr
+    assert (out / "site-fill.txt").read_text().split() == ["yaml"]
     st = steps(out)
     assert st["env"]["status"] == "ok" and st["gpus"]["status"] == "ok"  # fake NVML: nothing else needed
+    assert st["preflight"]["status"] == "ok" and (out / "preflight-qwen3-8b-awq.json").is_file()
     assert json.loads((out / "gpus.json").read_text())["available"] is True
-    for name in ("preflight", "alloc", "stubborn", "report", "pytest"):
+    for name in ("alloc", "stubborn", "report", "pytest"):
         assert st[name]["status"] == "skipped" and st[name]["detail"].startswith("missing python modules: ")
     deps = (out / "deps.txt").read_text().splitlines()
     assert (
-        "preflight: needs python modules not importable here: yaml (pip install them, or GPU_CHECK_SITE=DIR)"
+        "alloc: needs python modules not importable here: httpx psutil (pip install them, or put them in GPU_CHECK_SITE)"
         in deps
     )
-    assert any(
-        line.startswith("alloc: needs python modules not importable here: httpx psutil") for line in deps
-    )
+    assert not any(line.startswith("preflight") for line in deps)
     assert st["table"]["status"] == "failed"  # nothing was measured: the check cannot pass
+
+
+# --- the parts, one by one ------------------------------------------------------------------------------
+
+
+def test_ledger_nvml_counts_only_live_holders(tmp_path):
+    from vllm_lab import gpu
+    from vllm_lab.testing.fake_nvml import LedgerNvml
+
+    fake = LedgerNvml(str(tmp_path / "gpu"))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    zombie = subprocess.Popen(["true"])  # exits at once; not reaped until wait(): a zombie holds nothing
+    deadline = time.monotonic() + 10
+    while psutil.Process(zombie.pid).status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for pid, mib in ((os.getpid(), 1000), (dead.pid, 5000), (zombie.pid, 7000)):
+        (tmp_path / "gpu" / f"{pid}.mib").write_text(str(mib))
+    d = gpu.inventory(nvml=fake, env={}).devices[0]
+    zombie.wait()
+    assert (d.name, d.compute_capability, d.total_mib) == ("NVIDIA H200", "9.0", 143771)
+    assert d.used_mib == 600 + 1000 and [(p.pid, p.used_mib) for p in d.processes] == [(os.getpid(), 1000)]
+    assert gpu.used_mib([0], nvml=LedgerNvml(str(tmp_path / "gpu"))) == {0: 1600}  # another reader, same GPU
+
+
+def _measured(out: Path, *, base: float, peak: float, after: float, allocated: float) -> None:
+    d = out / "alloc-2048"
+    d.mkdir(parents=True)
+    log = d / "server.log"
+    log.write_text(
+        f'INFO GPU_ALLOC {{"pid": 1, "mib": {allocated}, "reserved_mib": {allocated}, "via": "torch"}}\n'
+    )
+    rec = {"outcome": "ready", "kv_cache_memory_bytes": 2048 << 20, "peak_gpu_mib": peak, "log_path": str(log),
+           "gpu_memory_timeline": [[0, base], [1, peak]], "note": None}  # fmt: skip
+    (d / "record.json").write_text(json.dumps(rec))
+    (d / "before.json").write_text(json.dumps({"used_mib": {"0": base}}))
+    (d / "after.json").write_text(json.dumps({"used_mib": {"0": after}}))
+
+
+def test_the_table_fails_when_nvml_misses_the_allocation_or_it_is_not_freed(tmp_path):
+    from vllm_lab.testing.gpu_alloc import build_table
+
+    _measured(tmp_path / "good", base=500, peak=500 + 2048 + 480, after=510, allocated=2048)
+    good = build_table(tmp_path / "good")
+    assert good["ok"] and good["rows"][0]["delta_minus_allocated_mib"] == 480  # a CUDA context's worth
+
+    _measured(tmp_path / "bad", base=500, peak=700, after=500 + 2048, allocated=2048)
+    bad = build_table(tmp_path / "bad")
+    failed = [c["check"] for c in bad["checks"] if not c["ok"]]
+    assert not bad["ok"] and len(failed) == 2
+    assert "NVML delta within" in failed[0] and "back at the baseline" in failed[1]
+    assert "- FAIL:" in (tmp_path / "bad" / "nvml-vs-allocated.md").read_text()
