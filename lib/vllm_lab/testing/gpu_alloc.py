@@ -153,7 +153,7 @@ def _used_main(_args) -> int:
 def stubborn_check(model: str, kv_mib: float, run_dir: str | Path, vllm_cmd: str) -> dict:
     """Launch the fake vLLM whose KV-holding child ignores SIGTERM; stop the tree; is the memory back?"""
     from vllm_lab import gpu
-    from vllm_lab.launcher import STOP_GRACE_S, VllmServer, visible_gpus
+    from vllm_lab.launcher import STOP_GRACE_S, VllmServer, trial_gpu_env, visible_gpus
     from vllm_lab.spec import Trial
 
     trial = Trial(model=model, vllm_cmd=vllm_cmd, max_model_len=1024, kv_cache_memory_bytes=int(kv_mib * MIB),
@@ -169,17 +169,31 @@ def stubborn_check(model: str, kv_mib: float, run_dir: str | Path, vllm_cmd: str
         held = gpu.used_mib(devices)
         allocs = allocations_in_log(res.log_path)
         holders = [a["pid"] for a in allocs]
+        inv = gpu.inventory(env=trial_gpu_env(trial))
+        per_pid = {p.pid: p.used_mib for d in inv.visible_devices for p in d.processes}
         out.update(nvml_held_mib=sum(held.values()) if held else None,
                    allocated_mib=sum(a["reserved_mib"] for a in allocs) if allocs else None,
-                   via=allocs[0]["via"] if allocs else None, holder_pids=holders)  # fmt: skip
+                   via=allocs[0]["via"] if allocs else None, holder_pids=holders,
+                   nvml_holder_process_mib=[per_pid.get(p) for p in holders])  # fmt: skip
+        sampler = gpu.MemorySampler(devices, interval_s=0.1) if devices else None
         t0 = time.monotonic()
+        if sampler:
+            sampler.start()
         out["survivors"] = server.stop()  # terminate, STOP_GRACE_S, kill; then the release wait
         out["stop_s"] = round(time.monotonic() - t0, 2)
+        if sampler:
+            sampler.stop()
         out["gpu_note"] = server.gpu_note
     after = gpu.used_mib(devices)
     out["nvml_after_mib"] = sum(after.values()) if after else None
     out["holders_alive_after"] = [p for p in holders if _alive(p)]
-    out["needed_kill"] = out["stop_s"] >= STOP_GRACE_S  # it outlived SIGTERM's grace: SIGKILL ended it
+    limit = (out["nvml_baseline_mib"] or 0.0) + RELEASE_TOLERANCE_MIB
+    timeline = [(t, sum(r.values())) for t, r in (sampler.timeline if sampler else [])]
+    # Still held a second before the kill: SIGTERM alone did not free it (SIGKILL did, after the grace).
+    out["held_through_sigterm"] = any(
+        STOP_GRACE_S - 1.5 <= t <= STOP_GRACE_S - 0.5 and u > limit for t, u in timeline
+    )
+    out["released_after_s"] = next((t for t, u in timeline if u <= limit), None)  # since the stop began
     return out
 
 
@@ -262,8 +276,8 @@ def build_table(out: str | Path) -> dict:
                        0.97 <= slope <= 1.03, f"slope {slope:.3f}"))  # fmt: skip
     if stub:
         checks.append(("stubborn child: no survivor, and SIGTERM alone did not end it",
-                       not stub.get("survivors") and not stub.get("holders_alive_after") and bool(stub.get("needed_kill")),
-                       f"survivors {stub.get('survivors')}, stop {stub.get('stop_s')} s"))  # fmt: skip
+                       not stub.get("survivors") and not stub.get("holders_alive_after") and bool(stub.get("held_through_sigterm")),
+                       f"survivors {stub.get('survivors')}, stop {stub.get('stop_s')} s, memory back {stub.get('released_after_s')} s after the stop began"))  # fmt: skip
     table = {"rows": rows, "checks": [{"check": c, "ok": bool(ok), "detail": d} for c, ok, d in checks],
              "ok": bool(checks) and all(ok for _, ok, _ in checks)}  # fmt: skip
     (out / "nvml-vs-allocated.json").write_text(json.dumps(table, indent=2, default=str))
@@ -280,9 +294,10 @@ def _budget(d: Path) -> float:
 
 COLUMNS = [("case", "case"), ("via", "via"), ("allocated_mib", "allocated MiB"),
            ("nvml_baseline_mib", "NVML baseline"), ("nvml_peak_mib", "NVML peak (record)"),
-           ("nvml_held_mib", "NVML while held"), ("nvml_delta_mib", "NVML delta"),
+           ("nvml_held_mib", "NVML while held"), ("nvml_holder_process_mib", "NVML per holder process"), ("nvml_delta_mib", "NVML delta"),
            ("delta_minus_allocated_mib", "delta - allocated"), ("nvml_after_mib", "NVML after stop"),
-           ("back_at_baseline", "back at baseline"), ("stop_s", "stop s")]  # fmt: skip
+           ("back_at_baseline", "back at baseline"), ("stop_s", "stop s"),
+           ("released_after_s", "freed after s")]  # fmt: skip
 
 
 def render_markdown(table: dict) -> str:
