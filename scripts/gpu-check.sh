@@ -4,11 +4,12 @@
 #
 # How to run it, from a copy of this repo on the GPU machine (no network, no vLLM, no venv needed):
 #     bash scripts/gpu-check.sh [OUT]            # results in OUT, else $OUT, else ./gpu-check-out
-# It uses `python3` (GPU_CHECK_PYTHON=... to choose) with PYTHONPATH=lib, and needs torch and nvidia-ml-py.
+# It uses the first python3 that imports torch (GPU_CHECK_PYTHON=... to choose) with PYTHONPATH=lib, and
+# needs torch and nvidia-ml-py.
 # Each step names the packages it lacks in one line (OUT/deps.txt) and is skipped. Packages the machine
 # lacks are taken from GPU_CHECK_SITE (default .cache/gpu-site, if there; only what is missing is used), made
 # here by: .venv/bin/python -m pip install --target .cache/gpu-site --only-binary :all: httpx psutil pyyaml
-# exceptiongroup typing_extensions (pure python or abi3: any python 3.10+; carry it along). At most 8 minutes
+# exceptiongroup typing_extensions pytest tomli (pure python or abi3: any python 3.10+; carry it). At most 8 minutes
 # (GPU_CHECK_LIMIT_S); every step writes what it measured before the next starts.
 # GPU_CHECK_FAKE=1 runs the same steps against the fake NVML (one simulated H200 shared by every process,
 # lib/vllm_lab/testing/fake_nvml.LedgerNvml) with no torch: tests/test_gpu_check.py runs it in CI.
@@ -37,6 +38,11 @@ OUT=${1:-${OUT:-./gpu-check-out}}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 PY=${GPU_CHECK_PYTHON:-python3}
 FAKE=${GPU_CHECK_FAKE:-0}
+if [ -z "${GPU_CHECK_PYTHON:-}" ] && [ "$FAKE" != 1 ]; then  # the python that has torch, where one does
+  for c in python3 python /usr/bin/python3 /usr/local/bin/python3 /opt/conda/bin/python; do
+    command -v "$c" >/dev/null 2>&1 && "$c" -c 'import torch' >/dev/null 2>&1 && { PY=$c; break; }
+  done
+fi
 LIMIT_S=${GPU_CHECK_LIMIT_S:-480}
 KV_MIBS=${GPU_CHECK_KV_MIB:-"2048 8192"}
 STUBBORN_MIB=${GPU_CHECK_STUBBORN_MIB:-4096}
