@@ -189,3 +189,24 @@ def test_the_table_fails_when_nvml_misses_the_allocation_or_it_is_not_freed(tmp_
     assert not bad["ok"] and len(failed) == 2
     assert "NVML delta within" in failed[0] and "back at the baseline" in failed[1]
     assert "- FAIL:" in (tmp_path / "bad" / "nvml-vs-allocated.md").read_text()
+
+
+def test_the_gpu_tests_pass_on_stand_ins_for_pynvml_and_torch(tmp_path):
+    """tests/gpu as the GPU machine runs them (import pynvml, torch allocations), on one fake H200."""
+    from vllm_lab.testing.gpu_alloc import write_stub_modules
+
+    env = {
+        **os.environ,
+        **write_stub_modules(tmp_path / "mods", tmp_path / "ledger"),
+        "CUDA_VISIBLE_DEVICES": "0",
+    }
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "mods"), env.get("PYTHONPATH", "")]).rstrip(
+        os.pathsep
+    )
+    env.pop("VLLM_LAB_FAKE_GPU_LEDGER", None)
+    r = subprocess.run([sys.executable, "-m", "pytest", str(ROOT / "tests" / "gpu"), "-q", "-p", "no:cacheprovider"],
+                       env=env, capture_output=True, text=True, timeout=170, cwd=ROOT)  # fmt: skip
+    assert r.returncode == 0 and "5 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
+    from vllm_lab.testing.fake_nvml import LedgerNvml
+
+    assert LedgerNvml(str(tmp_path / "ledger")).held() == {}  # every holder ended

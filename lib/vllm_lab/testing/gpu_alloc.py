@@ -209,6 +209,59 @@ def _stubborn_main(args) -> int:
     return 0 if res.get("outcome") == "ready" else 1
 
 
+# ------------------------------------------------------------------------------ stand-ins for pynvml, torch
+
+STUB_ENV = "VLLM_LAB_STUB_GPU_LEDGER"  # the ledger folder the stand-in pynvml and torch share
+_STUB_PYNVML = """\"\"\"pynvml stood in by the fake GPU ledger (testing/gpu_alloc.write_stub_modules).\"\"\"
+import os
+from vllm_lab.testing.fake_nvml import LedgerNvml
+_nvml = LedgerNvml(os.environ["VLLM_LAB_STUB_GPU_LEDGER"])
+def __getattr__(name):
+    return getattr(_nvml, name)
+"""
+_STUB_TORCH = """\"\"\"torch stood in: cuda:0 is the ledger's fake H200; a process's first allocation adds a 500 MiB
+CUDA context, as a real one does (testing/gpu_alloc.write_stub_modules).\"\"\"
+import json, os, types
+__version__ = "0+stub"
+uint8 = "uint8"
+version = types.SimpleNamespace(cuda="stub")
+_ledger = os.environ["VLLM_LAB_STUB_GPU_LEDGER"]
+_dev = json.load(open(os.path.join(_ledger, "device.json")))
+_held = [0]
+class _Tensor:
+    def fill_(self, value):
+        return self
+class OutOfMemoryError(RuntimeError):
+    pass
+def _empty(n, dtype=None, device=None):
+    _held[0] += n
+    with open(os.path.join(_ledger, f"{os.getpid()}.mib"), "w") as f:
+        f.write(str(500 + _held[0] / 2**20))
+    return _Tensor()
+empty = _empty
+cuda = types.SimpleNamespace(
+    OutOfMemoryError=OutOfMemoryError, is_available=lambda: True, device_count=lambda: 1, synchronize=lambda: None,
+    memory_reserved=lambda: _held[0], get_device_name=lambda i=0: _dev["name"],
+    get_device_capability=lambda i=0: tuple(_dev["cc"]),
+    get_device_properties=lambda i=0: types.SimpleNamespace(name=_dev["name"], total_memory=int(_dev["total"] * 0.99 * 2**20)),
+)
+"""
+
+
+def write_stub_modules(directory: str | Path, ledger: str | Path) -> dict[str, str]:
+    """`pynvml` and `torch` stand-ins in `directory`, over one fake GPU (a LedgerNvml folder): put it first on
+    PYTHONPATH and the real-mode code paths (import pynvml, torch allocations) run without a GPU.
+    Returns the environment to add."""
+    from vllm_lab.testing.fake_nvml import LedgerNvml
+
+    d = Path(directory)
+    (d / "torch").mkdir(parents=True, exist_ok=True)
+    (d / "pynvml.py").write_text(_STUB_PYNVML)
+    (d / "torch" / "__init__.py").write_text(_STUB_TORCH)
+    LedgerNvml(str(ledger))  # writes device.json
+    return {STUB_ENV: str(ledger)}
+
+
 # --------------------------------------------------------------------------------------------- the table
 
 
