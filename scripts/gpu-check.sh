@@ -13,6 +13,8 @@
 # (GPU_CHECK_LIMIT_S); every step writes what it measured before the next starts.
 # GPU_CHECK_FAKE=1 runs the same steps against the fake NVML (one simulated H200 shared by every process,
 # lib/vllm_lab/testing/fake_nvml.LedgerNvml) with no torch: tests/test_gpu_check.py runs it in CI.
+# The real mode itself can be rehearsed here with stand-ins for pynvml and torch first on PYTHONPATH
+# (lib/vllm_lab/testing/gpu_alloc.write_stub_modules; tests/test_gpu_check.py runs tests/gpu that way).
 #
 # What it checks (OUT/steps.jsonl: one line per step as it ends; OUT/summary.md: the same, for people):
 #   env        python, torch and CUDA, nvidia-smi, which of our dependencies are missing (deps.txt)
