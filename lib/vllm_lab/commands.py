@@ -139,7 +139,8 @@ def analyse(cmd: str | list[str] | tuple[str, ...]) -> Command:
     return Command(argv=tuple(argv), python=python, module=module, script=script)
 
 
-def _resolve(word: str) -> str | None:
+def resolve(word: str) -> str | None:
+    """The executable a command word names: a path that is an executable file, else a PATH lookup."""
     if os.sep in word:
         return word if os.path.isfile(word) and os.access(word, os.X_OK) else None
     return shutil.which(word)
@@ -148,7 +149,7 @@ def _resolve(word: str) -> str | None:
 def _python_of(argv: list[str]) -> tuple[str | None, str | None, str | None]:
     if not argv or basename(argv[0]) in ENV_RUNNERS:
         return None, None, None
-    path = _resolve(argv[0])
+    path = resolve(argv[0])
     if not path:
         return None, None, None
     if _is_python(path):
@@ -278,7 +279,7 @@ def check_shape(argv: list[str]) -> None:
     inner, _ = unwrap_env(argv)
     if not inner:
         raise SpecError("vllm_cmd: `env` runs no command; write e.g. `env VLLM_USE_V1=1 vllm serve`")
-    if basename(argv[0]) == "env" and not _resolve(inner[0]):
+    if basename(argv[0]) == "env" and not resolve(inner[0]):
         raise SpecError(f"vllm_cmd: {inner[0]} (after env) not found; {not_found_fix(inner[0])}")
 
 

@@ -19,7 +19,7 @@ from typing import TextIO
 
 from vllm_lab import commands
 from vllm_lab.redact import redact_text
-from vllm_lab.spec import SpecError, Trial, split_cmd
+from vllm_lab.spec import SpecError, Trial, flag_values, split_cmd
 
 _TRUE = ("1", "true", "yes", "on")
 
@@ -55,15 +55,6 @@ def _download(python: str, model: str, revision: str | None, env: Mapping[str, s
         return {"status": "failed", "error": f"{python} could not run the download ({type(e).__name__})"}
 
 
-def _flag(args: Sequence[str], flag: str) -> str | None:
-    for i, a in enumerate(args):
-        if a == flag and i + 1 < len(args):
-            return args[i + 1]
-        if a.startswith(flag + "="):
-            return a.split("=", 1)[1]
-    return None
-
-
 def prefetch(
     model: str,
     vllm_cmd: str | list[str],
@@ -97,7 +88,7 @@ def prefetch(
     else:
         print(f"downloading {model} into the Hugging Face cache, once, before the first trial ...", file=out,
               flush=True)  # fmt: skip
-        res = _download(c.python, model, _flag(extra_args, "--revision"), full_env)
+        res = _download(c.python, model, (flag_values(list(extra_args), "--revision") or [None])[0], full_env)
         status = res.get("status")
         if status == "ok":
             note = f"model {model}: in the Hugging Face cache ({res.get('path')})"

@@ -12,7 +12,6 @@ import itertools
 import json
 import os
 import shlex
-import shutil
 import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -157,10 +156,9 @@ def check_vllm_cmd(cmd: str | list[str]) -> list[str]:
             "vllm_cmd: is empty; set it to `vllm serve` or `/path/to/python -m vllm.entrypoints.openai.api_server`"
         )
     exe = argv[0]
-    found = shutil.which(exe) if os.sep not in exe else (exe if os.access(exe, os.X_OK) else None)
     from vllm_lab import commands  # wrappers, containers, the python a command runs
 
-    if not found:
+    if not commands.resolve(exe):
         raise SpecError(f"vllm_cmd: {exe} not found; {commands.not_found_fix(exe)}")
     commands.check_shape(argv)
     module = commands.python_module(argv)  # `-m` of the python itself (docker's -m is its memory flag)
