@@ -776,23 +776,33 @@ def search_max_memory(
 # ---- wiring: real trials ---------------------------------------------------------------------------------
 
 
-def trial_launcher(
-    template: Trial, run_dir: str | Path, *, run_trial: Callable[[Trial, Path], dict] | None = None
-) -> Callable[[int], dict]:
-    """launch(n): run ``template`` at max_model_len n through probe.run_trial (one record appended per call)."""
+def _launcher(
+    template: Trial, run_dir: str | Path, overrides: Callable, run_trial: Callable[[Trial, Path], dict] | None
+) -> Callable:
+    """launch(value): ``template`` with ``overrides(value)`` through probe.run_trial (one record per call).
+
+    A repeat of one value (the search's retry) is a trial of its own: run_or_reuse would return the first.
+    """
     if run_trial is None:
         from vllm_lab.probe import run_trial
     run_dir = Path(run_dir)
-    tries: dict[int, int] = {}
+    tries: dict = {}
 
-    def launch(n: int) -> dict:
-        trial = dataclasses.replace(template, max_model_len=int(n), trial_id="")  # default_id: hashed
-        tries[n] = tries.get(n, 0) + 1
-        if tries[n] > 1:  # the search's retry is a trial of its own (run_or_reuse would return the first)
-            trial.trial_id += f"-try{tries[n]}"
+    def launch(value):
+        trial = dataclasses.replace(template, **overrides(value), trial_id="")  # default_id: hashed
+        tries[value] = tries.get(value, 0) + 1
+        if tries[value] > 1:
+            trial.trial_id += f"-try{tries[value]}"
         return run_trial(trial, run_dir)
 
     return launch
+
+
+def trial_launcher(
+    template: Trial, run_dir: str | Path, *, run_trial: Callable[[Trial, Path], dict] | None = None
+) -> Callable[[int], dict]:
+    """launch(n): run ``template`` at max_model_len n."""
+    return _launcher(template, run_dir, lambda n: {"max_model_len": int(n)}, run_trial)
 
 
 def memory_launcher(
@@ -803,24 +813,13 @@ def memory_launcher(
     run_trial: Callable[[Trial, Path], dict] | None = None,
 ) -> Callable[[float], dict]:
     """launch_mem(value): run ``template`` at that gpu_memory_utilization (or KV budget in bytes)."""
-    if run_trial is None:
-        from vllm_lab.probe import run_trial
-    run_dir = Path(run_dir)
 
-    tries: dict[float, int] = {}
-
-    def launch_mem(value: float) -> dict:
+    def overrides(value: float) -> dict:
         if axis == "gpu_memory_utilization":
-            over = {"gpu_memory_utilization": float(value), "kv_cache_memory_bytes": None}
-        else:
-            over = {"kv_cache_memory_bytes": int(value), "gpu_memory_utilization": None}
-        trial = dataclasses.replace(template, **over, trial_id="")
-        tries[value] = tries.get(value, 0) + 1
-        if tries[value] > 1:  # a retry is a trial of its own
-            trial.trial_id += f"-try{tries[value]}"
-        return run_trial(trial, run_dir)
+            return {"gpu_memory_utilization": float(value), "kv_cache_memory_bytes": None}
+        return {"kv_cache_memory_bytes": int(value), "gpu_memory_utilization": None}
 
-    return launch_mem
+    return _launcher(template, run_dir, overrides, run_trial)
 
 
 def default_first_guess(trial: Trial) -> int | None:
