@@ -19,11 +19,8 @@ from vllm_lab.spec import SpecError
 
 PREFLIGHT_UTILIZATIONS = (0.85, 0.95)
 DTYPES = ("auto", "float16", "bfloat16")
-GRAPHS_IN_BUDGET_FROM = (
-    0,
-    21,
-    0,
-)  # vLLM subtracts its CUDA-graph estimate from the KV budget (facts section 3)
+# vLLM subtracts its CUDA-graph estimate from the KV budget from this version on (facts section 3)
+GRAPHS_IN_BUDGET_FROM = (0, 21, 0)
 # V1 refuses to start when free memory < requested. Facts section 10 says 0.9.2, its table ">= 0.9"; public
 # logs show v0.9.1 printing it (vllm-project/vllm#20305, llm-compressor#1560), so 0.9.1.
 FREE_MEMORY_CHECK_FROM = (0, 9, 1)
@@ -234,12 +231,10 @@ class Preflight:
     summary: list[str]
     alternatives: list[str]
     launchers: dict = field(default_factory=dict)  # legacy / head at --dtype auto: flag, can_start, failure
-    h1: str | None = (
-        None  # "the flag is needed" on this card: refuted | supported | reversed | neither_starts
-    )
-    suspects: list[dict] = field(
-        default_factory=list
-    )  # likelier causes of a failed start at the top utilization
+    # H1, "the flag is needed", on this card: refuted | supported | reversed | neither_starts
+    h1: str | None = None
+    # likelier causes of a failed start at the top utilization
+    suspects: list[dict] = field(default_factory=list)
 
     @property
     def any_can_start(self) -> bool:

@@ -344,9 +344,8 @@ class _LenSearch:
         self.notes: list[str] = []
         self.stepdowns = 0
         self.proof: set[int] = set()  # launched k whose failure proves k and above fail (failure_class)
-        self.ambiguous: set[int] = (
-            set()
-        )  # k that failed with a "control" kind, waiting for the control launch
+        # k that failed with a "control" kind, waiting for the control launch
+        self.ambiguous: set[int] = set()
         self.pending: tuple[int, str] | None = None  # a retry or control launch to make next
         self.verdict, self.failure, self.evidence = "found", None, ""
         top = self.top()
