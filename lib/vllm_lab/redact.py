@@ -12,6 +12,8 @@ SECRET_ENV_NAMES = re.compile(
 )
 # Flags whose next argv item (or =value) is secret.
 SECRET_FLAGS = ("--api-key", "--hf-token", "--token", "--ssl-keyfile-password")
+# vLLM's --api-key takes several keys (list[str], nargs="+"): every item up to the next flag is secret.
+MULTI_VALUE_SECRET_FLAGS = ("--api-key",)
 
 _PATTERNS = [
     # NAME=value for secret-looking names (env dumps, shell lines, logs)
@@ -22,10 +24,21 @@ _PATTERNS = [
         ),
         lambda m: f"{m.group(1)}{m.group(2)}{m.group(3)}{MASK}",
     ),
-    # vLLM < 0.32 logs its non-default args as a dict: 'api_key': ['x'], 'hf_token': 'x'
+    # vLLM < 0.32 logs its non-default args as a dict: 'api_key': ['x', 'y'], 'hf_token': 'x'
     (
-        re.compile(r"(['\"](?:api_key|hf_token)['\"]\s*:\s*)(\[?['\"])([^'\"]+)"),
+        re.compile(r"(['\"]api_key['\"]\s*:\s*\[)([^\]]*)"),
+        lambda m: m.group(1) + re.sub(r"(['\"])[^'\"]*(['\"])", rf"\g<1>{MASK}\g<2>", m.group(2)),
+    ),
+    (
+        re.compile(r"(['\"](?:api_key|hf_token)['\"]\s*:\s*)(['\"])([^'\"]+)"),
         lambda m: f"{m.group(1)}{m.group(2)}{MASK}",
+    ),
+    # --api-key a b (shell line or an argv list's repr: '--api-key', 'a', 'b'): every key up to the next flag
+    (
+        re.compile(
+            r"(--api-key(?:['\"]?,?[ \t]+))((?:['\"]?[^\s'\"\-,\]][^\s'\",\]]*['\"]?(?:,?[ \t]+|,?(?=[\n\]]|$)))+)"
+        ),
+        lambda m: m.group(1) + re.sub(r"[^\s'\",\]]+", MASK, m.group(2)),
     ),
     # --api-key value / --api-key=value (also an argv list's repr: '--api-key', 'x')
     (
@@ -51,12 +64,16 @@ def redact_text(text: str) -> str:
 
 def redact_argv(argv: list[str]) -> list[str]:
     out: list[str] = []
-    hide_next = False
+    hide_next = hide_rest = False
     for item in argv:
         if hide_next:
             out.append(MASK)
             hide_next = False
             continue
+        if hide_rest and not item.startswith("-"):
+            out.append(MASK)
+            continue
+        hide_rest = False
         flag = item.split("=", 1)[0]
         if flag in SECRET_FLAGS:
             if "=" in item:
@@ -64,6 +81,7 @@ def redact_argv(argv: list[str]) -> list[str]:
             else:
                 out.append(item)
                 hide_next = True
+                hide_rest = flag in MULTI_VALUE_SECRET_FLAGS
             continue
         out.append(redact_text(item))
     return out
