@@ -7,6 +7,7 @@ stderr naming what is wrong and how to fix it, printed before anything launches)
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from vllm_lab.spec import SpecError
@@ -64,6 +65,12 @@ def _report(args) -> int:
     from vllm_lab.report import cli_report
 
     return cli_report(args)
+
+
+def _load(args) -> int:
+    from vllm_lab.load import cli_load
+
+    return cli_load(args)
 
 
 def _tiny_model(args) -> int:
@@ -173,6 +180,23 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("report", help="rebuild report.html and report.md from a run folder's trials.jsonl")
     s.add_argument("run_dir")
     s.set_defaults(func=_report)
+
+    s = sub.add_parser("load", help="a load against a running server: latency, tok/s per level, stable?")
+    s.add_argument("--url", required=True, help="the server, loopback only, e.g. http://127.0.0.1:8000")
+    s.add_argument("--model", required=True, help="the served model name")
+    s.add_argument("--concurrency", default="1,2,4", help="levels, e.g. 1,2,4,8")
+    n = s.add_mutually_exclusive_group()
+    n.add_argument("--requests", type=int, default=None, help="requests per level (default 8)")
+    n.add_argument("--duration", type=float, default=None, help="seconds per level, instead of --requests")
+    s.add_argument("--prompt-tokens", type=int, default=128)
+    s.add_argument("--output-tokens", type=int, default=32)
+    s.add_argument("--slo-ttft-ms", type=float, default=None, help="TTFT p90 above this ends the knee")
+    s.add_argument("--request-timeout", type=float, default=120.0, help="seconds per request")
+    s.add_argument("--api-key", default=os.environ.get("VLLM_API_KEY"), help="default: $VLLM_API_KEY")
+    s.add_argument("--log", default=None, help="the server's log: a fatal line during the load is not stable")
+    s.add_argument("--vocab-size", type=int, default=1000, help="prompt token ids stay below it")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(func=_load)
 
     s = sub.add_parser("tiny-model", help="build the tiny offline Qwen2-style test model")
     s.add_argument("out_dir")

@@ -99,8 +99,7 @@ def long_request(
     out_n = LONG_REQUEST_OUTPUT_TOKENS
     prompt_len = max(1, max_len - out_n)
     total = prompt_len + out_n
-    # Token ids cycle through the ordinary vocabulary (avoid 0..2, often special tokens).
-    prompt = [3 + (i % max(1, min(vocab, 50000) - 3)) for i in range(prompt_len)]
+    prompt = token_prompt(prompt_len, vocab)
     body = {"model": model, "prompt": prompt, "max_tokens": out_n, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}, "ignore_eos": True}  # fmt: skip
     t0 = time.monotonic()
@@ -121,7 +120,7 @@ def long_request(
                 for line in r.iter_lines():
                     if time.monotonic() - t0 > timeout:
                         break
-                    data = line.strip()[5:].strip() if line.startswith("data:") else None
+                    data = sse_data(line)
                     if data == "[DONE]":
                         s.done = True
                         break
@@ -136,11 +135,24 @@ def long_request(
     return s.result(total, out_n, timeout)
 
 
+def token_prompt(n: int, vocab: int, start: int = 0) -> list[int]:
+    """n token ids cycling through the ordinary vocabulary (avoid 0..2, often special tokens); another
+    `start` gives another first block, so concurrent prompts never share a prefix-cache hit."""
+    span = max(1, min(vocab, 50000) - 3)
+    return [3 + ((start + i) % span) for i in range(n)]
+
+
+def sse_data(line: str) -> str | None:
+    """The payload of one server-sent-events line (`data: ...`), else None."""
+    return line.strip()[5:].strip() if line.startswith("data:") else None
+
+
 class _StreamState:
     """What the chunks of one completion stream said: first token, tokens counted, error, [DONE]."""
 
     def __init__(self) -> None:
         self.ttft: float | None = None
+        self.times: list[float] = []  # when each chunk with a token arrived (load.py's inter-token gaps)
         self.chunks = 0
         self.usage: int | None = None
         self.error: str | None = None
@@ -156,6 +168,7 @@ class _StreamState:
         if chunk.get("choices"):  # vLLM sends no empty chunks: each one with a choice carries a token
             self.chunks += 1
             self.ttft = t if self.ttft is None else self.ttft
+            self.times.append(t)
 
     def result(self, total: int, expected: int, timeout: float) -> LongRequest:
         got = self.usage if self.usage is not None else self.chunks
@@ -185,6 +198,11 @@ def read_metrics(base_url: str, *, api_key: str | None = None) -> dict:
             text = c.get(f"{base_url}/metrics").text
     except httpx.HTTPError:
         return {}
+    return parse_metrics(text)
+
+
+def parse_metrics(text: str) -> dict:
+    """Those metrics from a Prometheus text page (/metrics), the last value of each name."""
     keep = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "vllm:num_requests_running",
             "vllm:num_requests_waiting", "vllm:num_preemptions_total")  # fmt: skip
     out = {}

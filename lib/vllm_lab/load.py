@@ -1,0 +1,590 @@
+"""A load against a running server: levels of fixed concurrency, streamed completions, /metrics scraped
+-> one LoadResult: per-level latency percentiles and throughput, a stable/not-stable verdict with its reason,
+and the knee (a --max-num-seqs hint). It launches nothing and records nothing; the caller does.
+
+Stable means: every request completed with HTTP 200, no error chunk in its stream, every output token and
+[DONE]; /health 200 after each level; no fatal line in the server's log during the load (where the log is
+known); the same server process (where the caller can tell). Preemptions are counted, never failures.
+
+asyncio + httpx.AsyncClient, not threads: one core drives every stream (benchmarks/bench_load.py), a
+per-request deadline is one `asyncio.timeout`, and Ctrl-C cancels every request at once; threads would
+go on reading their streams after the main thread was interrupted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from vllm_lab import logscan
+from vllm_lab.probe import _body_message, _loopback, _StreamState, parse_metrics, sse_data, token_prompt
+from vllm_lab.spec import SpecError
+
+KNEE_GROWTH = 0.10  # less output tok/s growth than this from one level to the next is the knee
+METRICS_INTERVAL_S = 0.5
+MAX_LEVELS = 32
+MAX_CONCURRENCY = 4096
+MAX_REQUESTS = 100_000  # per level; with --duration too, so every loop has a count
+HTTP_TIMEOUT_S = 10.0  # /health, /metrics, /v1/models
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    concurrency: tuple[int, ...] = (1, 2, 4)
+    requests: int | None = 8  # per level (None when duration_s is given)
+    duration_s: float | None = None  # per level: no new request after it, those in flight finish
+    prompt_tokens: int = 128
+    output_tokens: int = 32
+    slo_ttft_ms: float | None = None  # TTFT p90 above it ends the useful range (knee)
+    request_timeout_s: float = 120.0  # per request deadline (a stream that stops)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "concurrency", tuple(self.concurrency))
+        if self.duration_s is not None and self.requests == LoadSpec.requests:
+            object.__setattr__(self, "requests", None)  # LoadSpec(duration_s=30): requests was the default
+
+    @classmethod
+    def from_params(cls, value: dict, where: str = "LOAD") -> LoadSpec:
+        """A plan/notebook LOAD mapping (or the CLI's options) -> a validated spec; SpecError names the field."""
+        if not isinstance(value, dict):
+            raise SpecError(
+                f"{where}: expected a mapping like {{concurrency: [1, 2, 4], requests: 8}}, got {value!r}"
+            )
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise SpecError(f"{where}: unknown key(s) {', '.join(unknown)}; use {', '.join(sorted(known))}")
+        kw = dict(value)
+        if kw.get("duration_s") is not None and kw.get("requests") is not None:
+            raise SpecError(f"{where}: both requests and duration_s given; give one of them")
+        if "concurrency" in kw:
+            kw["concurrency"] = _int_list(kw["concurrency"], f"{where}.concurrency")
+        if kw.get("duration_s") is not None:
+            kw["requests"] = None
+        return cls(**kw).validate(where)
+
+    def validate(self, where: str = "LOAD") -> LoadSpec:
+        c = self.concurrency
+        if not c or not all(
+            isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= MAX_CONCURRENCY for x in c
+        ):
+            raise SpecError(
+                f"{where}.concurrency: {list(c)}; give 1 to {MAX_LEVELS} whole numbers in 1..{MAX_CONCURRENCY}, e.g. [1, 2, 4]"
+            )
+        if len(c) > MAX_LEVELS or list(c) != sorted(set(c)):
+            raise SpecError(
+                f"{where}.concurrency: {list(c)}; give at most {MAX_LEVELS} levels, increasing, each once"
+            )
+        if (self.requests is None) == (self.duration_s is None):
+            raise SpecError(f"{where}: give exactly one of requests (per level) or duration_s")
+        if self.requests is not None and not (_whole(self.requests) and 1 <= self.requests <= MAX_REQUESTS):
+            raise SpecError(f"{where}.requests: {self.requests!r}; give a whole number in 1..{MAX_REQUESTS}")
+        if self.duration_s is not None and not (_number(self.duration_s) and 0 < self.duration_s <= 86400):
+            raise SpecError(f"{where}.duration_s: {self.duration_s!r}; give seconds per level, > 0")
+        for name in ("prompt_tokens", "output_tokens"):
+            v = getattr(self, name)
+            if not (_whole(v) and 1 <= v <= 10_000_000):
+                raise SpecError(f"{where}.{name}: {v!r}; give a whole number of tokens >= 1")
+        if self.slo_ttft_ms is not None and not (_number(self.slo_ttft_ms) and self.slo_ttft_ms > 0):
+            raise SpecError(
+                f"{where}.slo_ttft_ms: {self.slo_ttft_ms!r}; give milliseconds > 0, or leave it out"
+            )
+        if not (_number(self.request_timeout_s) and self.request_timeout_s > 0):
+            raise SpecError(f"{where}.request_timeout_s: {self.request_timeout_s!r}; give seconds > 0")
+        return self
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["concurrency"] = list(self.concurrency)
+        return d
+
+
+def _whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int_list(v, where: str) -> tuple[int, ...]:
+    """[1, 2, 4], (1, 2, 4), 4, or the CLI's "1,2,4"."""
+    if isinstance(v, str):
+        try:
+            return tuple(int(x) for x in v.split(",") if x.strip())
+        except ValueError:
+            raise SpecError(f"{where}: {v!r}; give whole numbers separated by commas, e.g. 1,2,4") from None
+    if _whole(v):
+        return (v,)
+    if isinstance(v, list | tuple):
+        return tuple(v)
+    raise SpecError(f"{where}: {v!r}; give a list of whole numbers, e.g. [1, 2, 4]")
+
+
+@dataclass
+class LoadResult:
+    url: str
+    model: str
+    spec: LoadSpec
+    levels: list[dict] = field(default_factory=list)  # one per concurrency run, see _level_summary
+    stable: bool = False
+    reason: str = ""
+    knee_concurrency: int | None = None
+    knee_reason: str | None = None
+    interrupted: bool = False  # Ctrl-C: the levels hold what was measured until then
+
+    def to_dict(self) -> dict:
+        """The `vllm-lab load --json` object."""
+        return {
+            "url": self.url, "model": self.model, "levels": self.levels, "stable": self.stable,
+            "reason": self.reason, "knee_concurrency": self.knee_concurrency, "knee_reason": self.knee_reason,
+            "interrupted": self.interrupted, "spec": self.spec.to_dict(),
+        }  # fmt: skip
+
+
+@dataclass
+class _Request:
+    """One streamed request as the client saw it; seconds from its own start."""
+
+    ok: bool
+    error: str | None = None
+    error_in_stream: bool = False  # a `data: {"error": ...}` chunk (HTTP 200 all the same)
+    ttft: float | None = None
+    gaps: list[float] = field(default_factory=list)  # between chunks that carry tokens
+    e2e: float | None = None
+    output_tokens: int = 0
+
+
+async def _one_request(
+    client: httpx.AsyncClient, url: str, body: dict, expected: int, timeout: float
+) -> _Request:
+    s = _StreamState()
+    t0 = time.perf_counter()
+
+    async def stream() -> str | None:
+        async with client.stream("POST", url, json=body) as r:
+            if r.status_code != 200:
+                await r.aread()
+                return f"HTTP {r.status_code}: {_body_message(r)}"
+            async for line in r.aiter_lines():
+                data = sse_data(line)
+                if data == "[DONE]":
+                    s.done = True
+                    break
+                if data:
+                    s.take(json.loads(data), time.perf_counter() - t0)
+        return None
+
+    try:
+        refused = await asyncio.wait_for(stream(), timeout)
+        if refused:
+            return _Request(False, refused)
+    except asyncio.TimeoutError:
+        s.error = s.error or f"stopped streaming: no [DONE] within {timeout:g} s"
+    except httpx.HTTPError as e:
+        s.error = s.error or f"broke off: {type(e).__name__}: {e}"
+    except ValueError as e:
+        s.error = s.error or f"sent a chunk that is not JSON ({e})"
+    in_stream = s.error is not None and s.error.startswith("ended with an error chunk")
+    res = s.result(body["max_tokens"] + len(body["prompt"]), expected, timeout)
+    gaps = [b - a for a, b in zip(s.times, s.times[1:], strict=False)]
+    return _Request(
+        res.ok, res.error, in_stream, s.ttft, gaps, time.perf_counter() - t0, res.output_tokens or 0
+    )
+
+
+class _Scraper:
+    """/metrics every METRICS_INTERVAL_S during a level: the peaks of KV usage and of the queue."""
+
+    def __init__(self, client: httpx.AsyncClient, base_url: str):
+        self.client, self.url = client, f"{base_url}/metrics"
+        self.kv_max: float | None = None
+        self.waiting_max: float | None = None
+        self.running_max: float | None = None
+        self.samples = 0
+
+    async def read(self) -> dict:
+        try:
+            r = await self.client.get(self.url, timeout=HTTP_TIMEOUT_S)
+        except httpx.HTTPError:
+            return {}
+        return parse_metrics(r.text) if r.status_code == 200 else {}
+
+    def note(self, m: dict) -> None:
+        kv = m.get(
+            "vllm:kv_cache_usage_perc", m.get("vllm:gpu_cache_usage_perc")
+        )  # the older name up to ~0.11
+        self.kv_max = _peak(self.kv_max, kv)
+        self.waiting_max = _peak(self.waiting_max, m.get("vllm:num_requests_waiting"))
+        self.running_max = _peak(self.running_max, m.get("vllm:num_requests_running"))
+        self.samples += 1 if m else 0
+
+    async def run(self, deadline: float) -> None:
+        while time.monotonic() < deadline:  # cancelled when the level ends; the deadline bounds it anyway
+            self.note(await self.read())
+            await asyncio.sleep(METRICS_INTERVAL_S)
+
+
+def _peak(old: float | None, new: float | None) -> float | None:
+    if new is None:
+        return old
+    return new if old is None else max(old, new)
+
+
+def _pcts(values: list[float]) -> dict:
+    """p50/p90/p99 in ms, numpy's linear interpolation as `vllm bench serve` computes them."""
+    if not values:
+        return {"p50": None, "p90": None, "p99": None}
+    p = np.percentile(np.asarray(values) * 1000.0, [50, 90, 99])
+    return {"p50": round(float(p[0]), 2), "p90": round(float(p[1]), 2), "p99": round(float(p[2]), 2)}
+
+
+def _level_summary(conc: int, done: list[_Request], wall: float, scraper: _Scraper, preempt: float | None,
+                   health: int | None) -> dict:  # fmt: skip
+    ok = [r for r in done if r.ok]
+    first = next((r.error for r in done if not r.ok), None)
+    tokens = sum(r.output_tokens for r in ok)
+    return {
+        "concurrency": conc,
+        "requests": len(done),
+        "completed": len(ok),
+        "failed": len(done) - len(ok),
+        "errors_in_stream": sum(r.error_in_stream for r in done),
+        "first_error": first,
+        "ttft_ms": _pcts([r.ttft for r in ok if r.ttft is not None]),
+        "itl_ms": _pcts([g for r in ok for g in r.gaps]),
+        "e2e_ms": _pcts([r.e2e for r in ok if r.e2e is not None]),
+        "output_tokens": tokens,
+        "output_tokens_per_s": round(tokens / wall, 2) if wall > 0 else None,
+        "requests_per_s": round(len(ok) / wall, 3) if wall > 0 else None,
+        "seconds": round(wall, 3),
+        "preemptions": preempt,
+        "kv_cache_usage_max": scraper.kv_max,
+        "waiting_max": scraper.waiting_max,
+        "running_max": scraper.running_max,
+        "health_after": health,
+    }
+
+
+class _Load:
+    """One run of run_load: the client, the spec, the log offset and what was measured so far."""
+
+    def __init__(self, base_url, model, spec, api_key, log_path, server_alive, vocab_size):
+        self.base_url, self.model, self.spec = base_url.rstrip("/"), model, spec
+        self.api_key, self.server_alive, self.vocab = api_key, server_alive, vocab_size
+        self.log_path = Path(log_path) if log_path else None
+        self.log_offset = self.log_path.stat().st_size if self.log_path and self.log_path.exists() else 0
+        self.result = LoadResult(self.base_url, model, spec)
+        self.sent = 0  # requests sent over all levels: another prompt for each (no shared prefix)
+        self.current: tuple[int, list[_Request], float] | None = None  # the level in progress: its requests
+
+    def _body(self) -> dict:
+        self.sent += 1
+        prompt = token_prompt(self.spec.prompt_tokens, self.vocab, start=self.sent * 7919)
+        return {"model": self.model, "prompt": prompt, "max_tokens": self.spec.output_tokens, "temperature": 0,
+                "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}  # fmt: skip
+
+    def _alive(self) -> bool:
+        return self.server_alive is None or bool(self.server_alive())
+
+    async def check_reachable(self, client: httpx.AsyncClient) -> None:
+        """Before any load: the server answers, takes the key and serves this model (else SpecError: exit 2)."""
+        try:
+            r = await client.get(f"{self.base_url}/v1/models", timeout=HTTP_TIMEOUT_S)
+        except httpx.HTTPError as e:
+            raise SpecError(
+                f"cannot reach {self.base_url} ({type(e).__name__}: {e}); start the server or fix --url"
+            ) from None
+        if r.status_code == 401:
+            raise SpecError(
+                f"{self.base_url} refused the key (HTTP 401); give its --api-key (or VLLM_API_KEY)"
+            )
+        if r.status_code != 200:
+            raise SpecError(
+                f"{self.base_url}/v1/models answered HTTP {r.status_code}; is this a vLLM server?"
+            )
+        try:
+            names = [m["id"] for m in r.json()["data"]]
+        except (ValueError, KeyError, TypeError):
+            raise SpecError(
+                f"{self.base_url}/v1/models is not an OpenAI model list; is this a vLLM server?"
+            ) from None
+        if self.model not in names:
+            raise SpecError(
+                f"--model {self.model!r} is not served at {self.base_url}; it serves {', '.join(names)}"
+            )
+
+    async def level(self, client: httpx.AsyncClient, conc: int) -> dict:
+        spec = self.spec
+        url = f"{self.base_url}/v1/completions"
+        count = spec.requests if spec.requests is not None else MAX_REQUESTS
+        t0 = time.monotonic()
+        stop_sending = t0 + spec.duration_s if spec.duration_s is not None else math.inf
+        # Each request has its own deadline; this one bounds the level as a whole.
+        rounds = (
+            math.ceil(count / conc) * spec.request_timeout_s if spec.duration_s is None else spec.duration_s
+        )
+        deadline = t0 + rounds + spec.request_timeout_s + 5
+        done: list[_Request] = []
+        scraper = _Scraper(client, self.base_url)
+        before = (await scraper.read()).get("vllm:num_preemptions_total")
+        issued = 0
+
+        async def worker() -> None:
+            nonlocal issued
+            while issued < count and time.monotonic() < stop_sending and self._alive():
+                issued += 1
+                done.append(
+                    await _one_request(client, url, self._body(), spec.output_tokens, spec.request_timeout_s)
+                )
+
+        start = time.perf_counter()
+        self.current = (conc, done, start)
+        tasks = [asyncio.create_task(scraper.run(deadline))] + [
+            asyncio.create_task(worker()) for _ in range(conc)
+        ]
+        try:
+            await asyncio.wait(tasks[1:], timeout=max(0.0, deadline - time.monotonic()))
+        finally:  # the level deadline, or Ctrl-C: nothing of this level keeps running
+            wall = time.perf_counter() - start
+            for t in tasks:
+                t.cancel()
+            outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        bugs = [e for e in outcomes if isinstance(e, Exception)]  # not the cancels: a fault of this module
+        if bugs:
+            raise bugs[0]
+        m = await scraper.read()
+        scraper.note(m)
+        after = m.get("vllm:num_preemptions_total")
+        preempt = after - before if after is not None and before is not None else None
+        health = await self.health(client)
+        self.current = None
+        return _level_summary(conc, done, wall, scraper, preempt, health)
+
+    async def health(self, client: httpx.AsyncClient) -> int | None:
+        try:
+            return (await client.get(f"{self.base_url}/health", timeout=HTTP_TIMEOUT_S)).status_code
+        except httpx.HTTPError:
+            return None
+
+    def fatal_log_line(self) -> str | None:
+        """The first fatal line the server logged since the load began (logscan's classification)."""
+        if not self.log_path or not self.log_path.exists():
+            return None
+        with open(self.log_path, "rb") as f:
+            f.seek(self.log_offset)
+            text = f.read(64 * 2**20).decode("utf-8", errors="replace")
+        for line in text.splitlines():
+            kind = logscan.classify_line(line)
+            if kind is not None or logscan._ENGINE_DEATH.search(line):
+                return f"{kind or 'engine died'}: {logscan.clean_line(line)[:300]}"
+        return None
+
+    async def run(self) -> LoadResult:
+        res = self.result
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        limits = httpx.Limits(
+            max_connections=max(self.spec.concurrency) + 4,
+            max_keepalive_connections=max(self.spec.concurrency) + 4,
+        )
+        async with httpx.AsyncClient(headers=headers, timeout=self.spec.request_timeout_s, limits=limits,
+                                     trust_env=False) as client:  # fmt: skip
+            await self.check_reachable(client)
+            try:
+                for conc in self.spec.concurrency:
+                    lvl = await self.level(client, conc)
+                    res.levels.append(lvl)
+                    why = self.unstable_because(lvl)
+                    if why:
+                        res.reason = why
+                        break
+            except asyncio.CancelledError:  # Ctrl-C: keep what was measured, say where it stopped
+                res.interrupted = True
+                if self.current is not None:
+                    conc, done, start = self.current
+                    lvl = _level_summary(conc, list(done), time.perf_counter() - start, _Scraper(client, self.base_url),
+                                         None, None)  # fmt: skip
+                    res.levels.append({**lvl, "interrupted": True})
+        return self.verdict()
+
+    def unstable_because(self, lvl: dict) -> str | None:
+        c = lvl["concurrency"]
+        if not self._alive():
+            return f"the server process ended during the load at concurrency {c} ({lvl['completed']} of {lvl['requests']} requests completed)"
+        fatal = self.fatal_log_line()
+        if fatal:
+            return f"the server logged a fatal line during the load at concurrency {c}: {fatal}"
+        if lvl["errors_in_stream"]:
+            return (f"{lvl['errors_in_stream']} of {lvl['requests']} streams at concurrency {c} ended in an error chunk "
+                    f"(HTTP 200 all the same): {lvl['first_error']}")  # fmt: skip
+        if lvl["failed"]:
+            return f"{lvl['failed']} of {lvl['requests']} requests failed at concurrency {c}: {lvl['first_error']}"
+        if not lvl["requests"]:
+            return f"no request finished at concurrency {c}"
+        expected = self.spec.requests
+        if expected is not None and lvl["requests"] < expected:
+            return f"only {lvl['requests']} of {expected} requests finished within the level's deadline at concurrency {c}"
+        if lvl["health_after"] != 200:
+            return f"/health answered {lvl['health_after'] or 'nothing'} after concurrency {c}"
+        return None
+
+    def verdict(self) -> LoadResult:
+        res = self.result
+        levels = res.levels
+        if res.interrupted:
+            lvl = levels[-1] if levels else None
+            where = (f" at concurrency {lvl['concurrency']} ({lvl['completed']} completed, {lvl['failed']} failed "
+                     f"of {lvl['requests']} sent)") if lvl else ""  # fmt: skip
+            done = sum(1 for x in levels if not x.get("interrupted"))
+            res.stable, res.reason = (
+                False,
+                f"interrupted (Ctrl-C){where}; {done} of {len(self.spec.concurrency)} levels done",
+            )
+        elif res.reason:
+            res.stable = False
+            rest = len(self.spec.concurrency) - len(levels)
+            res.reason += f"; {rest} higher level(s) not run" if rest else ""
+        else:
+            res.stable = True
+            p = sum(x["preemptions"] or 0 for x in levels)
+            res.reason = (f"all {sum(x['completed'] for x in levels)} requests over {len(levels)} level(s) completed, "
+                          f"/health 200 after each" + (f"; {p:g} preemption(s), not failures" if p else ""))  # fmt: skip
+        res.knee_concurrency, res.knee_reason = knee(
+            [x for x in levels if not x.get("interrupted") and not x["failed"]], self.spec.slo_ttft_ms
+        )
+        return res
+
+
+def knee(levels: list[dict], slo_ttft_ms: float | None = None) -> tuple[int | None, str | None]:
+    """The lowest concurrency past which output tok/s grows by less than KNEE_GROWTH, or TTFT p90 passes
+    the SLO; with its numbers. Levels in increasing concurrency, those that completed every request."""
+    if not levels:
+        return None, None
+    for i, lvl in enumerate(levels):
+        p90 = lvl["ttft_ms"]["p90"]
+        if slo_ttft_ms is not None and p90 is not None and p90 > slo_ttft_ms:
+            if i == 0:
+                return (
+                    None,
+                    f"TTFT p90 {p90:g} ms passes the SLO {slo_ttft_ms:g} ms already at concurrency {lvl['concurrency']}",
+                )
+            prev = levels[i - 1]
+            return prev["concurrency"], (f"TTFT p90 {p90:g} ms at concurrency {lvl['concurrency']} passes the SLO "
+                                         f"{slo_ttft_ms:g} ms (p90 {prev['ttft_ms']['p90']:g} ms at {prev['concurrency']})")  # fmt: skip
+        if i + 1 < len(levels):
+            nxt = levels[i + 1]
+            a, b = lvl["output_tokens_per_s"] or 0.0, nxt["output_tokens_per_s"] or 0.0
+            if a > 0 and b < a * (1 + KNEE_GROWTH):
+                return lvl["concurrency"], (f"output {a:g} tok/s at concurrency {lvl['concurrency']}, {b:g} at "
+                                            f"{nxt['concurrency']} ({(b / a - 1) * 100:+.0f}%, under +{KNEE_GROWTH:.0%})")  # fmt: skip
+    last = levels[-1]
+    return None, (f"output tok/s still grows by {KNEE_GROWTH:.0%} or more per level up to concurrency "
+                  f"{last['concurrency']} ({last['output_tokens_per_s']:g} tok/s): try higher levels")  # fmt: skip
+
+
+def run_load(
+    base_url: str,
+    model: str,
+    spec: LoadSpec,
+    *,
+    api_key: str | None = None,
+    log_path: str | Path | None = None,
+    server_alive: Callable[[], bool] | None = None,
+    vocab_size: int = 1000,
+) -> LoadResult:
+    """Run every level of `spec` against a loopback vLLM server; stop at the first level that is not stable.
+
+    `log_path`: the server's live log (fatal lines written during the load make it not stable).
+    `server_alive`: the caller's check that its server process still runs. Ctrl-C returns the result so far
+    with interrupted=True; nothing keeps running after this returns. Bad input or a server that cannot be
+    reached raises SpecError before any request.
+    """
+    spec.validate()
+    if not _loopback(base_url):
+        raise SpecError(
+            f"--url {base_url}: the load goes to loopback servers only (127.0.0.1, ::1, localhost)"
+        )
+    load = _Load(base_url, model, spec, api_key, log_path, server_alive, vocab_size)
+    return _run_interruptible(load.run)
+
+
+def _run_interruptible(make_coro: Callable) -> LoadResult:
+    """Run the coroutine on a loop of its own in a thread (a Jupyter kernel already runs a loop in this one);
+    a KeyboardInterrupt here cancels it, and its result (what was measured) is still returned."""
+    box: dict = {}
+    started = threading.Event()
+
+    def target() -> None:
+        async def main():
+            box["task"] = asyncio.current_task()
+            box["loop"] = asyncio.get_running_loop()
+            started.set()
+            return await make_coro()
+
+        try:
+            box["result"] = asyncio.run(main())
+        except BaseException as e:  # handed to the caller's thread below
+            box["error"] = e
+        finally:
+            started.set()
+
+    t = threading.Thread(target=target, name="vllm-lab-load")
+    t.start()
+    try:
+        while t.is_alive():
+            t.join(0.2)
+    except KeyboardInterrupt:
+        started.wait()
+        if "loop" in box and not box["loop"].is_closed():
+            box["loop"].call_soon_threadsafe(box["task"].cancel)
+        t.join()  # bounded: cancelling ends every request at once
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def _human(res: LoadResult) -> str:
+    rows = [f"{'conc':>4} {'done':>5} {'fail':>4} {'out tok/s':>10} {'req/s':>7} {'ttft p50/p90 ms':>17} "
+            f"{'itl p50 ms':>10} {'e2e p90 ms':>10} {'kv max':>6} {'preempt':>7}"]  # fmt: skip
+    for x in res.levels:
+        t, i, e = x["ttft_ms"], x["itl_ms"], x["e2e_ms"]
+        rows.append(f"{x['concurrency']:>4} {x['completed']:>5} {x['failed']:>4} {_f(x['output_tokens_per_s']):>10} "
+                    f"{_f(x['requests_per_s']):>7} {_f(t['p50']) + '/' + _f(t['p90']):>17} {_f(i['p50']):>10} "
+                    f"{_f(e['p90']):>10} {_f(x['kv_cache_usage_max']):>6} {_f(x['preemptions']):>7}")  # fmt: skip
+    rows.append(f"{'stable' if res.stable else 'NOT stable'}: {res.reason}")
+    rows.append(f"knee: {res.knee_concurrency if res.knee_concurrency is not None else '-'}"
+                + (f" ({res.knee_reason})" if res.knee_reason else ""))  # fmt: skip
+    return "\n".join(rows)
+
+
+def _f(v) -> str:
+    return "-" if v is None else f"{v:g}"
+
+
+def cli_load(args) -> int:
+    """`vllm-lab load`: 0 stable, 1 measured and not stable, 2 bad input or unreachable (SpecError), 130 Ctrl-C."""
+    params = {"concurrency": args.concurrency, "prompt_tokens": args.prompt_tokens,
+              "output_tokens": args.output_tokens, "slo_ttft_ms": args.slo_ttft_ms,
+              "request_timeout_s": args.request_timeout}  # fmt: skip
+    if args.duration is not None:
+        params.update(duration_s=args.duration, requests=args.requests)
+    elif args.requests is not None:
+        params["requests"] = args.requests
+    spec = LoadSpec.from_params(params, where="vllm-lab load")
+    res = run_load(
+        args.url, args.model, spec, api_key=args.api_key, log_path=args.log, vocab_size=args.vocab_size
+    )
+    print(json.dumps(res.to_dict()) if args.json else _human(res), file=sys.stdout)
+    if res.interrupted:
+        return 130
+    return 0 if res.stable else 1
