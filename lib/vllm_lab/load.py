@@ -14,6 +14,7 @@ go on reading their streams after the main thread was interrupted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import sys
@@ -36,6 +37,7 @@ MAX_LEVELS = 32
 MAX_CONCURRENCY = 4096
 MAX_REQUESTS = 100_000  # per level; with --duration too, so every loop has a count
 HTTP_TIMEOUT_S = 10.0  # /health, /metrics, /v1/models
+MAX_LOG_READ = 64 * 2**20  # of the server's log written during the load
 
 
 @dataclass(frozen=True)
@@ -269,7 +271,7 @@ def _level_summary(conc: int, done: list[_Request], wall: float, scraper: _Scrap
         "requests_per_s": round(len(ok) / wall, 3) if wall > 0 else None,
         "seconds": round(wall, 3),
         "preemptions": preempt,
-        "kv_cache_usage_max": scraper.kv_max,
+        "kv_cache_usage_max": round(scraper.kv_max, 4) if scraper.kv_max is not None else None,
         "waiting_max": scraper.waiting_max,
         "running_max": scraper.running_max,
         "health_after": health,
@@ -378,17 +380,21 @@ class _Load:
             return None
 
     def fatal_log_line(self) -> str | None:
-        """The first fatal line the server logged since the load began (logscan's classification)."""
+        """The server's own cause, logged since the load began: the first line logscan classifies as fatal,
+        else the first line that says the engine died (its wrapper, e.g. EngineDeadError)."""
         if not self.log_path or not self.log_path.exists():
             return None
         with open(self.log_path, "rb") as f:
             f.seek(self.log_offset)
-            text = f.read(64 * 2**20).decode("utf-8", errors="replace")
+            text = f.read(MAX_LOG_READ).decode("utf-8", errors="replace")
+        death = None
         for line in text.splitlines():
             kind = logscan.classify_line(line)
-            if kind is not None or logscan._ENGINE_DEATH.search(line):
-                return f"{kind or 'engine died'}: {logscan.clean_line(line)[:300]}"
-        return None
+            if kind is not None:
+                return f"{kind}: {logscan.clean_line(line)[:300]}"
+            if death is None and logscan._ENGINE_DEATH.search(line):
+                death = f"engine died: {logscan.clean_line(line)[:300]}"
+        return death
 
     async def run(self) -> LoadResult:
         res = self.result
@@ -418,25 +424,30 @@ class _Load:
         return self.verdict()
 
     def unstable_because(self, lvl: dict) -> str | None:
-        c = lvl["concurrency"]
+        """Why this level is not stable (what the client saw first, then the server's side), or None."""
+        c, n = lvl["concurrency"], lvl["requests"]
+        parts = []
         if not self._alive():
-            return f"the server process ended during the load at concurrency {c} ({lvl['completed']} of {lvl['requests']} requests completed)"
+            parts.append(f"the server process ended during the load at concurrency {c}")
+        if lvl["errors_in_stream"]:
+            parts.append(f"{lvl['errors_in_stream']} of {n} streams at concurrency {c} ended in an error chunk "
+                         f"(HTTP 200 all the same)")  # fmt: skip
+        other = lvl["failed"] - lvl["errors_in_stream"]
+        if other:
+            parts.append(f"{other} of {n} requests failed at concurrency {c}")
+        if lvl["first_error"] and parts:
+            parts[-1] += f" (first: {lvl['first_error']})"
+        expected = self.spec.requests
+        if not n or (expected is not None and n < expected):
+            parts.append(
+                f"{n} of {expected or 'the'} requests finished within the level's deadline at concurrency {c}"
+            )
+        if lvl["health_after"] != 200:
+            parts.append(f"/health answered {lvl['health_after'] or 'nothing'} after it")
         fatal = self.fatal_log_line()
         if fatal:
-            return f"the server logged a fatal line during the load at concurrency {c}: {fatal}"
-        if lvl["errors_in_stream"]:
-            return (f"{lvl['errors_in_stream']} of {lvl['requests']} streams at concurrency {c} ended in an error chunk "
-                    f"(HTTP 200 all the same): {lvl['first_error']}")  # fmt: skip
-        if lvl["failed"]:
-            return f"{lvl['failed']} of {lvl['requests']} requests failed at concurrency {c}: {lvl['first_error']}"
-        if not lvl["requests"]:
-            return f"no request finished at concurrency {c}"
-        expected = self.spec.requests
-        if expected is not None and lvl["requests"] < expected:
-            return f"only {lvl['requests']} of {expected} requests finished within the level's deadline at concurrency {c}"
-        if lvl["health_after"] != 200:
-            return f"/health answered {lvl['health_after'] or 'nothing'} after concurrency {c}"
-        return None
+            parts.append(f"the server's log during the load: {fatal}")
+        return "; ".join(parts) or None
 
     def verdict(self) -> LoadResult:
         res = self.result
@@ -520,14 +531,17 @@ def run_load(
 
 def _run_interruptible(make_coro: Callable) -> LoadResult:
     """Run the coroutine on a loop of its own in a thread (a Jupyter kernel already runs a loop in this one);
-    a KeyboardInterrupt here cancels it, and its result (what was measured) is still returned."""
+    a KeyboardInterrupt here cancels it, and its result (what was measured) is still returned.
+
+    Waits on an Event, not Thread.join: a join interrupted by KeyboardInterrupt can leave the thread looking
+    finished while it still runs (CPython 3.11), and the result would be read before it exists.
+    """
     box: dict = {}
-    started = threading.Event()
+    started, finished = threading.Event(), threading.Event()
 
     def target() -> None:
         async def main():
-            box["task"] = asyncio.current_task()
-            box["loop"] = asyncio.get_running_loop()
+            box["task"], box["loop"] = asyncio.current_task(), asyncio.get_running_loop()
             started.set()
             return await make_coro()
 
@@ -537,17 +551,22 @@ def _run_interruptible(make_coro: Callable) -> LoadResult:
             box["error"] = e
         finally:
             started.set()
+            finished.set()
 
     t = threading.Thread(target=target, name="vllm-lab-load")
     t.start()
     try:
-        while t.is_alive():
-            t.join(0.2)
+        while not finished.wait(0.2):
+            pass
     except KeyboardInterrupt:
         started.wait()
-        if "loop" in box and not box["loop"].is_closed():
+        with contextlib.suppress(KeyError, RuntimeError):  # RuntimeError: the loop closed meanwhile
             box["loop"].call_soon_threadsafe(box["task"].cancel)
-        t.join()  # bounded: cancelling ends every request at once
+        while not finished.wait(0.2):  # bounded: cancelling ends every request at once
+            pass
+    t.join()
+    if isinstance(box.get("error"), asyncio.CancelledError):
+        raise KeyboardInterrupt  # cancelled before the first level: nothing measured
     if "error" in box:
         raise box["error"]
     return box["result"]

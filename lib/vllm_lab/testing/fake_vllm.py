@@ -28,6 +28,18 @@ Environment knobs (all optional):
                            fake NVML's ledger without a GPU), as vLLM's engine holds its KV cache;
                            under stubborn_child that child ignores SIGTERM (testing/gpu_alloc.py)
 
+Under load (streamed /v1/completions, as `vllm-lab load` sends them; chunks shaped as vLLM 0.32 streams them):
+    FAKE_VLLM_TOKEN_S      seconds between streamed tokens (default 0: streams instantly)
+    FAKE_VLLM_MAX_SEQS     streams served at once; the rest wait (vllm:num_requests_waiting), as --max-num-seqs
+    FAKE_VLLM_FAULT_AFTER  streams served cleanly before a load fault begins (default 4); the faults are
+                           FAKE_VLLM_SCENARIO = die_mid_load (the next stream stops halfway: the engine's fatal
+                             lines, then the process exits) | error_chunks_after (every later stream sends a few
+                             tokens, then the EngineDeadError chunk and [DONE]) | stall_after (every later
+                             stream sends a few tokens, then nothing: a per-request deadline must end it)
+/metrics counts what runs: vllm:num_requests_running/waiting, vllm:kv_cache_usage_perc (prompt + output
+tokens of the running streams over the KV cache), vllm:num_preemptions_total (+1 each time a stream is
+admitted while the running ones already need more KV than the cache holds; served all the same).
+
 Like vLLM: `--api-key` (or VLLM_API_KEY) guards /v1/* (401 without it), `--served-model-name` names the
 model requests must use (404 otherwise), and rope_scaling (yarn) scales the model's derived max length.
 """
@@ -266,11 +278,16 @@ def make_handler(state: dict):
             elif self.path == "/version":
                 self._json(200, {"version": state["version"]})
             elif self.path == "/metrics":
+                load = state["load"]
+                usage = max(state["usage"], min(1.0, load.kv_tokens / max(state["tokens"], 1)))
                 body = (
-                    f'vllm:kv_cache_usage_perc{{engine="0"}} {state["usage"]}\n'
-                    'vllm:num_requests_running{engine="0"} 0.0\n'
-                    'vllm:num_requests_waiting{engine="0"} 0.0\n'
-                    'vllm:num_preemptions_total{engine="0"} 0.0\n'
+                    "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.\n"
+                    "# TYPE vllm:kv_cache_usage_perc gauge\n"
+                    f'vllm:kv_cache_usage_perc{{engine="0",model_name="{state["served"]}"}} {usage}\n'
+                    f'vllm:num_requests_running{{engine="0",model_name="{state["served"]}"}} {float(load.running)}\n'
+                    f'vllm:num_requests_waiting{{engine="0",model_name="{state["served"]}"}} {float(load.waiting)}\n'
+                    "# TYPE vllm:num_preemptions counter\n"
+                    f'vllm:num_preemptions_total{{engine="0",model_name="{state["served"]}"}} {float(load.preemptions)}\n'
                     f'vllm:cache_config_info{{block_size="16",num_gpu_blocks="{state["tokens"] // BLOCK}"}} 1.0\n'
                 ).encode()
                 self.send_response(200)
@@ -309,6 +326,9 @@ def make_handler(state: dict):
                 }
             else:
                 choice = {"index": 0, "text": text, "finish_reason": "length"}
+            if req.get("stream") and self.path == "/v1/completions" and state["scenario"] != "error_chunk":
+                self._stream_completion(req, plen, max_tokens)
+                return
             if req.get("stream"):  # server-sent events, as vLLM streams
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
@@ -343,7 +363,101 @@ def make_handler(state: dict):
                              "usage": {"prompt_tokens": plen, "completion_tokens": max_tokens,
                                        "total_tokens": plen + max_tokens}})  # fmt: skip
 
+        def _stream_completion(self, req: dict, plen: int, max_tokens: int) -> None:
+            """A streamed completion as vLLM 0.32's completion stream generator writes it, under the load knobs."""
+            load: LoadState = state["load"]
+            fault = load.admit(plen + max_tokens)  # waits for a seat when FAKE_VLLM_MAX_SEQS is set
+            try:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+                self.end_headers()
+                rid, created = f"cmpl-{os.urandom(16).hex()}", int(time.time())
+                stop_at = max_tokens // 2 if fault else max_tokens
+                for i in range(stop_at):
+                    if load.token_s:
+                        time.sleep(load.token_s)
+                    last = i == max_tokens - 1
+                    # model_dump_json(exclude_unset=True): the fields set explicitly, None included
+                    chunk = {"id": rid, "object": "text_completion", "created": created, "model": state["served"],
+                             "choices": [{"index": 0, "text": " hello", "logprobs": None,
+                                          "finish_reason": "length" if last else None, "stop_reason": None,
+                                          "prompt_token_ids": None, "token_ids": None}]}  # fmt: skip
+                    self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                if fault == "die_mid_load":
+                    _engine_death(state["version"])
+                    os._exit(1)
+                if fault == "stall_after":
+                    self.wfile.flush()
+                    time.sleep(3600)  # a stream that stops: the client's per-request deadline must end it
+                    return
+                if fault == "error_chunks_after":
+                    msg = "EngineCore encountered an issue. See stack trace (above) for the root cause."
+                    print(f"ERROR {time.strftime('%m-%d %H:%M:%S')} [serving.py:500] Error in completion stream "
+                          f"generator.\nvllm.v1.engine.exceptions.EngineDeadError: {msg}", flush=True)  # fmt: skip
+                    err = error_body(msg, "InternalServerError", 500, state["version"])
+                    err = err if "error" in err else {"error": err}
+                    self.wfile.write(f"data: {json.dumps(err)}\n\ndata: [DONE]\n\n".encode())
+                    return
+                if (req.get("stream_options") or {}).get("include_usage"):
+                    # model_dump_json(exclude_unset=False, exclude_none=True): no None fields at all
+                    usage = {
+                        "prompt_tokens": plen,
+                        "total_tokens": plen + max_tokens,
+                        "completion_tokens": max_tokens,
+                    }
+                    last = {"id": rid, "object": "text_completion", "created": created, "model": state["served"],
+                            "choices": [], "usage": usage}  # fmt: skip
+                    self.wfile.write(f"data: {json.dumps(last)}\n\n".encode())
+                self.wfile.write(b"data: [DONE]\n\n")
+            finally:
+                load.release(plen + max_tokens)
+
     return Handler
+
+
+class LoadState:
+    """What runs now (for /metrics) and when a load fault begins; shared by the handler threads."""
+
+    def __init__(self, env, scenario: str, kv_tokens_total: int):
+        self.lock = threading.Lock()
+        self.token_s = float(env.get("FAKE_VLLM_TOKEN_S") or 0)
+        max_seqs = int(env.get("FAKE_VLLM_MAX_SEQS") or 0)
+        self.seats = threading.BoundedSemaphore(max_seqs) if max_seqs > 0 else None
+        self.fault = scenario if scenario in ("die_mid_load", "error_chunks_after", "stall_after") else None
+        self.fault_after = int(env.get("FAKE_VLLM_FAULT_AFTER") or 4)
+        self.capacity = kv_tokens_total
+        self.streams = self.running = self.waiting = self.kv_tokens = self.preemptions = 0
+
+    def admit(self, need: int) -> str | None:
+        """Take a seat (waiting for one when all are taken); the fault this stream meets, if any."""
+        with self.lock:
+            self.waiting += 1
+        if self.seats is not None:
+            self.seats.acquire()
+        with self.lock:
+            self.waiting -= 1
+            self.running += 1
+            if self.kv_tokens + need > self.capacity:
+                self.preemptions += 1
+            self.kv_tokens += need
+            self.streams += 1
+            return self.fault if self.fault and self.streams > self.fault_after else None
+
+    def release(self, need: int) -> None:
+        with self.lock:
+            self.running -= 1
+            self.kv_tokens -= need
+        if self.seats is not None:
+            self.seats.release()
+
+
+def _engine_death(version: str) -> None:
+    """The lines a V1 engine prints when it dies under load (then the API server exits)."""
+    log = Log(version)
+    log.engine("EngineCore encountered a fatal error.", level="ERROR", src="core.py:800")
+    log.raw("Traceback (most recent call last):")
+    log.raw("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 512.00 MiB. GPU 0 has a total capacity "
+            "of 23.87 GiB of which 100.00 MiB is free.")  # fmt: skip
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -474,7 +588,7 @@ def main(argv: list[str] | None = None) -> None:
     keys = args.api_key or ([env["VLLM_API_KEY"]] if env.get("VLLM_API_KEY") else [])
     state = {"served": names[0], "names": names, "api_keys": keys, "max_model_len": max_len, "version": version,
              "error_above": int(env.get("FAKE_VLLM_ERROR_ABOVE", "64")),
-             "tokens": tokens, "usage": 0.0, "scenario": scenario,
+             "tokens": tokens, "usage": 0.0, "scenario": scenario, "load": LoadState(env, scenario, tokens),
              "unstable_above": int(env["FAKE_VLLM_UNSTABLE_ABOVE"]) if env.get("FAKE_VLLM_UNSTABLE_ABOVE") else None}  # fmt: skip
     server = ThreadingHTTPServer((args.host, args.port), make_handler(state), bind_and_activate=False)
     server.socket.close()

@@ -1,0 +1,292 @@
+"""load.py: `vllm-lab load` and run_load, on the fake vLLM (each load fault) and once on the real CPU build.
+
+The fake streams as vLLM 0.32 does and counts what runs on /metrics; its load faults (die_mid_load,
+error_chunks_after, stall_after) begin after FAKE_VLLM_FAULT_AFTER clean streams. Every launch goes through
+the launcher (VllmServer), and conftest's no_leftover_vllm checks that nothing it started survives a test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+from conftest import REAL_CMD, TINY_MODEL, fake_env, fake_trial
+from vllm_lab import cli
+from vllm_lab.launcher import VllmServer
+from vllm_lab.load import LoadSpec, knee, run_load
+from vllm_lab.probe import parse_metrics
+from vllm_lab.spec import SpecError, Trial
+
+
+def _level(c: int, tps: float, ttft_p90: float = 10.0) -> dict:
+    return {
+        "concurrency": c,
+        "output_tokens_per_s": tps,
+        "ttft_ms": {"p50": 1.0, "p90": ttft_p90, "p99": 1.0},
+    }
+
+
+# ---------------------------------------------------------------------------------------------- the spec
+
+
+def test_spec_from_params_takes_a_plan_mapping_and_the_cli_string():
+    spec = LoadSpec.from_params(
+        {"concurrency": [1, 2, 4], "requests": 8, "prompt_tokens": 64, "output_tokens": 16}
+    )
+    assert spec.concurrency == (1, 2, 4) and spec.requests == 8 and spec.duration_s is None
+    assert LoadSpec.from_params({"concurrency": "1,2,8"}).concurrency == (1, 2, 8)
+    timed = LoadSpec.from_params({"duration_s": 5})
+    assert timed.requests is None and timed.duration_s == 5
+    assert LoadSpec(duration_s=5).requests is None  # the default count gives way to a duration
+    assert LoadSpec.from_params(spec.to_dict()) == spec
+
+
+@pytest.mark.parametrize(
+    "value, names",
+    [
+        ({"concurrency": [2, 1]}, "concurrency"),
+        ({"concurrency": [0, 1]}, "concurrency"),
+        ({"concurrency": "1,x"}, "concurrency"),
+        ({"concurrency": []}, "concurrency"),
+        ({"requests": 0}, "requests"),
+        ({"requests": 4, "duration_s": 3}, "one of them"),
+        ({"output_tokens": 2.5}, "output_tokens"),
+        ({"slo_ttft_ms": -1}, "slo_ttft_ms"),
+        ({"request_timeout_s": 0}, "request_timeout_s"),
+        ({"concurency": [1]}, "unknown key(s) concurency"),
+        ([1, 2], "expected a mapping"),
+    ],
+)
+def test_bad_spec_is_one_line_naming_the_field(value, names):
+    with pytest.raises(SpecError) as e:
+        LoadSpec.from_params(value, where="LOAD")
+    msg = str(e.value)
+    assert names in msg and msg.startswith("LOAD") and "\n" not in msg
+
+
+# ---------------------------------------------------------------------------------------------- the knee
+
+
+def test_knee_is_where_throughput_stops_growing():
+    c, why = knee([_level(1, 100), _level(2, 190), _level(4, 200), _level(8, 400)])
+    assert c == 2 and "190" in why and "200" in why  # +5% from 2 to 4; a later jump does not move it
+
+
+def test_knee_is_the_last_level_within_the_ttft_slo():
+    c, why = knee([_level(1, 100, 50), _level(2, 190, 80), _level(4, 380, 300)], slo_ttft_ms=100)
+    assert c == 2 and "300" in why and "SLO 100" in why
+
+
+def test_no_knee_when_even_one_user_misses_the_slo_or_throughput_still_grows():
+    assert knee([_level(1, 100, 500), _level(2, 190, 600)], slo_ttft_ms=100)[0] is None
+    c, why = knee([_level(1, 100), _level(2, 190), _level(4, 380)])
+    assert c is None and "still grows" in why and "4" in why
+    assert knee([]) == (None, None)
+
+
+def test_parse_metrics_reads_the_fake_and_older_names():
+    page = 'vllm:gpu_cache_usage_perc{model_name="m"} 0.5\nvllm:num_preemptions_total{engine="0"} 3.0\n'
+    assert parse_metrics(page) == {"vllm:gpu_cache_usage_perc": 0.5, "vllm:num_preemptions_total": 3.0}
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def test_only_loopback_targets(monkeypatch):
+    with pytest.raises(SpecError, match="loopback"):
+        run_load("http://10.1.2.3:8000", "m", LoadSpec())
+    assert cli.main(["load", "--url", "http://example.com:8000", "--model", "m"]) == 2
+
+
+def test_unreachable_server_and_bad_levels_exit_2(capsys):
+    assert cli.main(["load", "--url", "http://127.0.0.1:9", "--model", "m", "--requests", "1"]) == 2
+    assert "cannot reach http://127.0.0.1:9" in capsys.readouterr().err
+    assert cli.main(["load", "--url", "http://127.0.0.1:9", "--model", "m", "--concurrency", "4,2"]) == 2
+    assert "increasing" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- on the fake
+
+SMALL = {"prompt_tokens": 16, "output_tokens": 8, "request_timeout_s": 20.0}
+
+
+def _fake_server(model, run_dir, **knobs) -> VllmServer:
+    server = VllmServer(fake_trial(model, env=fake_env(**knobs)), run_dir)
+    assert server.start().outcome == "ready"
+    return server
+
+
+def _load(server: VllmServer, model, **spec) -> dict:
+    res = run_load(server.base_url, str(model), LoadSpec(**{**SMALL, **spec}), log_path=server._raw_log,
+                   server_alive=server.alive)  # fmt: skip
+    return res.to_dict()
+
+
+def test_a_clean_load_is_stable_with_every_figure(fake_model, run_dir, capsys):
+    with _fake_server(fake_model, run_dir) as server:
+        rc = cli.main(["load", "--url", server.base_url, "--model", str(fake_model), "--concurrency", "1,2",
+                       "--requests", "5", "--prompt-tokens", "16", "--output-tokens", "8", "--json"])  # fmt: skip
+        out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["stable"] is True, out["reason"]
+    assert [lv["concurrency"] for lv in out["levels"]] == [1, 2]
+    for lv in out["levels"]:
+        assert (lv["requests"], lv["completed"], lv["failed"], lv["errors_in_stream"]) == (5, 5, 0, 0)
+        assert lv["output_tokens"] == 40 and lv["output_tokens_per_s"] > 0 and lv["requests_per_s"] > 0
+        assert set(lv["ttft_ms"]) == {"p50", "p90", "p99"} and lv["e2e_ms"]["p99"] >= lv["ttft_ms"]["p50"]
+        assert lv["itl_ms"]["p50"] is not None
+        assert lv["preemptions"] == 0 and lv["health_after"] == 200 and lv["kv_cache_usage_max"] is not None
+    assert "10 requests over 2 level(s) completed" in out["reason"]
+    assert set(out) >= {"url", "model", "levels", "stable", "reason", "knee_concurrency"}
+
+
+def test_the_knee_finds_the_servers_seat_limit(fake_model, run_dir):
+    """The fake serves two streams at once (as --max-num-seqs 2): more users only wait, and the queue shows."""
+    with _fake_server(fake_model, run_dir, token_s=0.02, max_seqs=2) as server:
+        out = _load(server, fake_model, concurrency=(1, 2, 4), requests=8, output_tokens=20)
+    assert out["stable"] is True, out["reason"]
+    assert out["knee_concurrency"] == 2, out["knee_reason"]
+    assert out["levels"][2]["waiting_max"] >= 1 and out["levels"][2]["running_max"] <= 2
+
+
+def test_preemptions_are_counted_not_failures(fake_model, run_dir):
+    """A 1024-token KV cache, four streams of 300 tokens at once: preempted (counted), all served."""
+    trial = fake_trial(fake_model, max_model_len=512, kv_cache_memory_bytes=2**19, env=fake_env(token_s=0.01))
+    with VllmServer(trial, run_dir) as server:
+        assert server.start().outcome == "ready"
+        res = run_load(server.base_url, str(fake_model), LoadSpec(concurrency=(4,), requests=4, prompt_tokens=200,
+                       output_tokens=100), server_alive=server.alive)  # fmt: skip
+    assert res.stable is True, res.reason
+    assert res.levels[0]["preemptions"] >= 1 and "preemption(s), not failures" in res.reason
+
+
+def test_a_server_dying_mid_load_is_a_verdict_with_counts(fake_model, run_dir):
+    with _fake_server(fake_model, run_dir, scenario="die_mid_load", fault_after=4) as server:
+        out = _load(server, fake_model, concurrency=(1, 2), requests=6)
+        assert not server.alive()
+    assert out["stable"] is False and len(out["levels"]) == 1  # the level above is not run
+    lv = out["levels"][0]
+    assert (lv["completed"], lv["requests"]) == (4, 5) or (lv["completed"], lv["requests"]) == (4, 6)
+    assert lv["failed"] == lv["requests"] - 4 and lv["health_after"] is None
+    assert "the server process ended during the load at concurrency 1" in out["reason"]
+    assert "cuda_oom" in out["reason"]  # the engine's own cause, from its log
+    assert "1 higher level(s) not run" in out["reason"]
+
+
+def test_error_chunks_after_k_requests_are_not_stable(fake_model, run_dir):
+    with _fake_server(fake_model, run_dir, scenario="error_chunks_after", fault_after=3) as server:
+        out = _load(server, fake_model, concurrency=(1, 2), requests=5)
+    lv = out["levels"][0]
+    assert out["stable"] is False and len(out["levels"]) == 1
+    assert (lv["completed"], lv["failed"], lv["errors_in_stream"]) == (3, 2, 2)
+    assert "2 of 5 streams at concurrency 1 ended in an error chunk" in out["reason"]
+    assert "EngineCore encountered an issue" in out["reason"]  # the chunk's message and the log's line
+
+
+def test_a_stream_that_stops_meets_the_request_deadline(fake_model, run_dir):
+    with _fake_server(fake_model, run_dir, scenario="stall_after", fault_after=2) as server:
+        out = _load(server, fake_model, concurrency=(2,), requests=4, request_timeout_s=1.0)
+    lv = out["levels"][0]
+    assert out["stable"] is False
+    assert (lv["requests"], lv["completed"], lv["failed"]) == (4, 2, 2)
+    assert "no [DONE] within 1 s" in out["reason"]
+
+
+def test_a_wrong_model_name_or_key_is_bad_input_before_any_request(fake_model, run_dir, capsys):
+    trial = fake_trial(fake_model, extra_args=["--api-key", "sekrit-123"])
+    with VllmServer(trial, run_dir) as server:
+        assert server.start().outcome == "ready"
+        base = ["load", "--url", server.base_url, "--requests", "1"]
+        assert cli.main([*base, "--model", str(fake_model)]) == 2
+        assert "refused the key (HTTP 401)" in capsys.readouterr().err
+        assert cli.main([*base, "--model", "other", "--api-key", "sekrit-123"]) == 2
+        err = capsys.readouterr().err
+        assert "'other' is not served" in err and "sekrit" not in err
+        assert cli.main([*base, "--model", str(fake_model), "--api-key", "sekrit-123"]) == 0
+
+
+def _running(base_url: str) -> float | None:
+    try:
+        return parse_metrics(httpx.get(f"{base_url}/metrics", timeout=5).text).get(
+            "vllm:num_requests_running"
+        )
+    except httpx.HTTPError:
+        return None
+
+
+def _wait_idle(base_url: str) -> float | None:
+    """The fake's running streams once the client has hung up (it notices at its next token)."""
+    for _ in range(50):
+        n = _running(base_url)
+        if n == 0:
+            return n
+        time.sleep(0.1)
+    return _running(base_url)
+
+
+def test_ctrl_c_of_the_cli_prints_the_verdict_and_leaves_nothing_running(fake_model, run_dir):
+    with _fake_server(fake_model, run_dir, token_s=0.05) as server:
+        cmd = [sys.executable, "-m", "vllm_lab.cli", "load", "--url", server.base_url, "--model", str(fake_model),
+               "--concurrency", "1,2", "--requests", "4", "--output-tokens", "40", "--json"]  # fmt: skip
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(100):  # until the load is under way: a stream is running
+            if _running(server.base_url):
+                break
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130, err
+        res = json.loads(out)
+        assert res["interrupted"] is True and res["stable"] is False
+        assert res["reason"].startswith("interrupted (Ctrl-C) at concurrency 1")
+        assert res["levels"][-1]["interrupted"] is True and res["levels"][-1]["completed"] < 4
+        assert _wait_idle(server.base_url) == 0  # every stream it opened was closed
+        assert server.alive()
+
+
+def test_ctrl_c_in_process_returns_what_was_measured(fake_model, run_dir):
+    """As in a notebook kernel: KeyboardInterrupt in the caller's thread cancels the load's own loop."""
+    with _fake_server(fake_model, run_dir, token_s=0.05) as server:
+        timer = threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        try:
+            res = run_load(
+                server.base_url, str(fake_model), LoadSpec(concurrency=(2,), requests=20, output_tokens=40)
+            )
+        finally:
+            timer.cancel()
+        assert res.interrupted is True and res.stable is False and "interrupted (Ctrl-C)" in res.reason
+        assert res.levels[0]["requests"] < 20
+        assert [t.name for t in threading.enumerate() if t.name == "vllm-lab-load"] == []
+        assert _wait_idle(server.base_url) == 0
+
+
+# ---------------------------------------------------------------------------------------------- the real build
+
+
+@pytest.mark.vllm
+def test_a_real_load_on_the_cpu_build(run_dir):
+    trial = Trial(model=str(TINY_MODEL), vllm_cmd=REAL_CMD, max_model_len=512, kv_cache_memory_bytes=8 * 2**20,
+                  extra_args=["--enforce-eager"], env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+                  startup_timeout_s=300)  # fmt: skip
+    with VllmServer(trial, run_dir) as server:
+        res = server.start()
+        assert res.outcome == "ready", res.evidence
+        out = run_load(server.base_url, str(TINY_MODEL), LoadSpec(concurrency=(1, 2), requests=4, prompt_tokens=32,
+                       output_tokens=16, request_timeout_s=120), log_path=server._raw_log,
+                       server_alive=server.alive).to_dict()  # fmt: skip
+        assert server.alive()
+    assert out["stable"] is True, out["reason"]
+    for lv in out["levels"]:
+        assert (lv["completed"], lv["failed"], lv["output_tokens"]) == (4, 0, 64)
+        assert lv["ttft_ms"]["p50"] > 0 and lv["output_tokens_per_s"] > 0
+        assert (
+            lv["kv_cache_usage_max"] is not None and lv["health_after"] == 200
+        )  # /metrics of the real server
+        assert lv["preemptions"] is not None
