@@ -1,7 +1,8 @@
 """load.py: `vllm-lab load` and run_load, on the fake vLLM (each load fault) and once on the real CPU build.
 
 The fake streams as vLLM 0.32 does and counts what runs on /metrics; its load faults (die_mid_load,
-error_chunks_after, stall_after) begin after FAKE_VLLM_FAULT_AFTER clean streams. Every launch goes through
+error_chunks_after, stall_after) begin after FAKE_VLLM_FAULT_AFTER clean streams, the load's first (uncounted)
+request among them. Every launch goes through
 the launcher (VllmServer), and conftest's no_leftover_vllm checks that nothing it started survives a test.
 """
 
@@ -167,7 +168,7 @@ def test_preemptions_are_counted_not_failures(fake_model, run_dir):
 
 
 def test_a_server_dying_mid_load_is_a_verdict_with_counts(fake_model, run_dir):
-    with _fake_server(fake_model, run_dir, scenario="die_mid_load", fault_after=4) as server:
+    with _fake_server(fake_model, run_dir, scenario="die_mid_load", fault_after=5) as server:
         out = _load(server, fake_model, concurrency=(1, 2), requests=6)
         assert not server.alive()
     assert out["stable"] is False and len(out["levels"]) == 1  # the level above is not run
@@ -180,7 +181,7 @@ def test_a_server_dying_mid_load_is_a_verdict_with_counts(fake_model, run_dir):
 
 
 def test_error_chunks_after_k_requests_are_not_stable(fake_model, run_dir):
-    with _fake_server(fake_model, run_dir, scenario="error_chunks_after", fault_after=3) as server:
+    with _fake_server(fake_model, run_dir, scenario="error_chunks_after", fault_after=4) as server:
         out = _load(server, fake_model, concurrency=(1, 2), requests=5)
     lv = out["levels"][0]
     assert out["stable"] is False and len(out["levels"]) == 1
@@ -190,7 +191,7 @@ def test_error_chunks_after_k_requests_are_not_stable(fake_model, run_dir):
 
 
 def test_a_stream_that_stops_meets_the_request_deadline(fake_model, run_dir):
-    with _fake_server(fake_model, run_dir, scenario="stall_after", fault_after=2) as server:
+    with _fake_server(fake_model, run_dir, scenario="stall_after", fault_after=3) as server:
         out = _load(server, fake_model, concurrency=(2,), requests=4, request_timeout_s=1.0)
     lv = out["levels"][0]
     assert out["stable"] is False
@@ -209,6 +210,21 @@ def test_a_wrong_model_name_or_key_is_bad_input_before_any_request(fake_model, r
         err = capsys.readouterr().err
         assert "'other' is not served" in err and "sekrit" not in err
         assert cli.main([*base, "--model", str(fake_model), "--api-key", "sekrit-123"]) == 0
+
+
+def test_a_first_request_the_server_cannot_take_is_bad_input(fake_model, run_dir, capsys):
+    """Too long for max_model_len (HTTP 400), or token ids beyond the vocabulary (an error chunk in 0.32)."""
+    with _fake_server(fake_model, run_dir) as server:
+        base = ["load", "--url", server.base_url, "--model", str(fake_model), "--requests", "1"]
+        assert cli.main([*base, "--prompt-tokens", "2000"]) == 2
+        assert (
+            "refused the first request (HTTP 400: This model's maximum context length"
+            in capsys.readouterr().err
+        )
+        assert cli.main([*base, "--vocab-size", "5000"]) == 2
+        err = capsys.readouterr().err
+        assert "is out of vocabulary" in err and "give --vocab-size" in err
+        assert cli.main(base) == 0  # the default: vocab_size (1000) from the model folder's config.json
 
 
 def _running(base_url: str) -> float | None:
@@ -239,6 +255,7 @@ def test_ctrl_c_of_the_cli_prints_the_verdict_and_leaves_nothing_running(fake_mo
             if _running(server.base_url):
                 break
             time.sleep(0.1)
+        time.sleep(3)  # the first (uncounted) request takes 2 s, then concurrency 1 takes 2 s a request
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == 130, err
@@ -253,11 +270,11 @@ def test_ctrl_c_of_the_cli_prints_the_verdict_and_leaves_nothing_running(fake_mo
 def test_ctrl_c_in_process_returns_what_was_measured(fake_model, run_dir):
     """As in a notebook kernel: KeyboardInterrupt in the caller's thread cancels the load's own loop."""
     with _fake_server(fake_model, run_dir, token_s=0.05) as server:
-        timer = threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGINT))
+        timer = threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGINT))  # the first request takes 1 s
         timer.start()
         try:
             res = run_load(
-                server.base_url, str(fake_model), LoadSpec(concurrency=(2,), requests=20, output_tokens=40)
+                server.base_url, str(fake_model), LoadSpec(concurrency=(2,), requests=20, output_tokens=20)
             )
         finally:
             timer.cancel()
@@ -280,7 +297,7 @@ def test_a_real_load_on_the_cpu_build(run_dir):
         assert res.outcome == "ready", res.evidence
         out = run_load(server.base_url, str(TINY_MODEL), LoadSpec(concurrency=(1, 2), requests=4, prompt_tokens=32,
                        output_tokens=16, request_timeout_s=120), log_path=server._raw_log,
-                       server_alive=server.alive).to_dict()  # fmt: skip
+                       server_alive=server.alive, vocab_size=512).to_dict()  # fmt: skip
         assert server.alive()
     assert out["stable"] is True, out["reason"]
     for lv in out["levels"]:

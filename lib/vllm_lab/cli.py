@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--request-timeout", type=float, default=120.0, help="seconds per request")
     s.add_argument("--api-key", default=os.environ.get("VLLM_API_KEY"), help="default: $VLLM_API_KEY")
     s.add_argument("--log", default=None, help="the server's log: a fatal line during the load is not stable")
-    s.add_argument("--vocab-size", type=int, default=1000, help="prompt token ids stay below it")
+    s.add_argument("--vocab-size", type=int, help="prompt ids stay below it (default: --model's config.json)")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(func=_load)
 

@@ -326,6 +326,22 @@ class _Load:
                 f"--model {self.model!r} is not served at {self.base_url}; it serves {', '.join(names)}"
             )
 
+    async def first_request(self, client: httpx.AsyncClient) -> None:
+        """One request before the levels, not counted (as `vllm bench serve`'s initial test run): one the
+        server refuses (HTTP 4xx: too long, a key, a name) or a prompt outside the model's vocabulary (vLLM
+        0.32 streams that as an error chunk) is bad input, not instability. Other failures are left to the
+        levels to count."""
+        spec = self.spec
+        r = await _one_request(client, f"{self.base_url}/v1/completions", self._body(), spec.output_tokens,
+                               spec.request_timeout_s)  # fmt: skip
+        err = (r.error or "")[:300]
+        if err.startswith("HTTP 4"):
+            raise SpecError(f"{self.base_url} refused the first request ({err}); check --prompt-tokens + "
+                            "--output-tokens against its max_model_len, --model and --api-key")  # fmt: skip
+        if "out of vocabulary" in err:
+            raise SpecError(f"prompt token ids go up to {min(self.vocab, 50000) - 1}, outside this model's "
+                            f"vocabulary ({err}); give --vocab-size (the model's vocab_size)")  # fmt: skip
+
     async def level(self, client: httpx.AsyncClient, conc: int) -> dict:
         spec = self.spec
         url = f"{self.base_url}/v1/completions"
@@ -405,8 +421,9 @@ class _Load:
         )
         async with httpx.AsyncClient(headers=headers, timeout=self.spec.request_timeout_s, limits=limits,
                                      trust_env=False) as client:  # fmt: skip
-            await self.check_reachable(client)
             try:
+                await self.check_reachable(client)
+                await self.first_request(client)
                 for conc in self.spec.concurrency:
                     lvl = await self.level(client, conc)
                     res.levels.append(lvl)
@@ -454,8 +471,12 @@ class _Load:
         levels = res.levels
         if res.interrupted:
             lvl = levels[-1] if levels else None
-            where = (f" at concurrency {lvl['concurrency']} ({lvl['completed']} completed, {lvl['failed']} failed "
-                     f"of {lvl['requests']} sent)") if lvl else ""  # fmt: skip
+            where = " before the first level"
+            if lvl and lvl.get("interrupted"):
+                where = (f" at concurrency {lvl['concurrency']} ({lvl['completed']} completed, {lvl['failed']} "
+                         f"failed of {lvl['requests']} finished)")  # fmt: skip
+            elif lvl:
+                where = f" after concurrency {lvl['concurrency']}"
             done = sum(1 for x in levels if not x.get("interrupted"))
             res.stable, res.reason = (
                 False,
@@ -600,10 +621,17 @@ def cli_load(args) -> int:
     elif args.requests is not None:
         params["requests"] = args.requests
     spec = LoadSpec.from_params(params, where="vllm-lab load")
-    res = run_load(
-        args.url, args.model, spec, api_key=args.api_key, log_path=args.log, vocab_size=args.vocab_size
-    )
+    vocab = args.vocab_size or _config_vocab(args.model) or 1000
+    res = run_load(args.url, args.model, spec, api_key=args.api_key, log_path=args.log, vocab_size=vocab)
     print(json.dumps(res.to_dict()) if args.json else _human(res), file=sys.stdout)
     if res.interrupted:
         return 130
     return 0 if res.stable else 1
+
+
+def _config_vocab(model: str) -> int | None:
+    """vocab_size from config.json where the served name is the model's folder (vLLM's default name)."""
+    try:
+        return int(json.loads((Path(model) / "config.json").read_text())["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -366,6 +366,18 @@ def make_handler(state: dict):
         def _stream_completion(self, req: dict, plen: int, max_tokens: int) -> None:
             """A streamed completion as vLLM 0.32's completion stream generator writes it, under the load knobs."""
             load: LoadState = state["load"]
+            prompt = req.get("prompt")
+            top = max(prompt) if isinstance(prompt, list) and prompt and isinstance(prompt[0], int) else -1
+            if top >= state["vocab_size"]:  # 0.32 validates token ids after the stream began
+                err = error_body(
+                    f"Token id {top} is out of vocabulary", "BadRequestError", 400, state["version"]
+                )
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+                self.end_headers()
+                err = err if "error" in err else {"error": err}
+                self.wfile.write(f"data: {json.dumps(err)}\n\ndata: [DONE]\n\n".encode())
+                return
             fault = load.admit(plen + max_tokens)  # waits for a seat when FAKE_VLLM_MAX_SEQS is set
             try:
                 self.send_response(200)
@@ -589,6 +601,7 @@ def main(argv: list[str] | None = None) -> None:
     state = {"served": names[0], "names": names, "api_keys": keys, "max_model_len": max_len, "version": version,
              "error_above": int(env.get("FAKE_VLLM_ERROR_ABOVE", "64")),
              "tokens": tokens, "usage": 0.0, "scenario": scenario, "load": LoadState(env, scenario, tokens),
+             "vocab_size": int(cfg.get("vocab_size") or 32000),
              "unstable_above": int(env["FAKE_VLLM_UNSTABLE_ABOVE"]) if env.get("FAKE_VLLM_UNSTABLE_ABOVE") else None}  # fmt: skip
     server = ThreadingHTTPServer((args.host, args.port), make_handler(state), bind_and_activate=False)
     server.socket.close()
