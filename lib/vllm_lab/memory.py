@@ -811,3 +811,45 @@ def predicted_kv_tokens(model: str, kv_cache_memory_bytes: int | None) -> int | 
     except Exception:  # a prediction must never break a measurement
         return None
     return int(guess) if isinstance(guess, int | float) and guess > 0 else None
+
+
+# --------------------------------------------------------------------------------------------- exact limits
+
+
+def limit_from_blocks(num_blocks: int, block_size: int, vllm_version: str | tuple | None) -> int:
+    """The longest max_model_len a V1 pool of `num_blocks` accepts for a full-attention model: every block but
+    the null block (0.32 on) times the block size. vLLM's check_enough_kv_cache_memory (0.32: it subtracts
+    one block's bytes first) needs cdiv(max_model_len, block_size) blocks per layer."""
+    return max(0, int(num_blocks) - null_blocks(vllm_version)) * int(block_size)
+
+
+def exact_start_limit(
+    model: Any, kv_cache_memory_bytes: int, *, block_size: int, vllm_version: str | tuple,
+    kv_cache_dtype: str = "auto", tensor_parallel_size: int = 1,
+) -> tuple[int, str] | None:  # fmt: skip
+    """The largest max_model_len vLLM accepts with this KV budget, to the block, with how it was derived.
+
+    Exact only where vLLM's own arithmetic is closed-form: a budget in bytes (no profiling), a known block
+    size and version (the null block), and full attention in every layer (no sliding window, no linear
+    attention, no MLA, whose block size the backend picks). None elsewhere: there a prediction is a guess.
+    """
+    try:
+        f = load_model(model)
+        if f.mla or any(k != "full" for k in f.layer_kinds) or kv_cache_memory_bytes <= 0:
+            return None
+        per_layer = kv_bytes_per_token_per_layer(f, kv_cache_dtype, tensor_parallel_size)
+        per_block = f.full_layers * block_size * per_layer
+        if per_block <= 0:
+            return None
+        blocks = int(kv_cache_memory_bytes) // per_block
+        limit = min(limit_from_blocks(blocks, block_size, vllm_version), f.max_len)
+    except (SpecError, OSError, ValueError, TypeError):
+        return None
+    held = null_blocks(vllm_version)
+    why = (f"KV budget {int(kv_cache_memory_bytes):,} B / {per_block:,} B per {block_size}-token block = {blocks} "
+           f"blocks" + (f", {held} held back as the null block" if held else "") + f" (vLLM {_vstr(vllm_version)})")  # fmt: skip
+    return limit, why
+
+
+def _vstr(v: str | tuple) -> str:
+    return ".".join(map(str, v)) if isinstance(v, tuple) else str(v)

