@@ -385,16 +385,19 @@ def make_handler(state: dict):
                 self.end_headers()
                 rid, created = f"cmpl-{os.urandom(16).hex()}", int(time.time())
                 stop_at = max_tokens // 2 if fault else max_tokens
+                burst = []  # streaming instantly: every chunk in one write, so the fake is not what is measured
                 for i in range(stop_at):
-                    if load.token_s:
-                        time.sleep(load.token_s)
                     last = i == max_tokens - 1
                     # model_dump_json(exclude_unset=True): the fields set explicitly, None included
                     chunk = {"id": rid, "object": "text_completion", "created": created, "model": state["served"],
                              "choices": [{"index": 0, "text": " hello", "logprobs": None,
                                           "finish_reason": "length" if last else None, "stop_reason": None,
                                           "prompt_token_ids": None, "token_ids": None}]}  # fmt: skip
-                    self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                    burst.append(f"data: {json.dumps(chunk)}\n\n".encode())
+                    if load.token_s:
+                        time.sleep(load.token_s)
+                        self.wfile.write(burst.pop())
+                self.wfile.write(b"".join(burst))
                 if fault == "die_mid_load":
                     _engine_death(state["version"])
                     os._exit(1)
@@ -606,6 +609,7 @@ def main(argv: list[str] | None = None) -> None:
     server = ThreadingHTTPServer((args.host, args.port), make_handler(state), bind_and_activate=False)
     server.socket.close()
     server.socket = sock  # the socket bound at start, as vLLM does
+    server.request_queue_size = 2048  # uvicorn's backlog; socketserver's 5 resets connections under load
     server.server_activate()
     log.raw(f"INFO:     Started server process [{os.getpid()}]")
     log.raw("INFO:     Waiting for application startup.")
