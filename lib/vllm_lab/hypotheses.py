@@ -68,7 +68,9 @@ def prepare(records) -> pd.DataFrame:
     # The recorded argv is what ran: --enforce-eager there (from extra args or the factor) is the level.
     df["enforce_eager"] = [isinstance(a, list | tuple) and EAGER_FLAG in a for a in df["argv"]]
     df["started"] = df["outcome"].isin(("ready", "unstable"))  # as search.started: the server came up
-    df["stable"] = df["started"] & df["long_request_ok"].map(lambda v: v is True)
+    # as search.passes: a trial that ran a load (Trial.load) is stable only when the load was too
+    load_ok = df["load_stable"].map(lambda v: v is not False)
+    df["stable"] = df["started"] & df["long_request_ok"].map(lambda v: v is True) & load_ok
     return df
 
 

@@ -104,6 +104,10 @@ def check_parameter(where: str, name: str, value) -> None:
             raise SpecError(f"{where}{name}: is empty; give at least one value")
         for v in value:
             check_parameter(where, inner, v)
+    elif name == "LOAD":
+        from vllm_lab.steps import load_params
+
+        load_params(value, where=f"{where}{name}")
 
 
 def notebook_parameter_defaults(notebook: str) -> dict:

@@ -286,6 +286,13 @@ def run_trial(trial: Trial, run_dir: str | Path, *, run_id: str | None = None, l
                         "the server refused the probe's request: check --api-key / VLLM_API_KEY and "
                         "--served-model-name" if lr.refused else
                         "lower --max-model-len (the server starts but cannot serve a full-length request)")  # fmt: skip
+            if trial.load is not None and res.outcome == "ready" and server.alive():
+                extra.update(_load_phase(trial, res, server, name, key, int(cfg.get("vocab_size") or 1000)))
+                if extra["load_stable"] is not True:  # the same verdict `vllm-lab load` gives, same reason
+                    res.outcome = "unstable"
+                    res.evidence = f"under load (concurrency {_levels(trial.load)}): {extra['load_reason']}"
+                    res.remedy = ("lower --max-model-len, or cap --max-num-seqs below the concurrency that "
+                                  "failed (the server serves one full-length request but not this load)")  # fmt: skip
             extra["metrics"] = read_metrics(res.base_url, api_key=key) if server.alive() else None
     notes = [trial.memory_note] if trial.memory_note else []  # both memory knobs given: which one applied
     notes += [f"processes survived the stop: {server.survivors}"] if server.survivors else []
@@ -310,6 +317,37 @@ def run_trial(trial: Trial, run_dir: str | Path, *, run_id: str | None = None, l
     rec = to_record(trial, res, run_id=run_id, started_at=started_at, extra=extra)
     record.append_record(run_dir, rec)
     return rec
+
+
+def _load_phase(trial: Trial, res: LaunchResult, server: VllmServer, model: str, key: str | None,
+                vocab: int) -> dict:  # fmt: skip
+    """The trial's load against the server it just launched: the record's load fields.
+
+    The best level is the fastest one that served every request cleanly (None where none did). A Ctrl-C
+    of the load records nothing (the server is stopped on the way out; a resume runs the trial again).
+    """
+    from vllm_lab.load import LoadSpec, run_load
+    from vllm_lab.spec import SpecError
+
+    spec = LoadSpec.from_params(trial.load, where="load")
+    try:
+        out = run_load(res.base_url, model, spec, api_key=key, log_path=res.log_path, server_alive=server.alive,
+                       vocab_size=vocab)  # fmt: skip
+    except SpecError as e:  # it served the long request, then stopped answering before the load began
+        return {"load_stable": False, "load_reason": f"the load could not begin: {e}"}
+    if out.interrupted:
+        print(f"load {out.reason}; {trial.trial_id} not recorded (a resume runs it again)", file=sys.stderr)
+        raise KeyboardInterrupt
+    # a stream that ended in an error chunk counts as failed too
+    clean = [lv for lv in out.levels if lv.get("completed") and not lv.get("failed")]
+    best = max(clean, key=lambda lv: lv.get("output_tokens_per_s") or 0, default={})
+    return {"load": out.to_dict(), "load_stable": out.stable, "load_reason": out.reason,
+            "knee_concurrency": out.knee_concurrency, "load_output_tokens_per_s": best.get("output_tokens_per_s"),
+            "load_concurrency": best.get("concurrency")}  # fmt: skip
+
+
+def _levels(load: dict) -> str:
+    return ", ".join(str(c) for c in load.get("concurrency") or [])
 
 
 def _explain_unstable(res: LaunchResult, *, chat: bool | None) -> None:

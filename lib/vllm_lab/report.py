@@ -18,7 +18,7 @@ from pathlib import Path
 import nbformat
 import pandas as pd
 
-from vllm_lab import hypotheses, plots
+from vllm_lab import hypotheses, load_report, plots
 from vllm_lab.record import TRIALS_FILE, read_records
 from vllm_lab.redact import redact_obj, redact_text
 
@@ -343,6 +343,7 @@ def report_blocks(df: pd.DataFrame, plot_paths: dict[str, Path | None]) -> list[
         ),
         ("heading", 2, "Search trajectory"),
         _image("search_trajectory", plot_paths, "This run has no max_model_len search step."),
+        *load_report.load_blocks(df, plot_paths),  # under load: frontier, throughput, TTFT/ITL (issue 11)
         ("heading", 2, "Trials"),
         ("table", trial_table(df)),
     ]

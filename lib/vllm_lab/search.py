@@ -194,8 +194,9 @@ def failure_class(rec: dict) -> str:
 
 
 def passes(rec: dict) -> bool:
-    """Stable: started and completed the request that fills max_model_len."""
-    return rec.get("outcome") == "ready" and rec.get("long_request_ok") is True
+    """Stable: started and completed the request that fills max_model_len (and its load, where it ran one)."""
+    load_ok = rec.get("load_stable") is True or (rec.get("load") is None and rec.get("load_stable") is None)
+    return rec.get("outcome") == "ready" and rec.get("long_request_ok") is True and load_ok
 
 
 def started(rec: dict) -> bool:

@@ -46,6 +46,7 @@ class Trial:
     step: str = "adhoc"
     trial_id: str = ""  # "": default_id()
     memory_note: str | None = None  # set here where both memory knobs were given: which one applies
+    load: dict | None = None  # a load phase after the long request (load.LoadSpec's fields); None: none
 
     def __post_init__(self) -> None:
         kv, util = self.kv_cache_memory_bytes, self.gpu_memory_utilization
@@ -74,6 +75,8 @@ class Trial:
             "kv_cache_memory_bytes": self.kv_cache_memory_bytes, "extra_args": list(self.extra_args),
             "env": {str(k): str(v) for k, v in dict(self.env).items()},
         }  # fmt: skip
+        if self.load is not None:  # only when set: trials without a load keep their ids
+            key["load"] = self.load
         return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
     def default_id(self) -> str:
@@ -132,6 +135,10 @@ class Trial:
                 f"model: {self.model} has no config.json; point model at a model directory "
                 "(make tiny-model builds one for tests)"
             )
+        if self.load is not None:
+            from vllm_lab.load import LoadSpec  # load imports spec: import here
+
+            LoadSpec.from_params(self.load, where="load")
         if check_command:
             check_vllm_cmd(self.vllm_cmd)
         return self

@@ -40,6 +40,7 @@ class StepParams:
     env: dict[str, str] = field(default_factory=dict)
     startup_timeout_s: float = 600.0
     request_timeout_s: float = 120.0
+    load: dict | None = None  # LOAD: a load phase after the long request (load_params), None: none
 
     def trial(self, **override) -> Trial:
         values = {
@@ -47,7 +48,7 @@ class StepParams:
             "max_model_len": self.max_model_len, "gpu_memory_utilization": self.gpu_memory_utilization,
             "kv_cache_memory_bytes": self.kv_cache_memory_bytes, "vllm_cmd": self.vllm_cmd,
             "extra_args": list(self.extra_args), "env": dict(self.env), "startup_timeout_s": self.startup_timeout_s,
-            "request_timeout_s": self.request_timeout_s, "step": self.step,
+            "request_timeout_s": self.request_timeout_s, "step": self.step, "load": self.load,
         }  # fmt: skip
         values.update(override)
         return Trial(**values)
@@ -121,7 +122,21 @@ def step_params(nb: dict) -> StepParams:
     # .venv-vllm/bin/python from the repo root, whatever the cwd (notebooks/ in JupyterLab)
     values["vllm_cmd"] = split_cmd(resolve_cmd(values.get("vllm_cmd", DEFAULT_VLLM_CMD)))
     values["env"] = {str(k): str(v) for k, v in (values.get("env") or {}).items()}
+    values["load"] = load_params(values.get("load"))  # a bad LOAD stops here, before any launch
     return StepParams(**values)
+
+
+def load_params(value, where: str = "LOAD") -> dict | None:
+    """A LOAD parameter as a trial carries it: every LoadSpec field, checked (SpecError).
+
+    All fields, defaults included, so `{concurrency: [1, 2, 4]}` and the same load spelled out in full are
+    one trial (one fingerprint) on resume.
+    """
+    if value is None:
+        return None
+    from vllm_lab.load import LoadSpec
+
+    return LoadSpec.from_params(value, where=where).to_dict()
 
 
 def planned_trials(notebook: str, nb: dict) -> list[Trial] | None:
