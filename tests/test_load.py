@@ -147,6 +147,14 @@ def test_a_clean_load_is_stable_with_every_figure(fake_model, run_dir, capsys):
     assert set(out) >= {"url", "model", "levels", "stable", "reason", "knee_concurrency"}
 
 
+def test_a_load_by_duration_sends_until_the_time_is_up(fake_model, run_dir):
+    with _fake_server(fake_model, run_dir, token_s=0.01) as server:
+        out = _load(server, fake_model, concurrency=(2,), requests=None, duration_s=1.0)
+    lv = out["levels"][0]
+    assert out["stable"] is True, out["reason"]
+    assert lv["requests"] >= 2 and lv["completed"] == lv["requests"]  # 8 tokens x 10 ms a request: about 20
+
+
 def test_the_knee_finds_the_servers_seat_limit(fake_model, run_dir):
     """The fake serves two streams at once (as --max-num-seqs 2): more users only wait, and the queue shows."""
     with _fake_server(fake_model, run_dir, token_s=0.02, max_seqs=2) as server:

@@ -215,7 +215,6 @@ class _Scraper:
         self.kv_max: float | None = None
         self.waiting_max: float | None = None
         self.running_max: float | None = None
-        self.samples = 0
 
     async def read(self) -> dict:
         try:
@@ -225,13 +224,11 @@ class _Scraper:
         return parse_metrics(r.text) if r.status_code == 200 else {}
 
     def note(self, m: dict) -> None:
-        kv = m.get(
-            "vllm:kv_cache_usage_perc", m.get("vllm:gpu_cache_usage_perc")
-        )  # the older name up to ~0.11
+        # vllm:gpu_cache_usage_perc is the older name (V0 and V1 up to about 0.11)
+        kv = m.get("vllm:kv_cache_usage_perc", m.get("vllm:gpu_cache_usage_perc"))
         self.kv_max = _peak(self.kv_max, kv)
         self.waiting_max = _peak(self.waiting_max, m.get("vllm:num_requests_waiting"))
         self.running_max = _peak(self.running_max, m.get("vllm:num_requests_running"))
-        self.samples += 1 if m else 0
 
     async def run(self, deadline: float) -> None:
         while time.monotonic() < deadline:  # cancelled when the level ends; the deadline bounds it anyway
