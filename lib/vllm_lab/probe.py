@@ -245,6 +245,7 @@ def to_record(trial: Trial, res: LaunchResult, *, run_id: str, started_at: str, 
         max_concurrency=s.get("max_concurrency"), gpu_blocks=s.get("gpu_blocks"), estimated_max_model_len=s.get("estimated_max_model_len"),
         available_kv_gib=s.get("available_kv_gib"), weights_gib=s.get("weights_gib"), log_path=res.log_path,
         served_max_model_len=res.served_max_model_len, exit_code=res.exit_code, exit_signal=res.exit_signal,
+        install=trial.install,
         **extra,
     )  # fmt: skip
 

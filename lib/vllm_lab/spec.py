@@ -18,6 +18,9 @@ from pathlib import Path
 
 LAUNCHERS = ("legacy", "head", "explicit")
 DEFAULT_VLLM_CMD = "vllm serve"
+# A plan step's `install:` reaches a notebook's trials through ENV under this name (no notebook needs a
+# parameter of its own); Trial takes it out of the env it passes to vLLM.
+INSTALL_ENV = "VLLM_LAB_INSTALL"
 
 
 class SpecError(ValueError):
@@ -46,9 +49,13 @@ class Trial:
     step: str = "adhoc"
     trial_id: str = ""  # "": default_id()
     memory_note: str | None = None  # set here where both memory knobs were given: which one applies
+    install: str | None = None  # the plan's install name (installs.py); None: no install named
     load: dict | None = None  # a load phase after the long request (load.LoadSpec's fields); None: none
 
     def __post_init__(self) -> None:
+        if INSTALL_ENV in self.env:  # a plan step's install: its name, never passed on to vLLM
+            self.install = self.install or self.env[INSTALL_ENV]
+            self.env = {k: v for k, v in self.env.items() if k != INSTALL_ENV}
         kv, util = self.kv_cache_memory_bytes, self.gpu_memory_utilization
         if kv is not None and util is not None:
             # vLLM sizes the KV cache from --kv-cache-memory-bytes alone; only the knob that applies is passed
@@ -77,6 +84,8 @@ class Trial:
         }  # fmt: skip
         if self.load is not None:  # only when set: trials without a load keep their ids
             key["load"] = self.load
+        if self.install is not None:  # only when set: trials with no install named keep their ids
+            key["install"] = self.install
         return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
     def default_id(self) -> str:
