@@ -8,6 +8,7 @@ the launcher (VllmServer), and conftest's no_leftover_vllm checks that nothing i
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -145,6 +146,17 @@ def test_a_clean_load_is_stable_with_every_figure(fake_model, run_dir, capsys):
         assert lv["preemptions"] == 0 and lv["health_after"] == 200 and lv["kv_cache_usage_max"] is not None
     assert "10 requests over 2 level(s) completed" in out["reason"]
     assert set(out) >= {"url", "model", "levels", "stable", "reason", "knee_concurrency"}
+
+
+def test_run_load_works_where_a_loop_already_runs(fake_model, run_dir):
+    """A Jupyter kernel (papermill's too) runs an asyncio loop in the caller's thread."""
+
+    async def cell():
+        return run_load(server.base_url, str(fake_model), LoadSpec(concurrency=(2,), requests=2, **SMALL))
+
+    with _fake_server(fake_model, run_dir) as server:
+        res = asyncio.run(cell())
+    assert res.stable is True, res.reason
 
 
 def test_a_load_by_duration_sends_until_the_time_is_up(fake_model, run_dir):
