@@ -7,6 +7,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import nbformat
 import pytest
 from conftest import FAKE_CMD, FAKE_MODEL_CONFIG, REAL_CMD, ROOT, TINY_MODEL, fake_env, fake_trial
 from vllm_lab import hypotheses, load_report, record, report, search, steps
@@ -17,9 +18,8 @@ from vllm_lab.testing.simulated import SimulatedVllm
 
 SMALL = {"concurrency": [1, 2, 4], "requests": 4, "prompt_tokens": 32, "output_tokens": 8}
 MIB = 2**20
-LOAD_FAULT = fake_env(
-    scenario="error_chunks_after", fault_after=3
-)  # the long request and 2 load requests pass
+# the long request, the load's uncounted first request and one more stream pass; later ones end in an error chunk
+LOAD_FAULT = fake_env(scenario="error_chunks_after", fault_after=3)
 
 
 def load(**over) -> dict:
@@ -296,6 +296,11 @@ def test_notebook_02_passes_load_into_its_trial(tmp_path):
     (rec,) = record.read_records(run).rows
     assert rec["load_stable"] is True and [lv["concurrency"] for lv in rec["load"]["levels"]] == [1, 2]
     assert record.read_glued(tmp_path / "out.ipynb")["records"][0]["load_stable"] is True
+    # the report notebook (report.html of a run) draws the load figures
+    assert execute("99_report", tmp_path / "report.ipynb", {"RUN_DIR": str(run)}, 300) is None
+    cells = {c.source: c for c in nbformat.read(tmp_path / "report.ipynb", as_version=4).cells}
+    for source in ("load_report.throughput_figure(df)", "load_report.latency_figure(df)"):
+        assert cells[source].outputs, source
 
 
 @pytest.mark.vllm

@@ -133,7 +133,7 @@ def records_frame(records: list[dict]):
 
     cols = ["trial_id", "backend", "launcher", "quantization", "max_model_len", "gpu_memory_utilization",
             "kv_cache_memory_bytes", "outcome", "failure", "kv_cache_tokens", "estimated_max_model_len",
-            "long_request_ok", "seconds_to_outcome", "evidence"]  # fmt: skip
+            "long_request_ok", "load_stable", "load_output_tokens_per_s", "seconds_to_outcome", "evidence"]  # fmt: skip
     return pd.DataFrame(records, columns=cols) if records else pd.DataFrame(columns=cols)
 
 
