@@ -737,6 +737,16 @@ def test_a_wrong_exact_prediction_still_finds_the_edge_within_one_launch_of_bise
         assert res.launches <= 2  # V1 names the edge on the first launch, either way
 
 
+@pytest.mark.parametrize(("unstable_above", "launches"), [(22390, 2), (19000, 12), (1000, 10)])
+def test_an_exact_edge_whose_full_request_fails_steps_down_within_the_allowance(unstable_above, launches):
+    """Right about the start, but the request that fills the context does not complete (a hang at the edge,
+    a deadline): the edge moves down, found by launches, never beyond bisection's worst case + 1."""
+    sim = SimulatedVllm(capacity=22400, unstable_above=unstable_above, **CPU032)
+    res = search_max_model_len(sim, low=LOW, high=HIGH, first_guess=22400, exact_first=True)
+    assert res.max_model_len == sim.edge(LOW, HIGH) and res.launches == launches <= BISECT_WORST + 1
+    assert res.plus_one_fails is True
+
+
 @pytest.mark.parametrize(
     "name", ["v1 guess too high", "v1 guess too low", "v1 guess exact", "no reports with guess"]
 )
