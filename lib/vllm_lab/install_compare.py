@@ -77,7 +77,10 @@ def changes(grid: pd.DataFrame) -> list[str]:
         if len(set(seen.values())) < 2:
             continue
         where = f"{row['launcher']}, max_model_len {row['max_model_len']}, {row['memory']}"
-        out.append(f"{where}: " + "; ".join(f"{c} {v}" for c, v in seen.items()))
+        line = f"{where}: " + "; ".join(f"{c} {v}" for c, v in seen.items())
+        if "timeout" in seen.values():  # a slow start, not a refusal: no version to blame yet
+            line += " (a timeout is not a verdict: rerun it with a longer startup_timeout_s)"
+        out.append(line)
     return out
 
 

@@ -289,10 +289,16 @@ def _install(package: str, version: str, venv: Path, failed: Path, log) -> Path:
     return venv
 
 
+# The line that says why (pip: "Could not find a version that satisfies ..."; uv: "cause: Because there
+# is no version of torch...==2.11.0+cpu ..."), else the last error line, else the last line.
+_WHY = re.compile(r"Could not find a version|no version of|No matching distribution|ResolutionImpossible")
+
+
 def _last_line(path: Path) -> str:
     lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    why = [ln for ln in lines if _WHY.search(ln)]
     errors = [ln for ln in lines if "error" in ln.lower()]
-    return (errors or lines or ["no output"])[-1][:300]
+    return (why[:1] or errors[-1:] or lines[-1:] or ["no output"])[0][:300]
 
 
 def dir_size(path: Path) -> int:
