@@ -18,8 +18,8 @@ setup: $(VENV)/.stamp $(KERNEL)
 $(VENV)/.stamp: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip 2>&1 | grep -v 'is ignored' || true
-	$(BIN)/pip install -q -e '.[dev]' 2>&1 | grep -v 'is ignored' || true
-	$(BIN)/python -c "import vllm_lab, papermill, scrapbook, pynvml, seaborn"
+	$(BIN)/pip install -q -e '.[dev,ray]' 2>&1 | grep -v 'is ignored' || true
+	$(BIN)/python -c "import vllm_lab, papermill, scrapbook, pynvml, seaborn, ray"
 	touch $@
 
 # The notebooks' kernel: this venv's python by absolute path, whatever other Jupyter the user has.

@@ -148,8 +148,13 @@ def _mark_kernels_as_ours() -> None:
 
 
 def run_plan(plan_path: str, *, out: str | None = None, resume: str | None = None, dry_run: bool = False,
-             only: list[str] | None = None) -> RunSummary:  # fmt: skip
+             only: list[str] | None = None, ray: str | None = None) -> RunSummary:  # fmt: skip
     plan = load_plan(plan_path, check_command=not dry_run)
+    if plan.per_gpu_type and ray is None and not dry_run:
+        raise SpecError(
+            "per_gpu_type: true needs a Ray cluster with several GPU types; run with --ray ADDRESS (or "
+            "--ray local), or set per_gpu_type: false"
+        )
     steps = [s for s in plan.steps if not only or s.name in only]
     if only and len(steps) != len(set(only)):
         missing = sorted(set(only) - {s.name for s in plan.steps})
@@ -193,20 +198,63 @@ def run_plan(plan_path: str, *, out: str | None = None, resume: str | None = Non
         print(f"run folder: {run_dir}", flush=True)
         from vllm_lab.dryrun import expected_trial_count
 
-        with TrialProgress(run_dir, expected_trial_count(plan, steps)):
-            for step in steps:
-                out_nb = nb_dir / f"{step.name}.ipynb"
-                err = execute(step.notebook, out_nb, plan.notebook_parameters(step, run_dir), step.timeout_s)
-                summary.notebooks.append(out_nb)
-                if err:
-                    summary.errors.append(f"{step.name}: {err}")
-                    print(
-                        f"step {step.name} raised {err} (notebook kept: {out_nb})",
-                        file=sys.stderr,
-                        flush=True,
-                    )
+        try:
+            if ray is not None:
+                steps = _start_ray(ray, plan, steps, run_dir, resumed=resume is not None)
+            with TrialProgress(run_dir, expected_trial_count(plan, steps)):
+                _run_steps(plan, steps, run_dir, nb_dir, summary, parallel=ray is not None)
+        finally:
+            if ray is not None:
+                from vllm_lab import ray_exec
+
+                ray_exec.end_session()
         summary.report_paths = build_report(run_dir, nb_dir, summary)
     return summary
+
+
+def _start_ray(address: str, plan: Plan, steps: list, run_dir: Path, *, resumed: bool) -> list:
+    """Connect the run to Ray (its kernels send their trials there); the steps, once per GPU type if asked."""
+    from vllm_lab import ray_exec
+
+    ray_exec.connect(address)
+    if resumed:  # servers a killed run left on other nodes are ours to end too
+        for node in ray_exec.reap_nodes(run_dir, address):
+            for e in node["ended"]:
+                print(
+                    f"ended server pid {e['pid']} on {node['node']} left by the interrupted run",
+                    file=sys.stderr,
+                )
+    pins: dict[str, str] = {}
+    if plan.per_gpu_type:
+        steps, pins = ray_exec.per_gpu_type_steps(steps, ray_exec.gpu_types())
+    ray_exec.start_session(address, run_dir, pins=pins, retries=plan.retries)
+    return steps
+
+
+def _run_steps(plan: Plan, steps: list, run_dir: Path, nb_dir: Path, summary: RunSummary, *,
+               parallel: bool) -> None:  # fmt: skip
+    """Each step's notebook through papermill: in plan order, or under Ray several at once (the cluster
+    queues their trials); notebooks and errors are listed in plan order either way."""
+
+    def one(step) -> tuple[Path, str | None]:
+        out_nb = nb_dir / f"{step.name}.ipynb"
+        err = execute(step.notebook, out_nb, plan.notebook_parameters(step, run_dir), step.timeout_s)
+        if err:
+            print(f"step {step.name} raised {err} (notebook kept: {out_nb})", file=sys.stderr, flush=True)
+        return out_nb, err
+
+    if parallel and len(steps) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        workers = max(1, min(len(steps), int(os.environ.get("VLLM_LAB_RAY_STEPS", "4"))))  # one kernel each
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="step") as pool:
+            results = list(pool.map(one, steps))
+    else:
+        results = [one(step) for step in steps]
+    for step, (out_nb, err) in zip(steps, results, strict=True):
+        summary.notebooks.append(out_nb)
+        if err:
+            summary.errors.append(f"{step.name}: {err}")
 
 
 def build_report(run_dir: Path, nb_dir: Path, summary: RunSummary) -> dict:
@@ -234,7 +282,8 @@ def _report_torn(run_dir: Path) -> None:
 
 def cli_run(args) -> int:
     t0 = time.monotonic()
-    summary = run_plan(args.plan, out=args.out, resume=args.resume, dry_run=args.dry_run, only=args.only)
+    summary = run_plan(args.plan, out=args.out, resume=args.resume, dry_run=args.dry_run, only=args.only,
+                       ray=getattr(args, "ray", None))  # fmt: skip
     if args.dry_run:
         return 0
     print(f"\nrun folder: {summary.run_dir}  ({time.monotonic() - t0:.0f} s)")

@@ -46,6 +46,10 @@ def _launch(args) -> int:
 def _reap(args) -> int:
     from vllm_lab.launcher import cli_reap
 
+    if getattr(args, "ray", None):  # servers of a Ray run live on the cluster's nodes
+        from vllm_lab.ray_exec import cli_reap_nodes
+
+        return cli_reap(args) or cli_reap_nodes(args)
     return cli_reap(args)
 
 
@@ -155,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("reap", help="stop a vLLM server left alive by an earlier killed run")
     s.add_argument("run_dir", help="run folder holding server pid files")
+    s.add_argument("--ray", default=None, metavar="ADDRESS", help="a Ray run: also reap on every node there")
     s.set_defaults(func=_reap)
 
     s = sub.add_parser("search", help="the largest stable max_model_len, in as few launches as possible")
@@ -187,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", default=None, help="an earlier run folder: skip trials already recorded")
     s.add_argument("--dry-run", action="store_true", help="print every trial with its predicted outcome")
     s.add_argument("--only", action="append", default=None, help="run only this step (repeatable)")
+    s.add_argument("--ray", nargs="?", const="local", default=None, metavar="local|auto|ADDRESS",
+                   help="run each trial as a Ray task (GPUs per tensor-parallel size); local: a local cluster")  # fmt: skip
     s.set_defaults(func=_run)
 
     s = sub.add_parser("report", help="rebuild report.html and report.md from a run folder's trials.jsonl")

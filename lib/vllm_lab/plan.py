@@ -17,6 +17,7 @@ from vllm_lab.paths import NOTEBOOK_DIR, resolve_cmd, resolve_path
 from vllm_lab.spec import LAUNCHERS, SpecError, Trial, check_vllm_cmd
 
 PLAN_KEYS = {"name", "description", "model", "vllm_cmd", "gpu", "vllm_version", "defaults", "steps"}
+PLAN_KEYS |= {"per_gpu_type", "retries"}  # `run --ray`: the steps once per GPU type; reruns of lost trials
 DEFAULT_KEYS = {"extra_args", "env", "startup_timeout_s", "request_timeout_s", "launcher", "quantization",
                 "step_timeout_s"}  # fmt: skip
 STEP_KEYS = {"name", "notebook", "parameters", "timeout_s", "model"}
@@ -55,6 +56,8 @@ class Plan:
     steps: list[Step] = field(default_factory=list)
     gpu: str | None = None
     vllm_version: str | None = None
+    per_gpu_type: bool = False  # `run --ray`: run the steps on each GPU type of the cluster
+    retries: int = 0  # `run --ray`: how often a trial whose worker or node died runs again
     installs: dict = field(default_factory=dict)  # name -> installs.Install
 
     def notebook_parameters(self, step: Step, run_dir: Path) -> dict:
@@ -178,6 +181,10 @@ def load_plan(path: str | Path, *, check_command: bool = True) -> Plan:
         steps.append(_load_step(i, s, seen, model, defaults, path.parent))
     plan = Plan(path=path, name=str(raw.get("name") or path.stem), model=model, vllm_cmd=vllm_cmd,
                 defaults=defaults, steps=steps, gpu=raw.get("gpu"), vllm_version=raw.get("vllm_version"))  # fmt: skip
+    plan.per_gpu_type = _expect("per_gpu_type", raw.get("per_gpu_type", False), bool, "true")
+    plan.retries = _expect("retries", raw.get("retries", 0), int, "1 (reruns of a trial lost with its node)")
+    if plan.retries < 0:
+        raise SpecError(f"retries: {plan.retries} must be 0 or more")
     from vllm_lab.installs import attach
 
     attach(plan, raw, path.parent, check_command=check_command)  # installs: and each step's install:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import platform
 import re
 import sys
 import time
@@ -263,6 +264,7 @@ def run_trial(trial: Trial, run_dir: str | Path, *, run_id: str | None = None, l
     cfg = _model_config(trial.model)
     extra: dict = {
         "predicted_kv_cache_tokens": predicted_kv_tokens(trial.model, trial.kv_cache_memory_bytes),
+        "node": platform.node(),  # the host it ran on (a Ray run adds its ip and node id)
         **_gpu_facts(trial),
     }
     sampler = _sampler(trial)

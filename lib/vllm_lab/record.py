@@ -25,6 +25,7 @@ FIELDS = (
     # extensions
     "served_max_model_len", "chat_ok", "gpu_memory_timeline", "metrics", "note", "gpu_blocks",
     "exit_code", "exit_signal",  # a server that ended by itself: its code and signal (SIGKILL: OOM killer?)
+    "node", "gpu", "gpu_ids",  # where it ran: host (under Ray: host (ip, node id)), GPU type, Ray's GPU ids
     "install",  # the plan's install name (installs.py); vllm_version is what that server itself reported
     # the trial's load phase (Trial.load): load.LoadResult.to_dict(), its verdict, and the best level
     "load", "load_stable", "load_reason", "knee_concurrency", "load_output_tokens_per_s", "load_concurrency",

@@ -21,6 +21,7 @@ import nbformat
 import pandas as pd
 
 from vllm_lab import hypotheses, load_report, plots
+from vllm_lab.gpu_axis import gpu_axis_blocks
 from vllm_lab.install_compare import compare_blocks
 from vllm_lab.record import TRIALS_FILE, read_records
 from vllm_lab.redact import redact_obj, redact_text
@@ -321,6 +322,7 @@ def report_blocks(df: pd.DataFrame, plot_paths: dict[str, Path | None]) -> list[
         ("text", _run_line(df)),
         *verdict_blocks(v)[1:],
         *compare_blocks(df),  # the same trials on several vLLM installs (issue 13)
+        *gpu_axis_blocks(df),  # the same steps on several GPU types (run --ray, per_gpu_type)
         ("heading", 2, "Outcome grid"),
         _image("outcome_grid", plot_paths, "No trial has a launcher and max_model_len to place on the grid."),
         (

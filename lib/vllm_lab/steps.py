@@ -115,14 +115,21 @@ def run_or_reuse(trial: Trial, run_dir: str | Path) -> dict:
             print(f"{trial.trial_id}: reused the record from {row.get('started_at')} in "
                   f"{Path(run_dir) / record.TRIALS_FILE} (same parameters; change one to launch again)")  # fmt: skip
             return row
+    from vllm_lab import ray_exec  # imports ray only under `run --ray`
+
+    if ray_exec.active():  # `vllm-lab run --ray`: the trial runs as a Ray task; the record comes back here
+        return ray_exec.run_remote([trial], run_dir)[0]
     return run_trial(trial, run_dir)
 
 
 def run_trials(trials: list[Trial], run_dir: str | Path, progress: bool = True) -> list[dict]:
     """Run trials in order; a failed trial is a row, never the end of the step."""
+    from vllm_lab import ray_exec
+
+    remote = iter(ray_exec.run_remote(trials, run_dir)) if ray_exec.active() else None  # Ray: all at once
     out = []
     for t in trials:
-        rec = run_or_reuse(t, run_dir)
+        rec = next(remote) if remote else run_or_reuse(t, run_dir)
         if progress:
             print(f"{t.trial_id}: {rec['outcome']} {rec.get('failure') or ''}".rstrip(), flush=True)
         out.append(rec)

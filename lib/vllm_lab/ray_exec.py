@@ -1,0 +1,359 @@
+"""Trials as Ray tasks (`vllm-lab run --ray`): the only module that imports ray, and only when asked.
+
+Each step's notebook still runs through papermill on the driver; where it would launch a trial, steps.py hands
+the trial here. Each trial becomes one Ray task asking `num_gpus` = its tensor-parallel size (Ray sets
+CUDA_VISIBLE_DEVICES), so the trials of one run_trials call run at once and a search's launches, one call each,
+stay in order. The task runs probe.run_trial in a scratch folder on its node and sends back the record and the
+redacted log; only the driver side writes the run folder (logs/, then the record, appended and fsynced).
+
+A task that dies with its worker or node is an infrastructure failure, recorded with its node (failure
+"infrastructure", trial id `<id>-lostN`, never reused as that trial's result) and run again while the plan's
+`retries` allow. A cancelled task ends its server tree (the VllmServer context); a killed worker's server gets
+SIGTERM from the kernel (PR_SET_PDEATHSIG); whatever is left is found by `vllm-lab reap RUN --ray ADDRESS`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from vllm_lab import record
+from vllm_lab.spec import SpecError, Trial, flag_values
+
+RAY_ENV = "VLLM_LAB_RAY"  # set by the batch for its kernels: path of the run's session file
+SESSION_FILE = "ray.json"  # in the run folder: cluster address, step -> GPU type, retries
+LOCAL_ENV = "VLLM_LAB_RAY_LOCAL"  # JSON of ray.init overrides for `--ray local` (num_gpus, resources, ...)
+NAMESPACE = "vllm-lab"
+GPU_TYPE_PREFIX = "accelerator_type:"  # Ray's own resource naming for a node's GPU model
+INFRA = "infrastructure"  # the failure of a trial whose worker or node died: not a vLLM failure kind
+OBJECT_STORE_BYTES = 200 * 2**20  # records and logs are small; the default takes 30% of RAM
+PIN_AMOUNT = 0.001  # a task pinned to a GPU type asks for this much of the type's resource
+_append_lock = threading.Lock()
+# A loaded machine starts a node's agents slowly; Ray's default waits (15-30 s) then end the node.
+SLOW_START_ENV = {"RAY_agent_register_timeout_ms": "120000", "RAY_raylet_start_wait_time_s": "120"}
+
+
+def scratch_root(run_name: str) -> Path:
+    """Where a node's tasks of one run keep their scratch run folders (found again by reap)."""
+    return Path(tempfile.gettempdir()) / "vllm-lab-ray" / run_name
+
+
+# ---- the cluster ------------------------------------------------------------------------------------------
+
+
+def connect(address: str | None) -> str:
+    """Join a cluster ("auto" or HOST:PORT) or start a small local one ("local"/None); return its address."""
+    import ray
+
+    if not ray.is_initialized():
+        common = {"namespace": NAMESPACE, "log_to_driver": False}
+        if address in (None, "", "local"):
+            local = {"include_dashboard": False, "object_store_memory": OBJECT_STORE_BYTES,
+                     **json.loads(os.environ.get(LOCAL_ENV) or "{}")}  # fmt: skip
+            for name, value in SLOW_START_ENV.items():
+                os.environ.setdefault(name, value)
+            # Ray's wait for a starting node is fixed (30 s): once more, then give up
+            for attempt in (1, 2):
+                try:
+                    ray.init(**common, **local)
+                    break
+                except Exception as e:
+                    if attempt == 2 or "timed out during startup" not in str(e):
+                        raise
+                    ray.shutdown()
+        else:
+            try:
+                ray.init(address=address, **common)
+            except (ConnectionError, ValueError, RuntimeError) as e:
+                raise SpecError(
+                    f"--ray: no Ray cluster at {address} ({str(e).splitlines()[0]}); start one with "
+                    "`ray start --head`, or use --ray local"
+                ) from None
+    return ray.get_runtime_context().gcs_address
+
+
+def shutdown() -> None:
+    import sys
+
+    if "ray" in sys.modules:
+        import ray
+
+        ray.shutdown()
+
+
+def gpu_types() -> list[str]:
+    """The GPU types of the cluster's live nodes (Ray's accelerator_type resources), sorted."""
+    import ray
+
+    found = {
+        k[len(GPU_TYPE_PREFIX) :] for n in ray.nodes() if n.get("Alive") for k in n.get("Resources", {})
+        if k.startswith(GPU_TYPE_PREFIX)
+    }  # fmt: skip
+    return sorted(found)
+
+
+def per_gpu_type_steps(steps: list, types: list[str]) -> tuple[list, dict[str, str]]:
+    """Each step once per GPU type, named `<step>@<type>` (so trial ids differ); and step -> type."""
+    import dataclasses
+
+    if not types:
+        raise SpecError(
+            "per_gpu_type: the Ray cluster reports no GPU type (accelerator_type resource); start its nodes "
+            "on GPUs, or with --resources '{\"accelerator_type:NAME\": 1}', or set per_gpu_type: false"
+        )
+    out, pins = [], {}
+    for s in steps:
+        for t in types:
+            name = f"{s.name}@{t}"
+            out.append(dataclasses.replace(s, name=name))
+            pins[name] = t
+    return out, pins
+
+
+def start_session(address: str | None, run_dir: Path, *, pins: dict[str, str], retries: int) -> Path:
+    """Connect, write the session file the kernels read, and point RAY_ENV at it (kernels inherit it)."""
+    gcs = connect(address)
+    path = Path(run_dir) / SESSION_FILE
+    path.write_text(json.dumps({"address": gcs, "run_name": Path(run_dir).name, "pins": pins,
+                                "retries": retries}, indent=1))  # fmt: skip
+    os.environ[RAY_ENV] = str(path)
+    return path
+
+
+def end_session() -> None:
+    os.environ.pop(RAY_ENV, None)
+    shutdown()
+
+
+def active() -> bool:
+    return bool(os.environ.get(RAY_ENV))
+
+
+def _session() -> dict:
+    return json.loads(Path(os.environ[RAY_ENV]).read_text())
+
+
+# ---- the task (runs on a worker) --------------------------------------------------------------------------
+
+
+def tensor_parallel_size(trial: Trial) -> int:
+    for flag in ("--tensor-parallel-size", "-tp"):
+        values = flag_values(trial.extra_args, flag)
+        if values and values[0].isdigit():
+            return max(1, int(values[0]))
+    return 1
+
+
+def node_facts() -> dict:
+    """This worker's node, its GPU type and the GPUs Ray gave this task."""
+    import ray
+
+    ctx = ray.get_runtime_context()
+    node_id = ctx.get_node_id()
+    me = next((n for n in ray.nodes() if n.get("NodeID") == node_id), {})
+    types = [k[len(GPU_TYPE_PREFIX) :] for k in me.get("Resources", {}) if k.startswith(GPU_TYPE_PREFIX)]
+    ip = me.get("NodeManagerAddress") or "?"
+    return {
+        "node": f"{platform.node()} ({ip}, {node_id[:8]})",
+        "gpu": types[0] if types else None,
+        "gpu_ids": [str(i) for i in ray.get_gpu_ids()],
+        "pid": os.getpid(),
+    }
+
+
+def trial_task(trial: Trial, run_name: str):
+    """A generator task: first where it runs (so a death later is pinned to a node), then what it measured."""
+    from vllm_lab.launcher import reap_all
+    from vllm_lab.probe import run_trial
+
+    facts = node_facts()
+    yield facts
+    scratch = scratch_root(run_name) / f"{trial.trial_id}-{uuid.uuid4().hex[:6]}"
+    scratch.mkdir(parents=True)
+    try:
+        rec = run_trial(trial, scratch, run_id=run_name)  # its VllmServer ends the tree, cancelled or not
+        logs = {p.name: p.read_text(errors="replace") for p in sorted((scratch / "logs").glob("*.log"))}
+        yield {"record": rec, "logs": logs, **facts}
+    finally:
+        with contextlib.suppress(Exception):
+            reap_all(scratch)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def reap_task(run_name: str) -> dict:
+    """On one node: end every server a task of this run left behind (pid files in its scratch folders)."""
+    from vllm_lab.launcher import reap_all
+
+    ended = []
+    root = scratch_root(run_name)
+    for d in sorted(root.glob("*")) if root.is_dir() else []:
+        ended += [{"pid": i["pid"], "trial_id": i.get("trial_id")} for i in reap_all(d)]
+        shutil.rmtree(d, ignore_errors=True)
+    return {"node": node_facts()["node"], "ended": ended}
+
+
+# ---- the driver side (the batch's kernels) ----------------------------------------------------------------
+
+
+def _options(trial: Trial, pin: str | None) -> dict:
+    import ray
+
+    total = ray.cluster_resources()
+    gpus = tensor_parallel_size(trial) if total.get("GPU") else 0  # a CPU-only cluster: the CPU build
+    opts: dict = {"num_gpus": gpus, "num_cpus": 0 if gpus else 1, "max_retries": 0}
+    if pin:
+        opts["resources"] = {GPU_TYPE_PREFIX + pin: PIN_AMOUNT}
+    fits = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("GPU", 0) >= gpus
+            and (not pin or GPU_TYPE_PREFIX + pin in n["Resources"])]  # fmt: skip
+    if not fits:
+        where = f" of type {pin}" if pin else ""
+        raise SpecError(
+            f"{trial.trial_id}: no node of the Ray cluster has {gpus} GPU(s){where} for tensor-parallel size "
+            f"{gpus}; lower --tensor-parallel-size or add such a node"
+        )
+    return opts
+
+
+def submit(trial: Trial, run_name: str, pin: str | None = None):
+    """One trial as a Ray task; returns its generator (first item: node facts, second: the payload)."""
+    import ray
+
+    task = ray.remote(trial_task)  # by reference: workers import vllm_lab.ray_exec
+    return task.options(**_options(trial, pin)).remote(trial, run_name)
+
+
+def _infra_record(trial: Trial, run_dir: Path, n: int, facts: dict, err: Exception) -> dict:
+    cause = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return record.new_record(
+        run_id=Path(run_dir).name, step=trial.step, trial_id=f"{trial.trial_id}-lost{n}", model=trial.model,
+        launcher=trial.launcher, max_model_len=trial.max_model_len,
+        gpu_memory_utilization=trial.gpu_memory_utilization, kv_cache_memory_bytes=trial.kv_cache_memory_bytes,
+        outcome="failed", failure=INFRA,
+        evidence=f"the Ray worker running this trial died ({type(err).__name__}: {cause})",
+        remedy="not a vLLM failure: the trial runs again elsewhere while the plan's `retries` allow; "
+               "otherwise `vllm-lab run PLAN --ray ... --resume RUN` runs it again",
+        node=facts.get("node"), gpu=facts.get("gpu"), gpu_ids=facts.get("gpu_ids"),
+    )  # fmt: skip
+
+
+def _keep_logs(run_dir: Path, logs: dict[str, str]) -> dict[str, str]:
+    """Write the worker's redacted logs into the run folder; their new paths by name (never overwrite)."""
+    out_dir = Path(run_dir) / "logs"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, text in logs.items():
+        stem, n = name.removesuffix(".log"), 1
+        while True:
+            path = out_dir / (f"{stem}.log" if n == 1 else f"{stem}-{n}.log")
+            try:
+                with open(path, "x") as f:
+                    f.write(text)
+                break
+            except FileExistsError:
+                n += 1
+        paths[name] = str(path)
+    return paths
+
+
+def _lost_count(run_dir: Path, trial_id: str) -> int:
+    prefix = f"{trial_id}-lost"
+    return sum(str(r.get("trial_id", "")).startswith(prefix) for r in record.read_records(run_dir).rows)
+
+
+class TrialLost(RuntimeError):
+    """Every allowed attempt of a trial died with its worker or node."""
+
+
+def _run_one(trial: Trial, run_dir: Path, session: dict) -> dict:
+    import ray
+    from ray.exceptions import RayTaskError, TaskCancelledError
+
+    pin = session.get("pins", {}).get(trial.step)
+    retries = int(session.get("retries") or 0)
+    for attempt in range(retries + 1):
+        gen = submit(trial, session["run_name"], pin)
+        facts: dict = {}
+        try:
+            facts = ray.get(next(gen))
+            payload = ray.get(next(gen))
+        except (KeyboardInterrupt, SystemExit):
+            ray.cancel(gen)  # the task ends its server tree
+            raise
+        except RayTaskError as e:  # our own code raised on the worker (a bad trial): as it would locally
+            raise e.as_instanceof_cause() from None
+        except TaskCancelledError:
+            raise
+        except ray.exceptions.RayError as e:  # the worker or its node died: infrastructure, not vLLM
+            with _append_lock:
+                n = _lost_count(run_dir, trial.trial_id) + 1
+                record.append_record(run_dir, _infra_record(trial, run_dir, n, facts, e))
+            print(f"{trial.trial_id}: lost with {facts.get('node') or 'its node'} ({type(e).__name__}); "
+                  f"{'running it again' if attempt < retries else 'no retries left'}", flush=True)  # fmt: skip
+            continue
+        rec = payload["record"]
+        paths = _keep_logs(run_dir, payload["logs"])
+        rec["log_path"] = paths.get(Path(rec.get("log_path") or "").name, rec.get("log_path"))
+        rec.update(node=payload["node"], gpu=pin or payload["gpu"], gpu_ids=payload["gpu_ids"])
+        with _append_lock:
+            record.append_record(run_dir, rec)
+        return rec
+    raise TrialLost(
+        f"{trial.trial_id}: every attempt ({retries + 1}) died with its Ray worker or node (recorded as "
+        f"failure {INFRA!r}); raise `retries` in the plan or run again with --resume"
+    )
+
+
+def run_remote(trials: list[Trial], run_dir: str | Path) -> list[dict]:
+    """Run trials as Ray tasks at once; a trial already recorded is reused. Records in the trials' order."""
+    session = _session()
+    connect(session["address"])
+    run_dir = Path(run_dir)
+    done = {r.get("trial_id"): r for r in record.read_records(run_dir).rows}
+    todo = [t for t in dict.fromkeys(t.trial_id for t in trials) if t not in done]
+    by_id = {t.trial_id: t for t in trials}
+    if todo:
+        with ThreadPoolExecutor(max_workers=len(todo), thread_name_prefix="ray-trial") as pool:
+            futures = {tid: pool.submit(_run_one, by_id[tid], run_dir, session) for tid in todo}
+            errors = []
+            for tid, fut in futures.items():
+                try:
+                    done[tid] = fut.result()
+                except Exception as e:  # the others still finish and are recorded first
+                    errors.append(e)
+            if errors:
+                raise errors[0]
+    return [done[t.trial_id] for t in trials]
+
+
+def reap_nodes(run_dir: str | Path, address: str | None) -> list[dict]:
+    """`vllm-lab reap RUN --ray ADDRESS`: one task per live node ends what this run's tasks left there."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    connect(address)
+    task = ray.remote(reap_task)
+    refs = [
+        task.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+        .remote(Path(run_dir).name)
+        for n in ray.nodes() if n.get("Alive")
+    ]  # fmt: skip
+    return ray.get(refs)
+
+
+def cli_reap_nodes(args) -> int:
+    try:
+        found = reap_nodes(args.run_dir, args.ray)
+    finally:
+        shutdown()
+    for node in found:
+        pids = ", ".join(f"pid {e['pid']} ({e['trial_id']})" for e in node["ended"]) or "none left"
+        print(f"{node['node']}: {pids}")
+    return 0

@@ -1,0 +1,116 @@
+"""`vllm-lab run --ray` without a cluster: nothing imports ray without the flag, plan keys, the report's GPU axis.
+
+The trials-on-Ray tests (a cluster in this process, two nodes on 127.0.0.1) are in test_ray_cluster.py.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import FAKE_CMD
+from vllm_lab import record, report
+from vllm_lab.spec import SpecError
+
+pytestmark = pytest.mark.fake
+
+
+def fake_servers(marker: str) -> list[psutil.Process]:
+    """Live fake vLLM processes whose command line names `marker` (a test's own model folder)."""
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "vllm_lab.testing.fake_vllm" in cmd and marker in cmd:
+            try:
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    out.append(p)
+            except psutil.Error:
+                pass
+    return out
+
+
+def wait_until(cond, timeout: float = 30.0, step: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(step)
+    return cond()
+
+
+# ---- without Ray ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.unit
+def test_nothing_imports_ray_without_the_flag():
+    code = (
+        "import sys\n"
+        "import vllm_lab.cli, vllm_lab.batch, vllm_lab.steps, vllm_lab.report, vllm_lab.ray_exec\n"
+        "from vllm_lab.cli import build_parser\n"
+        "a = build_parser().parse_args(['run', 'p.yaml'])\n"
+        "assert a.ray is None, a.ray\n"
+        "assert build_parser().parse_args(['run', 'p.yaml', '--ray']).ray == 'local'\n"
+        "print('ray' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def _plan(tmp_path: Path, model: Path, extra: str = "", steps: str | None = None) -> Path:
+    steps = steps or (
+        "  - {name: ctx16k, notebook: 02_context_budget, parameters: {MAX_MODEL_LEN: 16384, "
+        "GPU_MEMORY_UTILIZATION: 0.9}}\n"
+        "  - {name: ctx32k, notebook: 02_context_budget, parameters: {MAX_MODEL_LEN: 32768, "
+        "GPU_MEMORY_UTILIZATION: 0.9}}\n"
+    )
+    p = tmp_path / "plan.yaml"
+    p.write_text(
+        f"name: raytest\nmodel: {model}\nvllm_cmd: {FAKE_CMD}\n{extra}"
+        "defaults: {startup_timeout_s: 30, request_timeout_s: 30, step_timeout_s: 300}\n"
+        f"steps:\n{steps}"
+    )
+    return p
+
+
+@pytest.mark.unit
+def test_per_gpu_type_needs_ray_and_bad_retries_are_one_line(tmp_path, fake_model):
+    from vllm_lab.batch import run_plan
+    from vllm_lab.plan import load_plan
+
+    with pytest.raises(SpecError, match=r"per_gpu_type: true needs a Ray cluster .*--ray"):
+        run_plan(str(_plan(tmp_path, fake_model, "per_gpu_type: true\n")), out=str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()  # refused before any run folder or launch
+    with pytest.raises(SpecError, match=r"^per_gpu_type: 'yes' is a str"):
+        load_plan(_plan(tmp_path, fake_model, "per_gpu_type: 'yes'\n"))
+    with pytest.raises(SpecError, match=r"^retries: -1 must be 0 or more"):
+        load_plan(_plan(tmp_path, fake_model, "retries: -1\n"))
+    plan = load_plan(_plan(tmp_path, fake_model, "per_gpu_type: true\nretries: 2\n"))
+    assert (plan.per_gpu_type, plan.retries) == (True, 2)
+
+
+@pytest.mark.unit
+def test_report_gets_a_gpu_axis_only_across_gpu_types(tmp_path):
+    def rec(gpu, n, ok, failure=None):
+        return record.new_record(
+            run_id="r", step=f"ctx@{gpu}", trial_id=f"ctx@{gpu}-{n}", backend="fake", launcher="head",
+            max_model_len=n, gpu_memory_utilization=0.9, outcome="ready" if ok else "failed", failure=failure,
+            long_request_ok=ok or None, node=f"host ({gpu})", gpu=gpu,
+        )  # fmt: skip
+
+    for r in (rec("SMALL", 16384, True), rec("SMALL", 32768, False, "kv_cache_insufficient"),
+              rec("BIG", 16384, True), rec("BIG", 32768, True)):  # fmt: skip
+        record.append_record(tmp_path, r)
+    md = report.build_report(tmp_path)["md"].read_text()
+    assert "## GPU types" in md
+    largest = md.split("Largest stable max_model_len per GPU type")[1]
+    assert "| BIG | head | util 0.9 | 32768 | 2 | host (BIG) |" in largest
+    assert "| SMALL | head | util 0.9 | 16384 | 2 | host (SMALL) |" in largest
+    assert "| ctx | head | 32768 | util 0.9 | stable | failed (kv_cache_insufficient) |" in md
+    single = tmp_path / "single"
+    record.append_record(single, rec("BIG", 16384, True))
+    assert "## GPU types" not in report.build_report(single)["md"].read_text()
