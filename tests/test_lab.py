@@ -360,3 +360,21 @@ def test_report_html_opens_offline_with_every_image_and_no_console_error(report_
     errors, widths = open_offline(browser, run / name, tmp_path, f"report-{Path(name).stem}.png")
     assert errors == []
     assert len(widths) >= 5 and all(w > 0 for w in widths), widths
+
+
+# ---- make lab and the kernel ------------------------------------------------------------------------------
+
+
+@pytest.mark.unit
+def test_make_lab_serves_loopback_with_a_token_at_notebooks():
+    out = subprocess.run(["make", "-n", "lab"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    line = " ".join(out.replace("\\\n", " ").split())
+    assert "jupyter lab --ServerApp.ip=127.0.0.1" in line and f"--ServerApp.root_dir={REPO}" in line
+    token = line.split("--IdentityProvider.token=")[1].split()[0]
+    assert len(token) >= 32 and "--LabApp.default_url=/lab/tree/notebooks" in line
+
+
+@pytest.mark.unit
+def test_notebooks_ask_for_the_projects_kernel():
+    for path in sorted((REPO / "notebooks").glob("*.ipynb")):
+        assert nbformat.read(path, as_version=4).metadata["kernelspec"]["name"] == "vllm-lab", path.name
