@@ -273,7 +273,7 @@ def test_real_two_releases_one_plan_one_report(tmp_path):
     path = tmp_path / "plan.yaml"
     path.write_text(yaml.safe_dump(plan, sort_keys=False))
     out = subprocess.run([sys.executable, "-m", "vllm_lab.cli", "run", str(path), "--out", str(tmp_path / "out")],
-                         capture_output=True, text=True, timeout=900, cwd=ROOT)  # fmt: skip
+                         capture_output=True, text=True, timeout=1800, cwd=ROOT)  # fmt: skip
     assert out.returncode in (0, 1), out.stderr[-3000:]
     run_dir = next((tmp_path / "out").iterdir())
     rows = [json.loads(line) for line in (run_dir / "trials.jsonl").read_text().splitlines()]
