@@ -347,10 +347,10 @@ def report_run(tmp_path_factory):
 def test_report_notebook_figures_are_images(report_run):
     _, executed, _ = report_run
     nb = nbformat.read(executed, as_version=4)
-    figure_cells = [c for c in nb.cells if c.cell_type == "code" and "_figure(df)" in c.source]
-    assert len(figure_cells) == 5
-    for cell in figure_cells:
-        assert any("image/png" in o.get("data", {}) for o in cell.outputs), cell.source
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    figures = [o for o in outputs if str(o.get("data", {}).get("text/plain", "")).startswith("<Figure")]
+    assert len(figures) >= 5  # grid, capacity, seconds, timeline, search (the load's when a trial ran one)
+    assert all("image/png" in o["data"] for o in figures)
 
 
 @pytest.mark.notebook

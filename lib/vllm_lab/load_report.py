@@ -76,7 +76,7 @@ def frontier(df: pd.DataFrame) -> pd.DataFrame:
     The last record of a configuration counts (a resumed or repeated trial replaces the earlier one).
     """
     rows = load_rows(df)
-    rows = rows[rows["long_request_ok"].map(_true)]
+    rows = rows[rows["long_request_ok"].map(_true).astype(bool)]  # an empty object mask would select columns
     out = []
     for (launcher, mem, n), g in rows.groupby(["launcher", "memory_label", "max_model_len"], dropna=False):
         r = g.iloc[-1]
