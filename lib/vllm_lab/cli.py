@@ -198,8 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("report", help="rebuild report.html and report.md from a run folder's trials.jsonl")
     s.add_argument("run_dir")
-    s.add_argument("--for-issue", action="store_true", help="also report-issue.md, to paste into a GitHub issue")
-    s.add_argument("--zip", action="store_true", help="also RUN/<run>-report.zip: reports, plots, record, logs")
+    s.add_argument(
+        "--for-issue", action="store_true", help="also report-issue.md, to paste into a GitHub issue"
+    )
+    s.add_argument(
+        "--zip", action="store_true", help="also RUN/<run>-report.zip: reports, plots, record, logs"
+    )
     s.add_argument("--gh", metavar="OWNER/REPO#N", help="post report-issue.md as a comment there with `gh`")
     s.set_defaults(func=_report)
 

@@ -212,7 +212,9 @@ def parse_metrics(text: str) -> dict:
         if m and m.group(1) in keep:
             out[m.group(1)] = float(m.group(2))
         if m and m.group(1) == "vllm:cache_config_info":  # the KV pool as vLLM sized it (search's +1 proof)
-            for k, v in re.findall(r'[{,](num_gpu_blocks|block_size|kv_cache_max_concurrency)="([0-9.]+)"', line):
+            for k, v in re.findall(
+                r'[{,](num_gpu_blocks|block_size|kv_cache_max_concurrency)="([0-9.]+)"', line
+            ):
                 out[f"vllm:cache_config_info:{k}"] = float(v)
     return out
 
