@@ -400,6 +400,7 @@ def make_handler(state: dict):
                 self.wfile.write(b"".join(burst))
                 if fault == "die_mid_load":
                     _engine_death(state["version"])
+                    state["engine"].kill()  # the engine died first; no orphan outlives a fake run by hand
                     os._exit(1)
                 if fault == "stall_after":
                     self.wfile.flush()
@@ -603,7 +604,7 @@ def main(argv: list[str] | None = None) -> None:
     keys = args.api_key or ([env["VLLM_API_KEY"]] if env.get("VLLM_API_KEY") else [])
     state = {"served": names[0], "names": names, "api_keys": keys, "max_model_len": max_len, "version": version,
              "error_above": int(env.get("FAKE_VLLM_ERROR_ABOVE", "64")),
-             "tokens": tokens, "usage": 0.0, "scenario": scenario, "load": LoadState(env, scenario, tokens),
+             "tokens": tokens, "usage": 0.0, "scenario": scenario, "load": LoadState(env, scenario, tokens), "engine": engine,
              "vocab_size": int(cfg.get("vocab_size") or 32000),
              "unstable_above": int(env["FAKE_VLLM_UNSTABLE_ABOVE"]) if env.get("FAKE_VLLM_UNSTABLE_ABOVE") else None}  # fmt: skip
     server = ThreadingHTTPServer((args.host, args.port), make_handler(state), bind_and_activate=False)
