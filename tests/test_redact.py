@@ -29,3 +29,11 @@ def test_every_key_is_hidden_in_text_forms():
 def test_records_hide_every_key():
     rec = {"argv": ["vllm", "serve", "--api-key", A, B], "note": f"--api-key={A}"}
     assert A not in str(redact_obj(rec)) and B not in str(redact_obj(rec))
+
+
+def test_the_keys_end_where_the_text_around_them_goes_on():
+    row = f"| t1 | --api-key {A} {B} | ready | 16384 |"
+    out = redact_text(row)
+    assert A not in out and B not in out
+    assert out.endswith("| ready | 16384 |"), out  # a table row keeps its cells
+    assert redact_text(f"(--api-key {A}); next").endswith("); next")

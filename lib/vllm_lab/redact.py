@@ -36,13 +36,16 @@ _PATTERNS = [
     # --api-key a b (shell line or an argv list's repr: '--api-key', 'a', 'b'): every key up to the next flag
     (
         re.compile(
-            r"(--api-key(?:['\"]?,?[ \t]+))((?:['\"]?[^\s'\"\-,\]][^\s'\",\]]*['\"]?(?:,?[ \t]+|,?(?=[\n\]]|$)))+)"
+            r"(--api-key(?:['\"]?,?[ \t]+))"
+            r"((?:['\"]?[^\s'\"\-,\]|;&)}][^\s'\",\]|;&)}]*['\"]?(?:,?[ \t]+|,?(?=[\n\]|;&)}]|$)))+)"
         ),
-        lambda m: m.group(1) + re.sub(r"[^\s'\",\]]+", MASK, m.group(2)),
+        lambda m: m.group(1) + re.sub(r"[^\s'\",\]|;&)}]+", MASK, m.group(2)),
     ),
     # --api-key value / --api-key=value (also an argv list's repr: '--api-key', 'x')
     (
-        re.compile(r"(--(?:api-key|hf-token|token|ssl-keyfile-password))(['\"]?,?\s+|=)(['\"]?)([^\s'\"]+)"),
+        re.compile(
+            r"(--(?:api-key|hf-token|token|ssl-keyfile-password))(['\"]?,?\s+|=)(['\"]?)([^\s'\"|;&)}]+)"
+        ),
         lambda m: f"{m.group(1)}{m.group(2)}{m.group(3)}{MASK}",
     ),
     # Authorization: Bearer xxx
