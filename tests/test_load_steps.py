@@ -137,6 +137,16 @@ def test_a_load_that_fails_makes_the_trial_unstable_with_the_loads_reason(fake_m
 
 
 @pytest.mark.fake
+def test_a_server_dying_in_the_trials_load_names_the_engines_cause_from_the_live_log(fake_model, run_dir):
+    # The run folder's log copy is written at start-up and at stop; the load must read what the server writes
+    # while it runs, or the fatal line is only seen after the verdict.
+    env = fake_env(scenario="die_mid_load", fault_after=3)
+    rec = run_trial(fake_trial(fake_model, load=load(), request_timeout_s=15, env=env), run_dir)
+    assert (rec["outcome"], rec["load_stable"]) == ("unstable", False)
+    assert "cuda_oom" in rec["load_reason"], rec["load_reason"]
+
+
+@pytest.mark.fake
 def test_the_search_on_the_fake_confirms_under_the_load_and_the_answer_drops(fake_model, tmp_path):
     """Every launch carries the load; above 768 tokens the (fake) server fails it, so the answer is 768."""
 

@@ -555,6 +555,12 @@ class VllmServer:
         except (httpx.HTTPError, KeyError, IndexError, TypeError, ValueError):
             return None
 
+    @property
+    def live_log(self) -> Path | None:
+        """The log the server is writing now (the run folder's redacted copy lags until the stop); for reading
+        only: whatever is quoted from it goes through the record's redaction."""
+        return self._raw_log
+
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
