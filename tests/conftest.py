@@ -80,13 +80,19 @@ def processes_in_session(sid: int) -> list[int]:
 os.environ[OWNER_ENV] = str(os.getpid())
 
 
+def _ray_own(p: psutil.Process) -> bool:
+    """Ray's own processes (raylet, gcs, idle workers) live as long as a test class's cluster; the cluster
+    fixtures check that they end with it. A vLLM server a Ray task started is not one of them."""
+    return p.name().startswith("ray::") or any("/ray/" in part for part in p.cmdline()[:2])
+
+
 def launched_by_this_run() -> list[psutil.Process]:
     """Live processes whose environment says this pytest process (or a kernel it started) launched them."""
     mine = {str(os.getpid())}
     found = []
     for p in psutil.process_iter():
         try:
-            if p.environ().get(OWNER_ENV) in mine and p.status() != psutil.STATUS_ZOMBIE:
+            if p.environ().get(OWNER_ENV) in mine and p.status() != psutil.STATUS_ZOMBIE and not _ray_own(p):
                 found.append(p)
         except (psutil.Error, OSError):
             pass

@@ -59,7 +59,7 @@ def connect(address: str | None) -> str:
             # Ray's wait for a starting node is fixed (30 s): once more, then give up
             for attempt in (1, 2):
                 try:
-                    ray.init(**common, **local)
+                    ray.init(address="local", **common, **local)  # never a stale cluster Ray remembers
                     break
                 except Exception as e:
                     if "timed out during startup" not in str(e):

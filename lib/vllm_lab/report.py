@@ -321,8 +321,8 @@ def report_blocks(df: pd.DataFrame, plot_paths: dict[str, Path | None]) -> list[
         *verdict_blocks(v)[:1],  # the headline first, then what was run
         ("text", _run_line(df)),
         *verdict_blocks(v)[1:],
-        *compare_blocks(df),  # the same trials on several vLLM installs (issue 13)
         *gpu_axis_blocks(df),  # the same steps on several GPU types (run --ray, per_gpu_type)
+        *compare_blocks(df),  # the same trials on several vLLM installs (issue 13)
         ("heading", 2, "Outcome grid"),
         _image("outcome_grid", plot_paths, "No trial has a launcher and max_model_len to place on the grid."),
         (

@@ -84,7 +84,7 @@ class Trial:
         }  # fmt: skip
         if self.load is not None:  # only when set: trials without a load keep their ids
             key["load"] = self.load
-        if self.install is not None:  # only when set: trials with no install named keep their ids
+        if self.install is not None:  # likewise: trials with no install named keep their ids
             key["install"] = self.install
         return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
