@@ -83,7 +83,8 @@ os.environ[OWNER_ENV] = str(os.getpid())
 def _ray_own(p: psutil.Process) -> bool:
     """Ray's own processes (raylet, gcs, idle workers) live as long as a test class's cluster; the cluster
     fixtures check that they end with it. A vLLM server a Ray task started is not one of them."""
-    return p.name().startswith("ray::") or any("/ray/" in part for part in p.cmdline()[:2])
+    # Ray's agents run as `python -u .../site-packages/ray/dashboard/agent.py`, some in their own session.
+    return p.name().startswith("ray::") or any("/site-packages/ray/" in part for part in p.cmdline()[:4])
 
 
 def launched_by_this_run() -> list[psutil.Process]:

@@ -243,7 +243,8 @@ def error_outputs(page) -> list[str]:
 def lab_rerun(browser, lab: Lab, vllm_cmd: str, model: Path, kv_bytes: int, tmp: Path, shot: str, again=True):
     """The issue's scenario: a run folder's executed 02_context_budget, Run All in JupyterLab; then (again)
     MAX_MODEL_LEN changed and Run All (a second record), and once more unchanged (reused, said in the page)."""
-    run = lab.root / "outputs" / "20261129-000000-lab-demo"
+    # One run folder per scenario: the module-scoped JupyterLab serves both the fake and the real run.
+    run = lab.root / "outputs" / f"20261129-000000-lab-{Path(shot).stem}"
     params = {"RUN_DIR": str(run), "STEP": "02_context_budget_085", "MODEL": str(model), "VLLM_CMD": vllm_cmd,
               "MAX_MODEL_LEN": 32768, "KV_CACHE_MEMORY_BYTES": kv_bytes, "STARTUP_TIMEOUT_S": 300.0}  # fmt: skip
     nb_path = executed_step_notebook(run, "02_context_budget_085", params)

@@ -53,6 +53,20 @@ def local_ray():
     assert wait_until(lambda: not _ray_processes(), timeout=30), _ray_processes()
 
 
+def _bound_to(batch_pid: int) -> list[str]:
+    """Live processes a batch started (its kernels), by the batch pid they inherited."""
+    from vllm_lab.launcher import BATCH_PID_ENV
+
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get(BATCH_PID_ENV) == str(batch_pid) and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(f"{p.pid} {' '.join(p.cmdline())[:200]}")
+        except (psutil.Error, OSError):
+            pass
+    return out
+
+
 def _ray_processes() -> list[int]:
     from conftest import _ray_own
 
@@ -218,7 +232,11 @@ def _cluster_up(address: str, nodes: int, timeout: float = 90) -> bool:
 
 
 @pytest.mark.notebook
-def test_two_nodes_two_gpu_types_driver_killed_then_resumed(tmp_path):
+def test_two_nodes_two_gpu_types_driver_killed_then_resumed(tmp_path, monkeypatch):
+    # Ray 2.60 turns token auth on by default, and a client only sends the token when RAY_AUTH_MODE=token is
+    # in its environment (an earlier in-process ray.init sets it, so the outcome depended on test order).
+    # These nodes listen on 127.0.0.1 only and live for this test: auth off for nodes and clients alike.
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     model = tmp_path / "models" / "tiny-fake"
     model.mkdir(parents=True)
     (model / "config.json").write_text(json.dumps(FAKE_MODEL_CONFIG))
@@ -251,6 +269,8 @@ def test_two_nodes_two_gpu_types_driver_killed_then_resumed(tmp_path):
         finally:
             os.killpg(first.pid, signal.SIGKILL)
             first.wait()
+        # Its kernels end with it (PR_SET_PDEATHSIG, in their own session): give them the time to.
+        assert wait_until(lambda: not _bound_to(first.pid), timeout=90), _bound_to(first.pid)
         run_dir = trials[0].parent
         done = subprocess.run([*cmd[:-2], "--resume", str(run_dir)], env=env, cwd=ROOT, capture_output=True,
                               text=True, timeout=400)  # fmt: skip
