@@ -336,11 +336,7 @@ def make_handler(state: dict):
                 if state["scenario"] == "error_chunk" and plen > state["error_above"]:
                     # What vLLM streams when the request dies (its stream generator's except branch).
                     oom = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 23.87 GiB"
-                    print(f"ERROR {time.strftime('%m-%d %H:%M:%S')} [serving.py:1] Error in completion stream "
-                          f"generator.\ntorch.OutOfMemoryError: {oom}", flush=True)  # fmt: skip
-                    err = error_body(oom, "InternalServerError", 500, state["version"])
-                    err = err if "error" in err else {"error": err}
-                    self.wfile.write(f"data: {json.dumps(err)}\n\ndata: [DONE]\n\n".encode())
+                    _stream_error(self.wfile, state["version"], "serving.py:1", "torch.OutOfMemoryError", oom)
                     return
                 for i in range(max_tokens):
                     chunk = {
@@ -408,11 +404,8 @@ def make_handler(state: dict):
                     return
                 if fault == "error_chunks_after":
                     msg = "EngineCore encountered an issue. See stack trace (above) for the root cause."
-                    print(f"ERROR {time.strftime('%m-%d %H:%M:%S')} [serving.py:500] Error in completion stream "
-                          f"generator.\nvllm.v1.engine.exceptions.EngineDeadError: {msg}", flush=True)  # fmt: skip
-                    err = error_body(msg, "InternalServerError", 500, state["version"])
-                    err = err if "error" in err else {"error": err}
-                    self.wfile.write(f"data: {json.dumps(err)}\n\ndata: [DONE]\n\n".encode())
+                    _stream_error(self.wfile, state["version"], "serving.py:500",
+                                  "vllm.v1.engine.exceptions.EngineDeadError", msg)  # fmt: skip
                     return
                 if (req.get("stream_options") or {}).get("include_usage"):
                     # model_dump_json(exclude_unset=False, exclude_none=True): no None fields at all
@@ -465,6 +458,16 @@ class LoadState:
             self.kv_tokens -= need
         if self.seats is not None:
             self.seats.release()
+
+
+def _stream_error(wfile, version: str, where: str, exc: str, msg: str) -> None:
+    """What vLLM does when a streamed request dies: log the stream generator's error, then send it as an
+    error chunk and [DONE] inside the HTTP 200 already sent."""
+    print(f"ERROR {time.strftime('%m-%d %H:%M:%S')} [{where}] Error in completion stream generator.\n"
+          f"{exc}: {msg}", flush=True)  # fmt: skip
+    err = error_body(msg, "InternalServerError", 500, version)
+    err = err if "error" in err else {"error": err}
+    wfile.write(f"data: {json.dumps(err)}\n\ndata: [DONE]\n\n".encode())
 
 
 def _engine_death(version: str) -> None:
