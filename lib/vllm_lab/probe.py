@@ -182,7 +182,11 @@ class _StreamState:
 
 
 def _body_message(r: httpx.Response) -> str:
-    raw = r.read()
+    return body_message(r.read())
+
+
+def body_message(raw: bytes) -> str:
+    """What an error response's body says: vLLM's message where it is JSON, else its first 300 characters."""
     try:
         return error_message(json.loads(raw)) or raw.decode(errors="replace")[:300]
     except ValueError:
