@@ -145,6 +145,10 @@ CLI_CASES = [
     ("launch-env-command-missing", lambda e: _launch(e, "env VLLM_USE_V1=1 /no/such/vllm serve"), "after env"),
     ("launch-assignment-first", lambda e: _launch(e, "VLLM_USE_V1=1 vllm serve"), "env NAME=value"),
     ("launch-runner-python-without-vllm", lambda e: _launch(e, "/no/such/conda run -n e python -m vllm"), "install conda"),
+    ("launch-load-typo", lambda e: [*_launch(e, e["cmd"]), "--load", "{concurency: [1, 2]}"], "concurency"),
+    ("launch-load-levels-out-of-order", lambda e: [*_launch(e, e["cmd"]), "--load", "{concurrency: [4, 2]}"], "increasing"),
+    ("search-load-not-yaml", lambda e: ["search", "--model", e["model"], "--vllm-cmd", e["cmd"], "--kv-cache-memory-bytes", "8388608", "--out", str(e["run"]), "--load", "{concurrency: [1, 2"], "--load: not YAML"),
+    ("search-load-not-a-mapping", lambda e: ["search", "--model", e["model"], "--vllm-cmd", e["cmd"], "--kv-cache-memory-bytes", "8388608", "--out", str(e["run"]), "--load", "1,2,4"], "--load: expected a mapping"),
 ]  # fmt: skip
 
 

@@ -126,6 +126,26 @@ def test_a_trial_with_a_load_records_its_figures(fake_model, run_dir):
 
 
 @pytest.mark.fake
+def test_launch_and_search_take_a_load_on_the_command_line(fake_model, tmp_path, capsys):
+    """`--load YAML` is the plan's LOAD: launch records the load's figures, the search confirms under it."""
+    from vllm_lab import cli
+
+    common = ["--model", str(fake_model), "--vllm-cmd", FAKE_CMD, "--kv-cache-memory-bytes", str(8 * MIB),
+              "--timeout", "30", "--json", "--load", "{concurrency: [1, 2], requests: 3, prompt_tokens: 32, "
+              "output_tokens: 8}"]  # fmt: skip
+    assert cli.main(["launch", *common, "--max-model-len", "1024", "--out", str(tmp_path / "l")]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["load_stable"] is True and [lv["concurrency"] for lv in rec["load"]["levels"]] == [1, 2]
+    assert rec["load"]["levels"][1]["completed"] == 3
+    assert cli.main(["search", *common, "--low", "512", "--high", "4096", "--out", str(tmp_path / "s")]) == 0
+    res = json.loads(capsys.readouterr().out)
+    recs = record.read_records(tmp_path / "s").rows
+    assert res["max_model_len"] and all("load_stable" in r for r in recs if r["outcome"] == "ready")
+    (answer,) = [r for r in recs if r["max_model_len"] == res["max_model_len"]]
+    assert answer["load_stable"] is True
+
+
+@pytest.mark.fake
 def test_a_load_that_fails_makes_the_trial_unstable_with_the_loads_reason(fake_model, run_dir):
     rec = run_trial(fake_trial(fake_model, load=load(), request_timeout_s=15, env=LOAD_FAULT), run_dir)
     assert rec["long_request_ok"] is True and rec["chat_ok"] is True  # one request at a time is served

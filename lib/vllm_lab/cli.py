@@ -95,6 +95,14 @@ def _bisect_versions(args) -> int:
     return cli_bisect_versions(args)
 
 
+def _add_load_flag(s: argparse.ArgumentParser) -> None:
+    from vllm_lab.spec import LOAD_EXAMPLE
+
+    s.add_argument("--load", default=None, metavar="YAML",
+                   help=f"a load on the started server, as the plan's LOAD: {LOAD_EXAMPLE}; "
+                        "stable then needs the load stable too")  # fmt: skip
+
+
 def _add_trial_flags(s: argparse.ArgumentParser) -> None:
     """The flags that define one trial, as `launch` and `bisect-versions` take them."""
     s.add_argument("--launcher", default="head", choices=["legacy", "head", "explicit"])
@@ -104,6 +112,7 @@ def _add_trial_flags(s: argparse.ArgumentParser) -> None:
     m.add_argument("--gpu-memory-utilization", type=float)
     m.add_argument("--kv-cache-memory-bytes", type=int)
     s.add_argument("--extra-args", default="", help="extra vLLM args as one string")
+    _add_load_flag(s)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--launcher", default="head", choices=["legacy", "head", "explicit"])
     s.add_argument("--quantization")
     s.add_argument("--extra-args", default="")
+    _add_load_flag(s)
     s.add_argument("--out", default="outputs/search")
     s.add_argument("--timeout", type=float, default=600.0)
     s.add_argument("--json", action="store_true")

@@ -250,9 +250,11 @@ class _Scraper:
         self.running_max = _peak(self.running_max, m.get("vllm:num_requests_running"))
 
     async def run(self, deadline: float) -> None:
+        # the level's own read came just before; none while the first prefills arrive (on a CPU build the
+        # server renders /metrics on the cores that serve them)
         while time.monotonic() < deadline:  # cancelled when the level ends; the deadline bounds it anyway
-            self.note(await self.read())
             await asyncio.sleep(METRICS_INTERVAL_S)
+            self.note(await self.read())
 
 
 def _peak(old: float | None, new: float | None) -> float | None:

@@ -24,7 +24,7 @@ import httpx
 from vllm_lab import record
 from vllm_lab.launcher import LaunchResult, VllmServer
 from vllm_lab.memory import predicted_kv_tokens
-from vllm_lab.spec import DEFAULT_VLLM_CMD, Trial
+from vllm_lab.spec import DEFAULT_VLLM_CMD, Trial, load_option
 
 LONG_REQUEST_OUTPUT_TOKENS = 4
 
@@ -425,6 +425,7 @@ def trial_from_args(args, *, step: str) -> Trial:
         vllm_cmd=args.vllm_cmd or DEFAULT_VLLM_CMD,
         extra_args=args.extra_args.split() if args.extra_args else [],
         startup_timeout_s=args.timeout,
+        load=load_option(getattr(args, "load", None)),
         step=step,
     )
 

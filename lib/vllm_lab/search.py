@@ -128,7 +128,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vllm_lab import record
-from vllm_lab.spec import DEFAULT_VLLM_CMD, SpecError, Trial, flag_values, split_cmd
+from vllm_lab.spec import DEFAULT_VLLM_CMD, SpecError, Trial, flag_values, load_option, split_cmd
 
 BLOCK = 16
 STEP = "03_max_context_search"
@@ -1146,6 +1146,7 @@ def cli_search(args) -> int:
         max_model_len=args.high or args.low, gpu_memory_utilization=args.gpu_memory_utilization,
         kv_cache_memory_bytes=args.kv_cache_memory_bytes, vllm_cmd=args.vllm_cmd or DEFAULT_VLLM_CMD,
         extra_args=shlex.split(args.extra_args or ""), startup_timeout_s=args.timeout, step=STEP,
+        load=load_option(args.load),
     ).validate()  # fmt: skip
     from vllm_lab.hub import prefetch_trial
 

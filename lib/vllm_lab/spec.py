@@ -31,6 +31,25 @@ def split_cmd(cmd: str | list[str]) -> list[str]:
     return list(cmd) if isinstance(cmd, list | tuple) else shlex.split(cmd)
 
 
+LOAD_EXAMPLE = "'{concurrency: [1, 2, 4], requests: 8, prompt_tokens: 128, output_tokens: 32}'"
+
+
+def load_option(text: str | None) -> dict | None:
+    """`--load YAML` (launch, search, bisect-versions): the plan's LOAD mapping; its fields are checked with
+    the trial (Trial.validate), before any launch. SpecError, one line, where it is not a YAML mapping."""
+    if text is None:
+        return None
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SpecError(f"--load: not YAML ({str(e).splitlines()[0]}); e.g. --load {LOAD_EXAMPLE}") from None
+    if not isinstance(value, dict):
+        raise SpecError(f"--load: expected a mapping, got {text!r}; e.g. --load {LOAD_EXAMPLE}")
+    return value
+
+
 @dataclass
 class Trial:
     model: str  # model directory (or a hub id on a user's own box)
