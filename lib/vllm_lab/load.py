@@ -42,6 +42,7 @@ MAX_LEVELS = 32
 MAX_CONCURRENCY = 4096
 MAX_REQUESTS = 100_000  # per level; with --duration too, so every loop has a count
 HTTP_TIMEOUT_S = 10.0  # /health, /metrics, /v1/models
+DRAIN_S = 1.0  # for what follows [DONE] (the end of the chunked body); past it the connection is dropped
 MAX_LOG_READ = 64 * 2**20  # of the server's log written during the load
 
 
@@ -189,6 +190,9 @@ async def _one_request(
                     break
                 if data:
                     s.take(json.loads(data), time.perf_counter() - t0)
+            if s.done:  # read to the end: aiohttp pools a connection only once its response is read whole
+                with contextlib.suppress(asyncio.TimeoutError, aiohttp.ClientError):
+                    await asyncio.wait_for(r.content.read(), DRAIN_S)
         return None
 
     try:
