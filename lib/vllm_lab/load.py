@@ -11,9 +11,9 @@ once, where a thread blocked in a socket read goes on until its stream or its re
 
 aiohttp, not httpx (the rest of vllm-lab's HTTP): the generator shares the box with the server it measures,
 and on the 2-core CPU build every client CPU-millisecond per streamed chunk is taken from the server's own
-threads. httpx.AsyncClient spent 12-18 ms of CPU per 32-token request there, aiohttp 4.6-5.9 ms (its HTTP
-parser is C), and with httpx the output tok/s came out 0.75-0.98x of `vllm bench serve`'s, which streams
-with aiohttp too (benchmarks/bench_load.py).
+threads. httpx.AsyncClient spent 12-18 ms of CPU per 32-token request there, aiohttp 4-6 ms (its HTTP
+parser is C), and with httpx the output tok/s came out 0.75-0.98x of `vllm bench serve`'s (which streams
+with aiohttp too); now 0.96-1.03x at concurrency 1-8 (benchmarks/bench_load.py).
 """
 
 from __future__ import annotations
