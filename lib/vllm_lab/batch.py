@@ -19,7 +19,7 @@ from vllm_lab.paths import NOTEBOOK_DIR, OUTPUTS_DIR
 from vllm_lab.plan import Plan, load_plan
 from vllm_lab.spec import SpecError
 
-KERNEL = "python3"
+KERNELS = ("vllm-lab", "python3")  # `make setup` registers vllm-lab (this venv's python by path)
 START_TIMEOUT_S = 120
 REPORT_NOTEBOOK = "99_report"
 LOCK_NAME = "vllm-lab.lock"
@@ -102,6 +102,33 @@ class TrialProgress:
         self.bar.close()
 
 
+def kernel_name() -> str:
+    """The Jupyter kernel that runs this very Python, so the notebooks import this vllm-lab: `vllm-lab` as
+    `make setup` registers it, else ipykernel's own `python3`. A user-level `python3` kernelspec (a conda's,
+    say) wins over the native one in Jupyter's lookup and may run another Python: SpecError, one line."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    ksm, seen = KernelSpecManager(), []
+    for name in KERNELS:
+        try:
+            argv = ksm.get_kernel_spec(name).argv
+        except NoSuchKernel:
+            continue
+        if argv and _is_this_python(argv[0]):
+            return name
+        seen.append(f"{name!r} runs {argv[0] if argv else 'nothing'}")
+    raise SpecError(
+        f"no Jupyter kernel runs this Python ({sys.executable}): {'; '.join(seen) or 'none found'}; run "
+        f"`make setup`, or `{sys.executable} -m ipykernel install --sys-prefix --name vllm-lab`"
+    )
+
+
+def _is_this_python(exe: str) -> bool:
+    # jupyter_client runs a bare "python"/"python3"/"python3.X" as sys.executable itself
+    bare = {"python", f"python{sys.version_info[0]}", "python{}.{}".format(*sys.version_info[:2])}
+    return exe in bare or os.path.abspath(exe) == os.path.abspath(sys.executable)
+
+
 def execute(notebook: str, out_path: Path, parameters: dict, timeout_s: float) -> str | None:
     """Run one notebook; return None on success or a one-line error (the executed notebook is kept)."""
     import papermill as pm
@@ -114,7 +141,7 @@ def execute(notebook: str, out_path: Path, parameters: dict, timeout_s: float) -
     kernel = Config(KernelManager={"transport_encryption": "auto" if zmq.has("curve") else "disabled"})
     try:
         pm.execute_notebook(
-            str(NOTEBOOK_DIR / f"{notebook}.ipynb"), str(out_path), parameters=parameters, kernel_name=KERNEL,
+            str(NOTEBOOK_DIR / f"{notebook}.ipynb"), str(out_path), parameters=parameters, kernel_name=kernel_name(),
             start_timeout=START_TIMEOUT_S, execution_timeout=int(timeout_s), progress_bar=False,
             cwd=str(NOTEBOOK_DIR.parent), log_output=False,
             config=kernel, extra_arguments=["--IPKernelApp.log_level=CRITICAL"],
@@ -175,6 +202,7 @@ def run_plan(plan_path: str, *, out: str | None = None, resume: str | None = Non
         _report_torn(run_dir)
     else:
         run_dir = None
+    kernel_name()  # a kernel that runs another Python would fail every step: say so before anything runs
     from vllm_lab.hub import prefetch
 
     # a hub model is downloaded once, before the first trial (not inside a trial's start-up timeout)
