@@ -15,7 +15,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from vllm_lab.plots import FAKE, FAKE_LABEL, _fake_suffix, _frame, _new, save_figure
+from vllm_lab.plots import FAKE, FAKE_LABEL, fake_suffix, new_figure, prepared_frame, save_figure
 
 PLOTS_DIR = "plots"  # report.PLOTS_DIR: the run's figures sit together
 PERCENTILES = ("p50", "p90", "p99")
@@ -28,7 +28,7 @@ FIGURES = ("load_throughput", "load_latency", "load_frontier")
 
 def load_rows(df: pd.DataFrame) -> pd.DataFrame:
     """The records that ran a load (a dict in `load`), in run order."""
-    df = _frame(df)
+    df = prepared_frame(df)
     if df.empty or "load" not in df.columns:
         return df.iloc[0:0]
     return df[df["load"].map(lambda v: isinstance(v, dict) and bool(v.get("levels")))]
@@ -119,7 +119,7 @@ def throughput_figure(df: pd.DataFrame) -> Figure | None:
     rows = load_rows(df)
     if rows.empty:
         return None
-    fig, ax = _new((7.5, 4.5))
+    fig, ax = new_figure((7.5, 4.5))
     for label, fake, knee, levels in _series(df):
         x = [lv.get("concurrency") for lv in levels]
         y = [lv.get("output_tokens_per_s") for lv in levels]
@@ -139,14 +139,14 @@ def throughput_figure(df: pd.DataFrame) -> Figure | None:
     ax.plot([], [], "*", color="#555555", markersize=12, label="knee (--max-num-seqs hint)")
     if any(not _clean(lv) for *_, levels in _series(df) for lv in levels):
         ax.plot([], [], "X", color="#d1372c", markersize=9, label="level with failed requests")
-    if _fake_suffix(rows):
+    if fake_suffix(rows):
         ax.plot([], [], "x:", color="#777777", label=FAKE_LABEL)
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted({lv.get("concurrency") for *_, lvs in _series(df) for lv in lvs}))
     ax.get_xaxis().set_major_formatter("{x:.0f}")
     ax.set(xlabel="concurrent requests", ylabel="output tokens/s")
     ax.set_ylim(bottom=0)
-    ax.set_title("Throughput against concurrency" + _fake_suffix(rows), fontsize=10)
+    ax.set_title("Throughput against concurrency" + fake_suffix(rows), fontsize=10)
     ax.legend(fontsize=8, loc="best")
     ax.grid(alpha=0.3)
     return fig
@@ -177,7 +177,7 @@ def latency_figure(df: pd.DataFrame) -> Figure | None:
         ax.set_title(f"{title} p50 (solid), p90 (dashed), p99 (dotted)", fontsize=10)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
-    fig.suptitle("Latency against concurrency" + _fake_suffix(rows), fontsize=10)
+    fig.suptitle("Latency against concurrency" + fake_suffix(rows), fontsize=10)
     return fig
 
 
@@ -186,7 +186,7 @@ def frontier_figure(df: pd.DataFrame) -> Figure | None:
     table = frontier(df)
     if table.empty:
         return None
-    fig, ax = _new((7.5, 4.5))
+    fig, ax = new_figure((7.5, 4.5))
     users = "concurrent users (served cleanly)"
     for (launcher, mem), g in table.groupby(["launcher", "memory"], sort=False):
         fake = g["backend"].eq(FAKE)
@@ -204,7 +204,7 @@ def frontier_figure(df: pd.DataFrame) -> Figure | None:
         ax.plot([], [], "o", mfc="white", color="#555555", label="not stable under the whole load")
     ax.set(xlabel="max_model_len", ylabel="concurrent users served cleanly")
     ax.set_ylim(bottom=0, top=max(1, table[users].max()) * 1.25)
-    ax.set_title("Frontier: users and output tokens/s per max_model_len" + _fake_suffix(table), fontsize=10)
+    ax.set_title("Frontier: users and output tokens/s per max_model_len" + fake_suffix(table), fontsize=10)
     ax.legend(fontsize=8, loc="best")
     ax.grid(alpha=0.3)
     return fig

@@ -53,11 +53,11 @@ def register_png_formatter() -> bool:
     return True
 
 
-def _frame(df: pd.DataFrame) -> pd.DataFrame:
+def prepared_frame(df: pd.DataFrame) -> pd.DataFrame:
     return df if "memory_kind" in df.columns else prepare(df)
 
 
-def _new(figsize: tuple[float, float]):
+def new_figure(figsize: tuple[float, float]):
     """A figure on its own Agg canvas (no pyplot state, nothing to close) and its one axes."""
     fig = Figure(figsize=figsize)
     FigureCanvasAgg(fig)
@@ -78,7 +78,7 @@ def is_fake(rows: pd.DataFrame) -> pd.Series:
     return rows["backend"].eq(FAKE).fillna(False).astype(bool)
 
 
-def _fake_suffix(rows: pd.DataFrame) -> str:
+def fake_suffix(rows: pd.DataFrame) -> str:
     fake = is_fake(rows)
     if len(rows) and fake.all():
         return "  [FAKE backend: test double, not a measurement]"
@@ -90,7 +90,7 @@ def _fake_suffix(rows: pd.DataFrame) -> str:
 
 def grid_rows(df: pd.DataFrame) -> pd.DataFrame:
     """Trials placed on the launcher x max_model_len x memory grid (search-step launches excluded if others exist)."""
-    df = _frame(df)
+    df = prepared_frame(df)
     rows = df[df["launcher"].notna() & df["max_model_len"].notna()]
     plain = rows[~rows["step"].astype("string").str.contains("search", na=False)]
     return plain if not plain.empty else rows
@@ -121,7 +121,7 @@ def outcome_grid_figure(df: pd.DataFrame) -> Figure | None:
     rates = rates.reindex(index=row_order, columns=col_order).astype(float)
     texts = rows.groupby(["row", "memory_label"]).apply(cell_text, include_groups=False)
     annot = np.array([[texts.get((r, c), "not run") for c in col_order] for r in row_order], dtype=object)
-    fig, ax = _new((2.6 * len(col_order) + 2.5, 0.75 * len(row_order) + 1.6))
+    fig, ax = new_figure((2.6 * len(col_order) + 2.5, 0.75 * len(row_order) + 1.6))
     ax.set_facecolor("#eeeeee")
     sns.heatmap(
         rates,
@@ -137,7 +137,7 @@ def outcome_grid_figure(df: pd.DataFrame) -> Figure | None:
         ax.text(j + 0.5, i + 0.5, text, ha="center", va="center", fontsize=8)
     ax.set(xlabel="memory setting", ylabel="launcher · max_model_len")
     ax.set_title(
-        "Outcome per configuration (cell text: outcome or failure kind)" + _fake_suffix(rows), fontsize=10
+        "Outcome per configuration (cell text: outcome or failure kind)" + fake_suffix(rows), fontsize=10
     )
     return fig
 
@@ -168,7 +168,7 @@ def _dodge(x: pd.Series) -> float:
 
 def capacity_figure(df: pd.DataFrame) -> Figure | None:
     """Measured kv_cache_tokens (filled), predictions (hollow, dashed), fake (x), vLLM's estimate, search result."""
-    df = _frame(df)
+    df = prepared_frame(df)
     rows = df[df["memory_kind"].notna()]
     if rows.empty:
         return None
@@ -176,7 +176,7 @@ def capacity_figure(df: pd.DataFrame) -> Figure | None:
     rows = rows[rows["memory_kind"].eq(kind)]
     rows = rows.assign(x=_memory_x(rows))
     d = _dodge(rows["x"])
-    fig, ax = _new((7.5, 4.8))
+    fig, ax = new_figure((7.5, 4.8))
     drawn = _draw_measured(ax, rows, -d) + _draw_predicted(ax, rows) + _draw_estimates(ax, rows, d)
     stable = _largest_stable(rows)
     if not stable.empty:
@@ -194,7 +194,7 @@ def capacity_figure(df: pd.DataFrame) -> Figure | None:
     ax.set(xlabel=memory_axis_name(kind) + ("" if kind == "util" else " in MiB"), ylabel="tokens")
     ax.set_xlim(rows["x"].min() - 6 * d, rows["x"].max() + 6 * d)
     ax.set_ylim(bottom=0, top=ax.get_ylim()[1] * 1.15)
-    ax.set_title("KV capacity against memory setting" + _fake_suffix(rows), fontsize=10)
+    ax.set_title("KV capacity against memory setting" + fake_suffix(rows), fontsize=10)
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
     return fig
@@ -261,11 +261,11 @@ def plot_capacity(df: pd.DataFrame, path: str | Path) -> Path | None:
 
 
 def seconds_figure(df: pd.DataFrame) -> Figure | None:
-    df = _frame(df)
+    df = prepared_frame(df)
     rows = df[df["seconds_to_outcome"].notna()].reset_index(drop=True)
     if rows.empty:
         return None
-    fig, ax = _new((8, 0.32 * len(rows) + 1.6))
+    fig, ax = new_figure((8, 0.32 * len(rows) + 1.6))
     colors = [OUTCOME_COLORS.get(o, "#999999") for o in rows["outcome"]]
     fake = is_fake(rows)
     bars = ax.barh(
@@ -280,7 +280,7 @@ def seconds_figure(df: pd.DataFrame) -> Figure | None:
         handles.append(Patch(facecolor="white", edgecolor="black", hatch="//", label=FAKE_LABEL))
     ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.set(xlabel="seconds to outcome (ready, failure or timeout)", ylabel="trial (in run order)")
-    ax.set_title("Seconds to outcome per trial" + _fake_suffix(rows), fontsize=10)
+    ax.set_title("Seconds to outcome per trial" + fake_suffix(rows), fontsize=10)
     return fig
 
 
@@ -300,7 +300,7 @@ def timeline_points(value) -> np.ndarray | None:
 
 
 def timeline_figure(df: pd.DataFrame) -> Figure | None:
-    df = _frame(df)
+    df = prepared_frame(df)
     series = [
         (r, t)
         for r, t in zip(
@@ -310,7 +310,7 @@ def timeline_figure(df: pd.DataFrame) -> Figure | None:
     ]
     if not series:
         return None
-    fig, ax = _new((8, 4.5))
+    fig, ax = new_figure((8, 4.5))
     for rec, points in series:
         style = {"ls": ":", "marker": "x"} if rec.backend == FAKE else {"ls": "-"}
         label = f"{rec.trial_id} ({rec.outcome}{', fake' if rec.backend == FAKE else ''})"
@@ -319,7 +319,7 @@ def timeline_figure(df: pd.DataFrame) -> Figure | None:
     if pd.notna(total):
         ax.axhline(total, color="black", lw=1, ls="--", label=f"GPU total {total:.0f} MiB")
     ax.set(xlabel="seconds since launch", ylabel="GPU memory used (MiB)")
-    ax.set_title("GPU memory while starting (NVML samples)" + _fake_suffix(df), fontsize=10)
+    ax.set_title("GPU memory while starting (NVML samples)" + fake_suffix(df), fontsize=10)
     ax.legend(fontsize=7, loc="best")
     ax.grid(alpha=0.3)
     return fig
@@ -333,7 +333,7 @@ def plot_timeline(df: pd.DataFrame, path: str | Path) -> Path | None:
 
 
 def search_rows(df: pd.DataFrame) -> pd.DataFrame:
-    df = _frame(df)
+    df = prepared_frame(df)
     rows = df[df["step"].astype("string").str.contains("search", na=False) & df["max_model_len"].notna()]
     return rows.assign(launch=rows.groupby(["launcher", "memory_label"], dropna=False).cumcount() + 1)
 
@@ -342,7 +342,7 @@ def search_figure(df: pd.DataFrame) -> Figure | None:
     rows = search_rows(df)
     if rows.empty:
         return None
-    fig, ax = _new((7.5, 4.5))
+    fig, ax = new_figure((7.5, 4.5))
     for (launcher, mem), g in rows.groupby(["launcher", "memory_label"], dropna=False):
         ax.plot(g["launch"], g["max_model_len"], "-", color="#aaaaaa", zorder=1)
         ax.annotate(
@@ -356,7 +356,7 @@ def search_figure(df: pd.DataFrame) -> Figure | None:
     ax.set(xlabel="launch number", ylabel="max_model_len")
     ax.set_xticks(sorted(rows["launch"].unique()))
     ax.set_xlim(0.5, rows["launch"].max() + 1.2)  # room for the series labels
-    ax.set_title("Search for the largest stable max_model_len" + _fake_suffix(rows), fontsize=10)
+    ax.set_title("Search for the largest stable max_model_len" + fake_suffix(rows), fontsize=10)
     ax.legend(fontsize=8, loc="best")
     ax.grid(alpha=0.3)
     return fig
@@ -393,7 +393,7 @@ def preflight_figure(
         return None
     c = c.sort_values("gpu_memory_utilization")
     x = c["gpu_memory_utilization"]
-    fig, ax = _new((7.5, 4.5))
+    fig, ax = new_figure((7.5, 4.5))
     ax.plot(
         x, c["max_model_len"], "o--", mfc="none", color="#1f4e9c", label="predicted largest max_model_len"
     )
