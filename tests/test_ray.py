@@ -114,3 +114,22 @@ def test_report_gets_a_gpu_axis_only_across_gpu_types(tmp_path):
     single = tmp_path / "single"
     record.append_record(single, rec("BIG", 16384, True))
     assert "## GPU types" not in report.build_report(single)["md"].read_text()
+
+
+@pytest.mark.unit
+def test_a_cluster_with_token_auth_is_one_line_that_says_how(monkeypatch):
+    """Ray >= 2.52 clusters may want a token; ray.init's AuthenticationError (not a ConnectionError) was a
+    traceback. What Ray raises is stood in for here; a real token cluster is not started in the tests."""
+    import ray
+    from vllm_lab import ray_exec
+
+    def refuse(**kw):
+        raise ray.exceptions.AuthenticationError("Authentication failed: the token is missing")
+
+    monkeypatch.setattr(ray, "init", lambda address=None, **kw: refuse(**kw))
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    with pytest.raises(SpecError) as e:
+        ray_exec.connect("10.0.0.5:6379")
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and "10.0.0.5:6379" in msg and "RAY_AUTH_MODE=token" in msg, msg
+    assert "the token is missing" in msg

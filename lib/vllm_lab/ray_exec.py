@@ -74,6 +74,12 @@ def connect(address: str | None) -> str:
         else:
             try:
                 ray.init(address=address, **common)
+            except ray.exceptions.AuthenticationError as e:  # a cluster with token auth (Ray >= 2.52)
+                raise SpecError(
+                    f"--ray: the Ray cluster at {address} refused this client ({e.message}); it uses token "
+                    "authentication: set RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN, or the file "
+                    "~/.ray/auth_token from its head node)"
+                ) from None
             except (ConnectionError, ValueError, RuntimeError) as e:
                 raise SpecError(
                     f"--ray: no Ray cluster at {address} ({str(e).splitlines()[0]}); start one with "
