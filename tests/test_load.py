@@ -234,18 +234,36 @@ def test_a_wrong_model_name_or_key_is_bad_input_before_any_request(fake_model, r
 
 
 def test_a_first_request_the_server_cannot_take_is_bad_input(fake_model, run_dir, capsys):
-    """Too long for max_model_len (HTTP 400), or token ids beyond the vocabulary (an error chunk in 0.32)."""
+    """Too long for max_model_len (the model card says so before any request), or token ids beyond the
+    vocabulary (an error chunk in 0.32)."""
     with _fake_server(fake_model, run_dir) as server:
         base = ["load", "--url", server.base_url, "--model", str(fake_model), "--requests", "1"]
         assert cli.main([*base, "--prompt-tokens", "2000"]) == 2
+        err = capsys.readouterr().err
         assert (
-            "refused the first request (HTTP 400: This model's maximum context length"
-            in capsys.readouterr().err
+            "--prompt-tokens 2000 + --output-tokens 32 = 2032 tokens pass the server's max_model_len 1024"
+            in err
         )
         assert cli.main([*base, "--vocab-size", "5000"]) == 2
         err = capsys.readouterr().err
         assert "is out of vocabulary" in err and "give --vocab-size" in err
         assert cli.main(base) == 0  # the default: vocab_size (1000) from the model folder's config.json
+
+
+@pytest.mark.parametrize(("version", "words"), [
+    ("0.27.0", "refused the first request (HTTP 400: This model's maximum context length"),
+    ("0.32.0", "the first request got 24 of 100 output tokens and no error: the server cuts requests short"),
+])  # fmt: skip
+def test_too_long_without_a_model_card_limit_is_bad_input_as_each_version_answers(
+    fake_model, run_dir, capsys, version, words
+):
+    """A server whose /v1/models does not say its max_model_len: 0.27 refuses a longer request, 0.32 serves
+    what fits and stops (finish_reason length, no error; seen on the CPU builds). Neither is instability."""
+    with _fake_server(fake_model, run_dir, version=version, card_len=0) as server:
+        rc = cli.main(["load", "--url", server.base_url, "--model", str(fake_model), "--requests", "1",
+                       "--prompt-tokens", "1000", "--output-tokens", "100"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and words in err and len(err.strip().splitlines()) == 1, err
 
 
 def _running(base_url: str) -> float | None:

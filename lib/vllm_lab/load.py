@@ -338,21 +338,30 @@ class _Load:
         if status != 200:
             raise SpecError(f"{self.base_url}/v1/models answered HTTP {status}; is this a vLLM server?")
         try:
-            names = [m["id"] for m in json.loads(raw)["data"]]
+            cards = {m["id"]: m for m in json.loads(raw)["data"]}
         except (ValueError, KeyError, TypeError):
             raise SpecError(
                 f"{self.base_url}/v1/models is not an OpenAI model list; is this a vLLM server?"
             ) from None
-        if self.model not in names:
+        if self.model not in cards:
             raise SpecError(
-                f"--model {self.model!r} is not served at {self.base_url}; it serves {', '.join(names)}"
+                f"--model {self.model!r} is not served at {self.base_url}; it serves {', '.join(cards)}"
             )
+        # vLLM's model card says its max_model_len; newer builds cut a longer request short without an error
+        limit, want = (
+            cards[self.model].get("max_model_len"),
+            self.spec.prompt_tokens + self.spec.output_tokens,
+        )
+        if isinstance(limit, int) and want > limit:
+            raise SpecError(f"--prompt-tokens {self.spec.prompt_tokens} + --output-tokens {self.spec.output_tokens} "
+                            f"= {want} tokens pass the server's max_model_len {limit}: every response would be cut "
+                            "short; lower them")  # fmt: skip
 
     async def first_request(self, client: aiohttp.ClientSession) -> None:
         """One request before the levels, not counted (as `vllm bench serve`'s initial test run): one the
-        server refuses (HTTP 4xx: too long, a key, a name) or a prompt outside the model's vocabulary (vLLM
-        0.32 streams that as an error chunk) is bad input, not instability. Other failures are left to the
-        levels to count."""
+        server refuses (HTTP 4xx: too long for 0.27, a key, a name), a prompt outside the model's vocabulary
+        (0.32 streams that as an error chunk) or one cut short without an error (0.32 serves what fits its
+        max_model_len) is bad input, not instability. Other failures are left to the levels to count."""
         spec = self.spec
         r = await _one_request(client, f"{self.base_url}/v1/completions", self._body(), spec.output_tokens,
                                spec.request_timeout_s)  # fmt: skip
@@ -363,6 +372,10 @@ class _Load:
         if "out of vocabulary" in err:
             raise SpecError(f"prompt token ids go up to {min(self.vocab, 50000) - 1}, outside this model's "
                             f"vocabulary ({err}); give --vocab-size (the model's vocab_size)")  # fmt: skip
+        if err.startswith("returned ") and r.output_tokens < spec.output_tokens:  # stopped early, no error
+            raise SpecError(f"the first request got {r.output_tokens} of {spec.output_tokens} output tokens and no "
+                            f"error: the server cuts requests short (its max_model_len, or a max_tokens cap); "
+                            "lower --prompt-tokens or --output-tokens")  # fmt: skip
 
     async def level(self, client: aiohttp.ClientSession, conc: int) -> dict:
         spec = self.spec

@@ -30,6 +30,7 @@ Environment knobs (all optional):
 
 Under load (streamed /v1/completions, as `vllm-lab load` sends them; chunks shaped as vLLM 0.32 streams them):
     FAKE_VLLM_TOKEN_S      seconds between streamed tokens (default 0: streams instantly)
+    FAKE_VLLM_CARD_LEN     0: /v1/models leaves out max_model_len (as OpenAI-compatible servers other than vLLM)
     FAKE_VLLM_MAX_SEQS     streams served at once; the rest wait (vllm:num_requests_waiting), as --max-num-seqs
     FAKE_VLLM_FAULT_AFTER  streams served cleanly before a load fault begins (default 4); the faults are
                            FAKE_VLLM_SCENARIO = die_mid_load (the next stream stops halfway: the engine's fatal
@@ -273,8 +274,13 @@ def make_handler(state: dict):
             if self.path == "/health":
                 self._json(200, {})
             elif self.path == "/v1/models":
+                card = (
+                    {}
+                    if os.environ.get("FAKE_VLLM_CARD_LEN") == "0"
+                    else {"max_model_len": state["max_model_len"]}
+                )
                 self._json(200, {"object": "list", "data": [
-                    {"id": name, "object": "model", "max_model_len": state["max_model_len"]} for name in state["names"]]})  # fmt: skip
+                    {"id": name, "object": "model", **card} for name in state["names"]]})  # fmt: skip
             elif self.path == "/version":
                 self._json(200, {"version": state["version"]})
             elif self.path == "/metrics":
@@ -307,7 +313,13 @@ def make_handler(state: dict):
             prompt = req.get("prompt", req.get("messages", ""))
             plen = len(prompt) if isinstance(prompt, list) and all(isinstance(x, int) for x in prompt) else 16
             max_tokens = int(req.get("max_tokens") or 16)
-            if plen + max_tokens > state["max_model_len"]:
+            if (
+                plen + max_tokens > state["max_model_len"]
+                and plen < state["max_model_len"]
+                and _cuts_short(state)
+            ):
+                max_tokens = state["max_model_len"] - plen  # 0.32 serves what fits: finish_reason "length"
+            elif plen + max_tokens > state["max_model_len"]:
                 self._json(400, {"object": "error", "type": "BadRequestError", "code": 400, "message": (
                     f"This model's maximum context length is {state['max_model_len']} tokens. However, you requested "
                     f"{plen + max_tokens} tokens ({plen} in the messages, {max_tokens} in the completion). "
@@ -468,6 +480,12 @@ def _stream_error(wfile, version: str, where: str, exc: str, msg: str) -> None:
     err = error_body(msg, "InternalServerError", 500, version)
     err = err if "error" in err else {"error": err}
     wfile.write(f"data: {json.dumps(err)}\n\ndata: [DONE]\n\n".encode())
+
+
+def _cuts_short(state: dict) -> bool:
+    """A request longer than max_model_len: 0.27 refuses it (HTTP 400), 0.32 serves the tokens that fit
+    (both seen on the CPU builds here; the release in between that changed it is not known)."""
+    return tuple(int(x) for x in state["version"].split(".")[:2] if x.isdigit()) >= (0, 32)
 
 
 def _engine_death(version: str) -> None:
