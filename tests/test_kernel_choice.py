@@ -29,6 +29,16 @@ def test_make_setups_kernel_is_chosen():
     assert batch.kernel_name() == "vllm-lab"  # `make setup` registered it with this venv's python by path
 
 
+def test_this_venvs_python3_is_this_python_as_pip_scripts_run_it(monkeypatch):
+    """`.venv/bin/pytest` and `.venv/bin/vllm-lab` run as .venv/bin/python3; the kernelspec says python."""
+    venv_bin = Path(sys.executable).parent
+    if not (venv_bin / "python3").exists():
+        pytest.fail(f"{venv_bin} has no python3 (a venv made by `python3 -m venv` has both)")
+    monkeypatch.setattr(sys, "executable", str(venv_bin / "python3"))
+    assert batch.kernel_name() == "vllm-lab"
+    assert not batch._is_this_python("/usr/bin/python3")  # another folder: another install
+
+
 def test_a_vllm_lab_kernel_of_another_python_falls_back_to_the_native_one(tmp_path, monkeypatch):
     monkeypatch.setenv("JUPYTER_PATH", str(_kernels(tmp_path, vllm_lab=OTHER)))
     assert batch.kernel_name() == "python3"

@@ -124,9 +124,16 @@ def kernel_name() -> str:
 
 
 def _is_this_python(exe: str) -> bool:
-    # jupyter_client runs a bare "python"/"python3"/"python3.X" as sys.executable itself
+    """jupyter_client runs a bare "python"/"python3"/"python3.X" as sys.executable itself; otherwise the same
+    bin folder (the same venv) and the same interpreter: a venv's python and python3 are one program, and
+    pip's console scripts (pytest, vllm-lab) run as python3 where `ipykernel install` wrote python."""
     bare = {"python", f"python{sys.version_info[0]}", "python{}.{}".format(*sys.version_info[:2])}
-    return exe in bare or os.path.abspath(exe) == os.path.abspath(sys.executable)
+    if exe in bare:
+        return True
+    mine, theirs = os.path.abspath(sys.executable), os.path.abspath(exe)
+    return os.path.dirname(mine) == os.path.dirname(theirs) and os.path.realpath(mine) == os.path.realpath(
+        theirs
+    )
 
 
 def execute(notebook: str, out_path: Path, parameters: dict, timeout_s: float) -> str | None:
