@@ -354,8 +354,8 @@ class _Load:
         )
         if isinstance(limit, int) and want > limit:
             raise SpecError(f"--prompt-tokens {self.spec.prompt_tokens} + --output-tokens {self.spec.output_tokens} "
-                            f"= {want} tokens pass the server's max_model_len {limit}: every response would be cut "
-                            "short; lower them")  # fmt: skip
+                            f"= {want} tokens pass the server's max_model_len {limit}: it would refuse or cut short "
+                            "every request; lower them")  # fmt: skip
 
     async def first_request(self, client: aiohttp.ClientSession) -> None:
         """One request before the levels, not counted (as `vllm bench serve`'s initial test run): one the
