@@ -214,8 +214,8 @@ async def _one_request(
 
 
 async def _lines(r: aiohttp.ClientResponse):
-    """The stream's lines as they arrive: whatever the socket holds at once, split at newlines (aiohttp's
-    readline would wait for its 64 KiB line limit on a chunk that is never ended)."""
+    """The stream's lines as they arrive: whatever the socket holds at once (one read, as `vllm bench serve`
+    reads), split at newlines; a line cut between two reads waits for its end."""
     rest = b""
     async for part in r.content.iter_any():
         *lines, rest = (rest + part).split(b"\n")
