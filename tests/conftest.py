@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -19,6 +20,12 @@ VLLM_VENV_PY = ROOT / ".venv-vllm" / "bin" / "python"
 REAL_CMD = f"{VLLM_VENV_PY} -m vllm.entrypoints.openai.api_server"
 TINY_MODEL = ROOT / ".cache" / "models" / "tiny-qwen2"
 TINY_AWQ_MODEL = ROOT / ".cache" / "models" / "tiny-qwen2-awq"
+
+# A test run started in the background without job control (`nohup make test &`, a CI runner's shell) inherits
+# SIGINT ignored, and so would every process it starts: the Ctrl-C tests (the load's, a Ray task's cancel,
+# which Ray delivers as SIGINT) would test nothing. A Ctrl-C in a terminal is never ignored; restore that.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # A config like the tiny model's (512 bytes of KV per token), enough for the fake, which reads only config.json.
 FAKE_MODEL_CONFIG = {
