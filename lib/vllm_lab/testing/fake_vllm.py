@@ -274,11 +274,7 @@ def make_handler(state: dict):
             if self.path == "/health":
                 self._json(200, {})
             elif self.path == "/v1/models":
-                card = (
-                    {}
-                    if os.environ.get("FAKE_VLLM_CARD_LEN") == "0"
-                    else {"max_model_len": state["max_model_len"]}
-                )
+                card = {"max_model_len": state["max_model_len"]} if state["card_len"] else {}
                 self._json(200, {"object": "list", "data": [
                     {"id": name, "object": "model", **card} for name in state["names"]]})  # fmt: skip
             elif self.path == "/version":
@@ -313,13 +309,10 @@ def make_handler(state: dict):
             prompt = req.get("prompt", req.get("messages", ""))
             plen = len(prompt) if isinstance(prompt, list) and all(isinstance(x, int) for x in prompt) else 16
             max_tokens = int(req.get("max_tokens") or 16)
-            if (
-                plen + max_tokens > state["max_model_len"]
-                and plen < state["max_model_len"]
-                and _cuts_short(state)
-            ):
+            too_long = plen + max_tokens > state["max_model_len"]
+            if too_long and plen < state["max_model_len"] and _cuts_short(state):
                 max_tokens = state["max_model_len"] - plen  # 0.32 serves what fits: finish_reason "length"
-            elif plen + max_tokens > state["max_model_len"]:
+            elif too_long:
                 self._json(400, {"object": "error", "type": "BadRequestError", "code": 400, "message": (
                     f"This model's maximum context length is {state['max_model_len']} tokens. However, you requested "
                     f"{plen + max_tokens} tokens ({plen} in the messages, {max_tokens} in the completion). "
@@ -485,7 +478,7 @@ def _stream_error(wfile, version: str, where: str, exc: str, msg: str) -> None:
 def _cuts_short(state: dict) -> bool:
     """A request longer than max_model_len: 0.27 refuses it (HTTP 400), 0.32 serves the tokens that fit
     (both seen on the CPU builds here; the release in between that changed it is not known)."""
-    return tuple(int(x) for x in state["version"].split(".")[:2] if x.isdigit()) >= (0, 32)
+    return _vtuple(state["version"]) >= (0, 32)
 
 
 def _engine_death(version: str) -> None:
@@ -625,6 +618,7 @@ def main(argv: list[str] | None = None) -> None:
     keys = args.api_key or ([env["VLLM_API_KEY"]] if env.get("VLLM_API_KEY") else [])
     state = {"served": names[0], "names": names, "api_keys": keys, "max_model_len": max_len, "version": version,
              "error_above": int(env.get("FAKE_VLLM_ERROR_ABOVE", "64")),
+             "card_len": env.get("FAKE_VLLM_CARD_LEN") != "0",
              "tokens": tokens, "usage": 0.0, "scenario": scenario, "load": LoadState(env, scenario, tokens), "engine": engine,
              "vocab_size": int(cfg.get("vocab_size") or 32000),
              "unstable_above": int(env["FAKE_VLLM_UNSTABLE_ABOVE"]) if env.get("FAKE_VLLM_UNSTABLE_ABOVE") else None}  # fmt: skip
