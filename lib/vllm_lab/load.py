@@ -41,7 +41,8 @@ METRICS_INTERVAL_S = 0.5
 MAX_LEVELS = 32
 MAX_CONCURRENCY = 4096
 MAX_REQUESTS = 100_000  # per level; with --duration too, so every loop has a count
-HTTP_TIMEOUT_S = 10.0  # /health, /metrics, /v1/models
+HTTP_TIMEOUT_S = 10.0  # /health, /metrics, /v1/models; the streams have their own deadline (asyncio.wait_for)
+HTTP_TIMEOUT = aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)
 DRAIN_S = 1.0  # for what follows [DONE] (the end of the chunked body); past it the connection is dropped
 MAX_LOG_READ = 64 * 2**20  # of the server's log written during the load
 
@@ -225,11 +226,6 @@ async def _lines(r: aiohttp.ClientResponse):
         yield rest.decode("utf-8", errors="replace")
 
 
-def _http_timeout() -> aiohttp.ClientTimeout:
-    """For /health, /metrics and /v1/models; the streams have their own deadline (asyncio.wait_for)."""
-    return aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)
-
-
 class _Scraper:
     """/metrics every METRICS_INTERVAL_S during a level: the peaks of KV usage and of the queue."""
 
@@ -241,7 +237,7 @@ class _Scraper:
 
     async def read(self) -> dict:
         try:
-            async with self.client.get(self.url, timeout=_http_timeout()) as r:
+            async with self.client.get(self.url, timeout=HTTP_TIMEOUT) as r:
                 return parse_metrics(await r.text()) if r.status == 200 else {}
         except (aiohttp.ClientError, asyncio.TimeoutError, UnicodeDecodeError):
             return {}
@@ -326,7 +322,7 @@ class _Load:
     async def check_reachable(self, client: aiohttp.ClientSession) -> None:
         """Before any load: the server answers, takes the key and serves this model (else SpecError: exit 2)."""
         try:
-            async with client.get(f"{self.base_url}/v1/models", timeout=_http_timeout()) as r:
+            async with client.get(f"{self.base_url}/v1/models", timeout=HTTP_TIMEOUT) as r:
                 status, raw = r.status, await r.read()
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             why = f"{type(e).__name__}: {e}" if str(e) else f"no answer within {HTTP_TIMEOUT_S:g} s"
@@ -426,7 +422,7 @@ class _Load:
 
     async def health(self, client: aiohttp.ClientSession) -> int | None:
         try:
-            async with client.get(f"{self.base_url}/health", timeout=_http_timeout()) as r:
+            async with client.get(f"{self.base_url}/health", timeout=HTTP_TIMEOUT) as r:
                 return r.status
         except (aiohttp.ClientError, asyncio.TimeoutError):
             return None
