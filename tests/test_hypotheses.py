@@ -326,3 +326,37 @@ def test_a_server_that_came_up_but_could_not_serve_counts_as_started():
     assert v["H1"][0] == "refuted"
     assert "nothing started" not in v["H2"][1]
     assert hypotheses.prepare(recs)["stable"].sum() == 0  # started, but not one is stable
+
+
+# ---- issue 22: configurations never merged (17), lost attempts never counted (13) -------------------------
+
+
+def installs_by_eager() -> list[dict]:
+    """INSTALLS [old, new] x ENFORCE_EAGER [false, true] on head: old starts only with --enforce-eager."""
+    return [
+        trial("head", 4096, 0.9, ok=not (inst == "old" and not e), failure="cuda_oom", install=inst,
+              vllm_version={"old": "0.27.0", "new": "0.32.0"}[inst], argv=EAGER_ARGV if e else EAGER_ARGV[:-1],
+              n=f"{inst}{int(e)}")
+        for inst in ("old", "new") for e in (False, True)
+    ]  # fmt: skip
+
+
+def test_cells_of_two_installs_are_never_one_cell():
+    cells = hypotheses.cells(installs_by_eager())
+    assert len(cells) == 4 and cells["trials"].tolist() == [1, 1, 1, 1]
+    by = {(r.stratum, bool(r.enforce_eager)): r.rate for r in cells.itertuples()}
+    assert by[("old (vLLM 0.27.0)", False)] == 0.0 and by[("new (vLLM 0.32.0)", False)] == 1.0
+    verdict, reason = by_id(installs_by_eager())["H5"]
+    # graphs fail on old only: one pair for, one against (merged, 0.5 against 1.0 read "supported")
+    assert verdict == "mixed" and "old (vLLM 0.27.0): head, len 4096" in reason
+
+
+def test_a_lost_ray_attempt_is_no_trial_of_the_factorial():
+    rows = factorial({("head", 22256, 0.95)})
+    lost = trial("legacy", 16384, 0.85, ok=False, failure="infrastructure", n=9)  # its worker died
+    cells = hypotheses.cells([lost, *rows])
+    cell = cells[
+        (cells["launcher"] == "legacy") & (cells["max_model_len"] == 16384) & (cells["memory"] == 0.85)
+    ]
+    assert cell[["trials", "rate", "failures"]].values.tolist() == [[1, 1.0, ""]]
+    assert by_id([lost, *rows]) == by_id(rows)

@@ -17,6 +17,7 @@ from itertools import combinations, product
 
 import pandas as pd
 
+from vllm_lab import configs
 from vllm_lab.record import FIELDS
 
 FACTORIAL_STEP = "04_hypotheses"
@@ -42,6 +43,8 @@ _KNOB_HYPOTHESES = {
 }
 _COLUMN = {"launcher": "launcher", "max_model_len": "max_model_len", "memory": "memory_setting",
            "enforce_eager": "enforce_eager"}  # fmt: skip
+# A configuration's parts outside the factors (configs.DIMENSIONS, flags less --enforce-eager).
+STRATUM_COLUMNS = ("model_name", "engine", "install_label", "gpu_type", "flags_but_eager")
 _ORDER_WORDS = {2: "difference of differences", 3: "difference of two-way interactions"}
 
 
@@ -67,6 +70,9 @@ def prepare(records) -> pd.DataFrame:
     ]
     # The recorded argv is what ran: --enforce-eager there (from extra args or the factor) is the level.
     df["enforce_eager"] = [isinstance(a, list | tuple) and EAGER_FLAG in a for a in df["argv"]]
+    configs.add_columns(
+        df
+    )  # model, engine, install, GPU type, flags: one configuration key for every summary
     df["started"] = df["outcome"].isin(("ready", "unstable"))  # as search.started: the server came up
     # as search.passes: a trial that ran a load (Trial.load) is stable only when the load was too
     load_ok = df["load_stable"].map(lambda v: v is not False)
@@ -114,13 +120,24 @@ def factorial_rows(df: pd.DataFrame) -> pd.DataFrame:
     rows = df[step.eq(FACTORIAL_STEP).fillna(False)]
     if rows.empty:
         rows = df[~step.str.contains("search", na=False)]
+    rows = configs.usable(rows)  # a lost Ray attempt is no trial of the server
     rows = rows[
         rows["launcher"].isin(LAUNCHER_LEVELS) & rows["max_model_len"].notna() & rows["memory_kind"].notna()
     ]
     if rows.empty:
-        return rows
+        return rows.assign(stratum=pd.Series(dtype=object))
     dominant = rows["memory_kind"].mode().iloc[0]  # util and KV budgets are not one axis
-    return rows[rows["memory_kind"].eq(dominant)]
+    rows = rows[rows["memory_kind"].eq(dominant)]
+    return rows.assign(stratum=_strata(rows))
+
+
+def _strata(rows: pd.DataFrame) -> pd.Series:
+    """Per row, the parts of its configuration outside the design that vary in the run ("" where none):
+    cells of different models, installs, engines, GPU types or other flags are never one cell."""
+    parts = [c for c in STRATUM_COLUMNS if rows[c].nunique() > 1]
+    if not parts:
+        return pd.Series([""] * len(rows), index=rows.index, dtype=object)
+    return rows[parts].astype(str).agg(", ".join, axis=1)
 
 
 def design_factors(rows: pd.DataFrame) -> tuple[str, ...]:
@@ -150,8 +167,10 @@ class _Design:
         self.levels = design_levels(self.rows)
         self.kind = self.rows["memory_kind"].iloc[0] if not self.rows.empty else None
         self.cells = _cells(self.rows, self.factors, self.levels)
+        self.strata = list(dict.fromkeys(self.cells["stratum"])) if not self.cells.empty else []
         self.grid = {
-            tuple(int(getattr(r, f"{f}_i")) for f in self.factors): r for r in self.cells.itertuples()
+            (r.stratum, *(int(getattr(r, f"{f}_i")) for f in self.factors)): r
+            for r in self.cells.itertuples()
         }
 
     @property
@@ -167,12 +186,12 @@ def cells(records) -> pd.DataFrame:
 
 
 def _cells(rows: pd.DataFrame, factors: tuple[str, ...], levels: dict) -> pd.DataFrame:
-    keys = [f"{f}_i" for f in factors]
+    keys = ["stratum", *(f"{f}_i" for f in factors)]
     cols = [*factors, "memory_label", "trials", "rate", "failures", "vllm_version"]
     if rows.empty:
         return pd.DataFrame(columns=[*keys, *cols])
     coded = rows.assign(**{f"{f}_i": rows[_COLUMN[f]].map(_coder(levels[f])) for f in factors}).dropna(
-        subset=keys
+        subset=keys[1:]
     )
     if coded.empty:
         return pd.DataFrame(columns=[*keys, *cols])
@@ -233,16 +252,21 @@ def _as_frame(records) -> pd.DataFrame:
     )
 
 
-def _index(k: int, fixed: dict[int, int], others: tuple[int, ...]) -> tuple[int, ...]:
-    """A full coded index: the `fixed` factor positions, the rest filled from `others` in order."""
-    it = iter(others)
-    return tuple(fixed[i] if i in fixed else next(it) for i in range(k))
+def _index(k: int, fixed: dict[int, int], others: tuple) -> tuple:
+    """A full cell key: the stratum (others[0]), then the `fixed` factor positions, the rest from others[1:]."""
+    it = iter(others[1:])
+    return (others[0], *(fixed[i] if i in fixed else next(it) for i in range(k)))
+
+
+def _others(d: _Design, n: int) -> list[tuple]:
+    """Every (stratum, levels of n other factors): pairs and squares compare cells within one stratum."""
+    return [(s, *bits) for s in d.strata for bits in product((0, 1), repeat=n)]
 
 
 def _pairs(d: _Design, factor_i: int) -> list[tuple[tuple[int, ...], object, object]]:
     """(levels of the other factors, low cell, high cell) wherever both cells were observed."""
     out = []
-    for others in product((0, 1), repeat=d.k - 1):
+    for others in _others(d, d.k - 1):
         low = d.grid.get(_index(d.k, {factor_i: 0}, others))
         high = d.grid.get(_index(d.k, {factor_i: 1}, others))
         if low is not None and high is not None:
@@ -277,7 +301,7 @@ def _level_names(d: _Design) -> dict[str, str]:
     }
 
 
-def _block(d: _Design, subset: tuple[int, ...], others: tuple[int, ...]) -> list | None:
+def _block(d: _Design, subset: tuple[int, ...], others: tuple) -> list | None:
     """The 2^m cells (corner bits in subset order) at one level combination of the other factors, or None."""
     out = []
     for bits in product((0, 1), repeat=len(subset)):
@@ -294,7 +318,7 @@ def _contrast(block: list) -> float:
 
 
 def _blocks(d: _Design, subset: tuple[int, ...]) -> list[list]:
-    found = (_block(d, subset, others) for others in product((0, 1), repeat=d.k - len(subset)))
+    found = (_block(d, subset, others) for others in _others(d, d.k - len(subset)))
     return [b for b in found if b is not None]
 
 
@@ -339,7 +363,10 @@ def _describe(cell, eager: bool = False) -> str:
     state = "started" if cell.rate == 1 else ("failed" if cell.rate == 0 else f"started {cell.rate:.0%}")
     why = f" ({cell.failures})" if cell.failures else ""
     mode = (", eager" if cell.enforce_eager else ", CUDA graphs") if eager else ""
-    return f"{cell.launcher}, len {cell.max_model_len}, {cell.memory_label}{mode}: {state}{why}"
+    where = (
+        f"{cell.stratum}: " if cell.stratum else ""
+    )  # which model / install / ... when the run has several
+    return f"{where}{cell.launcher}, len {cell.max_model_len}, {cell.memory_label}{mode}: {state}{why}"
 
 
 def _knob_verdict(hid: str, d: _Design, text: str) -> dict:
