@@ -2,12 +2,14 @@
 """Score `vllm-lab scan-log` against the hand-written answers for the real-log fixtures (issue 10).
 
     .venv/bin/python scripts/score-logs.py [heldout|dev|all] [-v]
+    .venv/bin/python scripts/score-logs.py --engine llamacpp [heldout|dev|all] [-v]
 
 kind accuracy:   logs whose failure kind (None = no failure) is the expected one
 facts (per log): logs whose five key facts are all right (a fact the log does not state must be None)
 facts (stated):  stated facts that the scanner got right
 The answers live in tests/test_logscan.py (DEV_EXPECT, HELDOUT_EXPECT); the split rule is in
-tests/fixtures/logs/heldout/README.md.
+tests/fixtures/logs/heldout/README.md. With --engine llamacpp: the llama.cpp / Ollama logs, their answers in
+tests/fixtures/logs/llamacpp/expect.py, all eleven facts (tests/fixtures/logs/llamacpp/README.md).
 """
 
 from __future__ import annotations
@@ -21,6 +23,16 @@ sys.path.insert(0, str(ROOT / "lib"))
 
 from vllm_lab.logscan import scan_file  # noqa: E402
 
+LLAMACPP = ROOT / "tests" / "fixtures" / "logs" / "llamacpp"
+
+
+def _llamacpp_tables():
+    spec = importlib.util.spec_from_file_location("_llamacpp_expect", LLAMACPP / "expect.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.DEV, module.HELDOUT = LLAMACPP / "dev", LLAMACPP / "heldout"
+    return module
+
 
 def _tables():
     spec = importlib.util.spec_from_file_location("_logscan_tables", ROOT / "tests" / "test_logscan.py")
@@ -29,10 +41,12 @@ def _tables():
     return module
 
 
-def score(folder: Path, expect: dict, keys: tuple[str, ...], verbose: bool) -> tuple[int, int, int, int, int]:
+def score(
+    folder: Path, expect: dict, keys: tuple[str, ...], verbose: bool, scan=scan_file
+) -> tuple[int, int, int, int, int]:
     kind_ok = facts_ok = stated = stated_ok = 0
     for name, (kind, facts) in sorted(expect.items()):
-        got = scan_file(folder / name).to_json()
+        got = scan(folder / name).to_json()
         wrong = [k for k in keys if got[k] != facts[k]]
         kind_ok += got["failure"] == kind
         facts_ok += not wrong
@@ -45,9 +59,23 @@ def score(folder: Path, expect: dict, keys: tuple[str, ...], verbose: bool) -> t
 
 
 def main(argv: list[str]) -> int:
+    engine = "vllm"
+    if "--engine" in argv:
+        i = argv.index("--engine")
+        engine = argv[i + 1] if i + 1 < len(argv) else ""
+        argv = argv[:i] + argv[i + 2 :]
+    if engine not in ("vllm", "llamacpp"):
+        print(f"score-logs: unknown engine {engine!r}: use vllm or llamacpp", file=sys.stderr)
+        return 2
     which = next((a for a in argv if not a.startswith("-")), "all")
     verbose = "-v" in argv
-    t = _tables()
+    scan = scan_file
+    if engine == "llamacpp":
+        from vllm_lab.engines.llamacpp_log import scan_file as scan
+
+        t = _llamacpp_tables()
+    else:
+        t = _tables()
     sets = {"heldout": [(t.HELDOUT, t.HELDOUT_EXPECT)], "dev": [(t.DEV, t.DEV_EXPECT)]}
     sets["all"] = sets["dev"] + sets["heldout"]
     if which not in sets:
@@ -55,11 +83,11 @@ def main(argv: list[str]) -> int:
         return 2
     total = [0, 0, 0, 0, 0]
     for folder, expect in sets[which]:
-        for i, v in enumerate(score(folder, expect, t.KEY_FACTS, verbose)):
+        for i, v in enumerate(score(folder, expect, t.KEY_FACTS, verbose, scan)):
             total[i] += v
     n, kind_ok, facts_ok, stated, stated_ok = total
     print(
-        f"{which}: {n} logs; kind {kind_ok}/{n} = {kind_ok / n:.1%}; facts per log {facts_ok}/{n} ="
+        f"{engine + ' ' if engine != 'vllm' else ''}{which}: {n} logs; kind {kind_ok}/{n} = {kind_ok / n:.1%}; facts per log {facts_ok}/{n} ="
         f" {facts_ok / n:.1%}; stated facts {stated_ok}/{stated} = {stated_ok / max(stated, 1):.1%}"
     )
     return 0
