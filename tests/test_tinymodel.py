@@ -210,3 +210,81 @@ def test_awq_pack_round_trip_and_dequantizes_close():
     deq = ((iw - z) * s).reshape(256, 64).T
     step = float(q["scales"].astype(np.float32).max())
     assert np.abs(deq - w).max() <= step  # within one quantization step
+
+
+# ---------------------------------------------------------------- GGUF (llama.cpp)
+@pytest.fixture(scope="module")
+def gguf_file(tmp_path_factory) -> Path:
+    return tinymodel.build_tiny_gguf(tmp_path_factory.mktemp("g") / "tiny-qwen2.gguf")
+
+
+def _reader(path: Path):
+    import gguf
+
+    return gguf.GGUFReader(str(path))
+
+
+def _field(r, key: str):
+    f = r.fields[key]
+    return f.contents()
+
+
+def test_gguf_same_seed_same_bytes_and_folder_target(gguf_file: Path, tmp_path: Path):
+    again = tinymodel.build_tiny_gguf(tmp_path)  # a folder: FOLDER/tiny-qwen2.gguf
+    assert again == tmp_path / "tiny-qwen2.gguf"
+    assert again.read_bytes() == gguf_file.read_bytes()
+    other = tinymodel.build_tiny_gguf(tmp_path / "s1.gguf", seed=1)
+    assert other.read_bytes() != gguf_file.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s1.gguf", "tiny-qwen2.gguf"]  # no temp left
+
+
+def test_gguf_hyperparameters(gguf_file: Path):
+    r = _reader(gguf_file)
+    assert _field(r, "general.architecture") == "qwen2"
+    assert _field(r, "qwen2.block_count") == tinymodel.NUM_LAYERS
+    assert _field(r, "qwen2.embedding_length") == tinymodel.HIDDEN_SIZE
+    assert _field(r, "qwen2.attention.head_count") == tinymodel.NUM_HEADS
+    assert _field(r, "qwen2.attention.head_count_kv") == tinymodel.NUM_KV_HEADS
+    assert _field(r, "qwen2.context_length") == tinymodel.MAX_POSITION_EMBEDDINGS
+    assert _field(r, "tokenizer.ggml.pre") == "gpt-2"  # llama.cpp's name; "gpt2" fails to load
+    assert _field(r, "tokenizer.chat_template") == tinymodel.CHAT_TEMPLATE
+
+
+def test_gguf_vocab_is_the_tokenizers(gguf_file: Path):
+    r = _reader(gguf_file)
+    tokens = _field(r, "tokenizer.ggml.tokens")
+    vocab = tinymodel.build_tokenizer().get_vocab(with_added_tokens=True)
+    assert len(tokens) == tinymodel.VOCAB_SIZE
+    assert all(vocab[t] == i for i, t in enumerate(tokens))
+    types = _field(r, "tokenizer.ggml.token_type")
+    assert [tokens[i] for i, t in enumerate(types) if t == 3] == list(tinymodel.SPECIAL_TOKENS)
+    assert len(_field(r, "tokenizer.ggml.merges")) == tinymodel.NUM_MERGES
+    assert _field(r, "tokenizer.ggml.eos_token_id") == tinymodel._special_id(tinymodel.EOS_TOKEN)
+
+
+def test_gguf_weights_equal_the_checkpoint(gguf_file: Path, plain: Path):
+    r = _reader(gguf_file)
+    got = {t.name: t for t in r.tensors}
+    assert "output.weight" not in got  # tied embeddings, as in the checkpoint
+    ref = _tensors(plain)
+    assert len(got) == len(ref)
+    emb = got["token_embd.weight"]
+    assert emb.tensor_type.name == "F16"
+    np.testing.assert_array_equal(
+        np.asarray(emb.data).reshape(tinymodel.VOCAB_SIZE, tinymodel.HIDDEN_SIZE),
+        ref["model.embed_tokens.weight"],
+    )
+    bias = got["blk.1.attn_k.bias"]
+    assert bias.tensor_type.name == "F32"
+    np.testing.assert_array_equal(
+        np.asarray(bias.data), ref["model.layers.1.self_attn.k_proj.bias"].astype(np.float32)
+    )
+
+
+def test_cli_gguf(tmp_path: Path, capsys):
+    out = tmp_path / "m.gguf"
+    assert cli_tiny_model(Namespace(out_dir=str(out), awq=False, gguf=True, seed=0)) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    assert out.stat().st_size > 700_000
+    assert cli_tiny_model(Namespace(out_dir=str(out), awq=True, gguf=True, seed=0)) == 2
+    assert "pick one" in capsys.readouterr().err

@@ -14,6 +14,11 @@ The tokenizer is a local byte-level BPE (256 byte tokens + merges learned determ
 built-in corpus + 3 ChatML special tokens = 512 ids, equal to the model's vocab_size), saved as
 tokenizer.json with a tokenizer_config.json that carries a ChatML chat_template.
 
+- gguf (`build_tiny_gguf`): the plain model as one GGUF file for llama.cpp (written with the `gguf` package;
+  llama.cpp's converter needs torch and refuses an unknown pre-tokenizer). Same weights, same token ids:
+  the vocabulary, merges and chat template are the tokenizer's own, and the pre-tokenizer is GPT-2's regex
+  (`tokenizer.ggml.pre = gpt-2`, llama.cpp's spelling), the one the HF tokenizer's ByteLevel(use_regex=True) applies.
+
 Everything is a pure function of (awq, seed): the same seed gives byte-identical files.
 """
 
@@ -340,6 +345,96 @@ def _write_all(d: Path, *, awq: bool, seed: int) -> None:
     build_tokenizer().save(str(d / "tokenizer.json"), pretty=True)
 
 
+# ---------------------------------------------------------------- GGUF (llama.cpp)
+GGUF_NAME = "tiny-qwen2.gguf"
+_TOKEN_NORMAL, _TOKEN_CONTROL = 1, 3  # gguf.TokenType values, as llama.cpp's converter marks them
+
+
+def gguf_tensors(seed: int = 0) -> dict[str, np.ndarray]:
+    """The GGUF's tensors under llama.cpp's names: 2-D float16 as in the checkpoint; norms and biases
+    float32 (llama.cpp's converter keeps 1-D tensors in f32), from the same float16 values."""
+    import gguf
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, NUM_LAYERS)
+    out: dict[str, np.ndarray] = {}
+    for name, w in _float_weights(seed).items():
+        new = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if new is None:
+            raise RuntimeError(f"no GGUF name for {name}")
+        h = w.astype(np.float16)
+        out[new] = h if h.ndim == 2 else h.astype(np.float32)
+    return out  # tied embeddings: no output.weight, llama.cpp falls back to token_embd
+
+
+def _gguf_vocab() -> tuple[list[str], list[int], list[str]]:
+    """(tokens by id, token types, merges as "a b") from the tiny tokenizer itself."""
+    tok = build_tokenizer()
+    by_id = sorted(tok.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
+    tokens = [t for t, _ in by_id]
+    if [i for _, i in by_id] != list(range(VOCAB_SIZE)):
+        raise RuntimeError("tokenizer ids are not 0..VOCAB_SIZE-1")
+    types = [_TOKEN_CONTROL if t in SPECIAL_TOKENS else _TOKEN_NORMAL for t in tokens]
+    merges = json.loads(tok.to_str())["model"]["merges"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
+    return tokens, types, merges
+
+
+def _write_gguf(path: Path, *, seed: int) -> None:
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN2])
+    w.add_name("tiny-qwen2")
+    w.add_context_length(MAX_POSITION_EMBEDDINGS)
+    w.add_embedding_length(HIDDEN_SIZE)
+    w.add_block_count(NUM_LAYERS)
+    w.add_feed_forward_length(INTERMEDIATE_SIZE)
+    w.add_head_count(NUM_HEADS)
+    w.add_head_count_kv(NUM_KV_HEADS)
+    w.add_rope_freq_base(1000000.0)
+    w.add_layer_norm_rms_eps(1e-06)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    tokens, types, merges = _gguf_vocab()
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(_special_id(PAD_TOKEN))
+    w.add_eos_token_id(_special_id(EOS_TOKEN))
+    w.add_pad_token_id(_special_id(PAD_TOKEN))
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHAT_TEMPLATE)
+    for name, t in gguf_tensors(seed).items():
+        w.add_tensor(name, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def build_tiny_gguf(out: str | os.PathLike, *, seed: int = 0) -> Path:
+    """Write the tiny model as GGUF to `out` (a .gguf file, or a folder: FOLDER/tiny-qwen2.gguf).
+
+    Idempotent like `build_tiny_model`: the same bytes are not rewritten (only the mtime is refreshed)."""
+    out = Path(out)
+    if out.suffix != ".gguf":
+        out = out / GGUF_NAME
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        _write_gguf(tmp, seed=seed)
+        tmp.chmod(0o644)
+        if out.is_file() and filecmp.cmp(tmp, out, shallow=False):
+            os.utime(out)
+        else:
+            os.replace(tmp, out)
+        return out
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _same_files(a: Path, b: Path) -> bool:
     names_a = sorted(p.name for p in a.iterdir())
     names_b = sorted(p.name for p in b.iterdir())
@@ -381,7 +476,15 @@ def build_tiny_model(out_dir: str | os.PathLike, *, awq: bool = False, seed: int
 
 
 def cli_tiny_model(args) -> int:
-    """`vllm-lab tiny-model OUT_DIR [--awq] [--seed N]`: build (or confirm) the tiny model, print its path."""
+    """`vllm-lab tiny-model OUT [--awq | --gguf] [--seed N]`: build (or confirm) the tiny model, print its path.
+
+    With --gguf, OUT is the .gguf file to write (or a folder to write tiny-qwen2.gguf in)."""
+    if getattr(args, "gguf", False):
+        if args.awq:
+            print("vllm-lab tiny-model: --awq and --gguf are different variants; pick one", file=sys.stderr)
+            return 2
+        print(build_tiny_gguf(args.out_dir, seed=int(args.seed)))
+        return 0
     path = build_tiny_model(args.out_dir, awq=bool(args.awq), seed=int(args.seed))
     print(path)
     return 0
