@@ -113,7 +113,10 @@ def no_leftover_vllm(request):
     before = {p.pid for p in launched_by_this_run()}
     yield
     left = [p for p in launched_by_this_run() if p.pid not in before]
+    seen = []
     for p in left:
         with contextlib.suppress(psutil.Error):
+            seen.append(f"{p.pid} (parent {p.ppid()}, session {os.getsid(p.pid)}): {' '.join(p.cmdline())[:160]}")
+        with contextlib.suppress(psutil.Error):
             p.kill()
-    assert not left, f"processes survived {request.node.name}: {[p.pid for p in left]}"
+    assert not left, f"processes survived {request.node.name}: {seen or [p.pid for p in left]}"

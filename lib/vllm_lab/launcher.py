@@ -32,7 +32,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from vllm_lab import commands, logscan
+from vllm_lab import commands, logscan, warden
 from vllm_lab.compat import legacy_quantization_flag  # the older launcher: flag from the model NAME
 from vllm_lab.redact import redact_argv, redact_text
 from vllm_lab.spec import SpecError, Trial, split_cmd
@@ -374,6 +374,7 @@ class VllmServer:
         self.trial = trial
         self.run_dir = Path(run_dir)
         self.proc: subprocess.Popen | None = None
+        self._warden: subprocess.Popen | None = None
         self.pidfile: Path | None = None
         self.tmp: Path | None = None
         self.port = trial.port or free_port(trial.host)
@@ -472,6 +473,8 @@ class VllmServer:
                 start_new_session=True,
                 preexec_fn=_die_with_parent,
             )
+        # Ends the server's session if this process dies before stop() (a killed worker, kernel or batch).
+        self._warden = warden.start(self.proc.pid, STOP_GRACE_S)
         with contextlib.suppress(psutil.Error):
             where = {"container": self.container, "runtime": self.runtime} if self.container else None
             self.pidfile = _write_pidfile(
@@ -578,6 +581,7 @@ class VllmServer:
         self.survivors = stop_tree(self.proc.pid)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=1)
+        warden.release(self._warden)
         self._copy_log(final=True)
         if not self.survivors and not left:
             if self.pidfile:
