@@ -942,3 +942,49 @@ def test_the_real_cpu_build_at_12_mib_is_one_launch_at_the_predicted_edge(tmp_pa
     rec = res.trials[0]
     assert rec["backend"] == "vllm-cpu" and rec["long_request_ok"] is True and rec["kv_cache_tokens"] == 24576
     assert res.launches_saved == res.bisection_launches - 1 >= 9
+
+
+# ---- a load that is not stable says nothing about the next block (issue 22, point 7) ----------------------
+
+
+def _load_failed(rec: dict, reason: str = "1 of 8 streams at concurrency 4 ended in an error chunk") -> dict:
+    """The same launch, its long request served, its load not stable (as probe records it)."""
+    return {**rec, "outcome": "unstable", "load": {"stable": False}, "load_stable": False, "load_reason": reason,
+            "evidence": f"under load (concurrency 1, 4): {reason}"}  # fmt: skip
+
+
+def test_one_flaky_load_is_retried_and_does_not_move_the_answer():
+    """Before: one error chunk under load at the edge made it "found 22240, +1 block fails"."""
+    sim = SimulatedVllm(capacity=22256, log_format="v1")
+    flaked: list[int] = []
+
+    def launch(n):
+        rec = {**sim(n), "load": {"stable": True}, "load_stable": True}
+        if rec["outcome"] == "ready" and n == 22256 and not flaked:
+            flaked.append(n)
+            return _load_failed(rec)
+        return rec
+
+    res = search_max_model_len(launch, low=LOW, high=HIGH)
+    assert flaked, "the scenario never reached the edge"
+    assert res.max_model_len == 22256 and res.verdict == "found" and res.plus_one_fails is True
+    retry = [s for s in res.steps if s["max_model_len"] == 22256]
+    assert len(retry) == 2 and "retry" in retry[1]["why"] and "load" in retry[1]["why"]
+
+
+def test_a_load_that_fails_twice_stops_with_the_loads_verdict_not_a_smaller_length():
+    sim = SimulatedVllm(capacity=22256, log_format="v1")
+
+    def launch(n):
+        rec = sim(n)
+        return (
+            _load_failed(rec, "3 of 8 requests at concurrency 8 timed out")
+            if rec["outcome"] == "ready"
+            else rec
+        )
+
+    res = search_max_model_len(launch, low=LOW, high=HIGH)
+    assert res.verdict == "stopped" and res.failure == "load_unstable"
+    assert "timed out" in res.evidence and "twice" in res.reason
+    assert res.max_model_len is None  # nothing was stable under the load; no length below was "found"
+    assert res.plus_one_fails is None

@@ -47,6 +47,9 @@ the answer, never assumed. What proves that n fails:
    OOM after the weights loaded) gets one control launch at low;
 2. the model's limit: a launch failed with max_len_exceeds_model and named the derived limit d (or the caller
    passed ``model_limit``): every n > d fails;
+   A load that was not stable after the full-length request was served proves nothing about n + 1 block
+   (``load_only_failure``): that launch runs once more, and a second such ending stops the search with the
+   load's verdict (failure ``load_unstable``), never a smaller length;
 3. Rule A, a capacity report R (an estimate or a pool, never the GiB approximation) from a launch at m <= n
    with R < n. Capacity never grows with max_model_len (constant in V1, falling in V0 without chunked
    prefill), so capacity(n) <= capacity(m) = R < n. The confirming launch's own "KV cache size: N tokens"
@@ -171,9 +174,11 @@ def failure_kind(rec: dict) -> str:
 
 
 def failure_class(rec: dict) -> str:
-    """pass | proof | independent | retry | control: what a launch at n says about every longer n."""
+    """pass | proof | independent | retry | load | control: what a launch at n says about every longer n."""
     if passes(rec):
         return "pass"
+    if load_only_failure(rec):
+        return "load"
     if rec.get("outcome") == "unstable" and rec.get("chat_ok") is False:
         return "independent"  # even a short chat request failed: no length changes that
     if rec.get("outcome") == "unstable" or rec.get("failure") in LENGTH_DEPENDENT:
@@ -191,6 +196,20 @@ def failure_class(rec: dict) -> str:
         v = parse_vllm_version(rec.get("vllm_version"))
         return "independent" if v is not None and v >= V1_ONLY_FROM else "control"
     return "retry"  # timeout, other, or a kind this code does not know yet
+
+
+def load_only_failure(rec: dict) -> bool:
+    """Served the request that fills max_model_len, then its load was not stable (a timeout, an error chunk).
+
+    That proves nothing about n + 1 block: V1 sizes the KV pool without looking at max_model_len, and the
+    load's need (concurrency x its own prompt and output tokens) does not depend on it either. A glitch is
+    launched once more; twice, the load's verdict is the search's result.
+    """
+    return (
+        rec.get("outcome") == "unstable"
+        and rec.get("long_request_ok") is True
+        and rec.get("load_stable") is False
+    )
 
 
 def passes(rec: dict) -> bool:
@@ -673,6 +692,13 @@ class _LenSearch:
             return self._stop_on(
                 rec, f"the launch at {n} failed with {kind}, which max_model_len does not change"
             )
+        elif cls == "load" and retried:
+            return self._stop_on(rec, f"the load at {n} was not stable twice", failure="load_unstable",
+                                 evidence=str(rec.get("load_reason") or rec.get("evidence") or ""))  # fmt: skip
+        elif cls == "load":
+            why = str(rec.get("load_reason") or "")[:100]
+            self.pending = (k, f"retry: the load at {n} was not stable once ({why}); the load's need does not "
+                               "change with max_model_len")  # fmt: skip
         elif cls == "retry" and retried:
             ended = kind if rec.get("outcome") == "timeout" else f"failed ({kind})"
             return self._stop_on(rec, f"the launch at {n} ended {ended} twice")
@@ -691,8 +717,9 @@ class _LenSearch:
             self.pending = (self.low_k, f"control: does {kind} at {n} depend on max_model_len?")
         return None
 
-    def _stop_on(self, rec: dict, why: str) -> tuple[int | None, str, bool | None, str]:
-        self.failure, self.evidence = failure_kind(rec), str(rec.get("evidence") or "")
+    def _stop_on(self, rec: dict, why: str, failure: str | None = None, evidence: str | None = None):
+        self.failure = failure or failure_kind(rec)
+        self.evidence = evidence if evidence is not None else str(rec.get("evidence") or "")
         return self._stop(f"stopped: {why}: {self.evidence[:200]}".rstrip(": "))
 
     def _answer(self) -> int | None:
