@@ -141,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--block-size", type=int, default=16)
     s.add_argument("--tensor-parallel-size", type=int, default=1)
     s.add_argument("--vllm-version", default=None)
+    s.add_argument(
+        "--engine", choices=("vllm", "llamacpp"), default="vllm",
+        help="llamacpp: predicted llama.cpp rows for a Q4_K_M GGUF of the model (or --model FILE.gguf)",
+    )  # fmt: skip
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_predict)
 
