@@ -127,3 +127,23 @@ def test_real_llama_server_prints_the_predicted_kv(tmp_path):
     printed = scan_log(log.read_text())
     est = mg.kv_bytes(mg.read_gguf(TINY), 1000, 3)
     assert f"{est.mib:.2f}" == f"{printed.kv_cache_mib:.2f}" and printed.n_ctx == est.n_ctx == 1536
+
+
+@pytest.mark.unit
+def test_preflight_p40_gains_predicted_llamacpp_rows(capsys):
+    from vllm_lab import predict
+    from vllm_lab.cli import main
+
+    pf = predict.preflight("Qwen3-8B-AWQ", "p40")
+    rows = {(r["cache_k"], r["flash_attn"]): r for r in pf.llamacpp}
+    assert set(rows) == {("f16", False), ("f16", True), ("q8_0", True)}
+    assert all(r["prediction"] and r["c"] == 40960 and r["fits"] for r in rows.values())
+    assert round(rows["f16", True]["weights_gib"], 2) == 4.68 and rows["f16", True]["kv_gib"] == 5.625
+    assert round(rows["q8_0", True]["kv_gib"], 2) == 2.99
+    assert main(["preflight", "--model", "Qwen3-8B-AWQ", "--gpu", "p40"]) == 0
+    out = capsys.readouterr().out
+    assert "llama.cpp (GGUF Q4_K_M), PREDICTED (no launch): -c 40,960 (the model's full context)" in out
+    assert main(["predict", "--model", "Qwen3-8B-AWQ", "--gpu", "p40", "--engine", "llamacpp"]) == 0
+    assert "q8_0       on     4.68 GiB   2.99 GiB" in capsys.readouterr().out
+    assert main(["predict", "--model", "Qwen3-8B-AWQ", "--engine", "llamacpp"]) == 2
+    assert "give the card" in capsys.readouterr().err

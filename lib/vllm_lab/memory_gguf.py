@@ -211,6 +211,11 @@ def read_gguf(path: str | Path) -> GgufFacts:
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     n_vocab = len(tokens.data) if tokens is not None else 0
     file_type = _field(reader, "general.file_type")
+    if file_type is not None:
+        from gguf import LlamaFileType
+
+        names = {t.value: t.name.removeprefix("MOSTLY_") for t in LlamaFileType}
+        file_type = names.get(int(file_type), file_type)  # 15 -> "Q4_K_M"
     return GgufFacts(
         arch=arch,
         n_layer=n_layer,

@@ -13,7 +13,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from vllm_lab import compat, memory
+from vllm_lab import compat, memory, memory_gguf
 from vllm_lab.gpu import GpuProfile, inventory, list_gpu_profiles, load_gpu_profile, profile_from_device
 from vllm_lab.spec import SpecError
 
@@ -171,6 +171,8 @@ def _fmt_pred(p: memory.Prediction) -> str:
 
 def cli_predict(args) -> int:
     gpu = getattr(args, "gpu", None)
+    if getattr(args, "engine", "vllm") == "llamacpp":
+        return _cli_predict_llamacpp(args, gpu)
     p = predict_for(
         args.model, gpu, gpu_memory_gib=getattr(args, "gpu_memory_gib", None),
         gpu_memory_utilization=args.gpu_memory_utilization, weights_gib=args.weights_gib,
@@ -235,6 +237,8 @@ class Preflight:
     h1: str | None = None
     # likelier causes of a failed start at the top utilization
     suspects: list[dict] = field(default_factory=list)
+    # llama.cpp with a GGUF of this model on this card: predicted rows (llamacpp_rows), marked as predictions
+    llamacpp: list[dict] = field(default_factory=list)
 
     @property
     def any_can_start(self) -> bool:
@@ -298,6 +302,7 @@ def preflight(
         pf.summary.insert(1, h1_line)
     if pf.any_can_start:  # where nothing starts the card itself is the cause
         pf.suspects = _suspects(facts, prof, vllm_version, max(utilizations))
+    pf.llamacpp = llamacpp_rows(facts, prof)
     return pf
 
 
@@ -437,6 +442,8 @@ def format_preflight(pf: Preflight) -> str:
     out.extend(pf.summary)
     if pf.suspects:
         out += ["", *suspect_lines(pf)]
+    if pf.llamacpp:
+        out += ["", *llamacpp_lines(pf.llamacpp, g["name"])]
     return "\n".join(out)
 
 
@@ -528,3 +535,85 @@ def predict_trial_outcome(
         out["reason"] = (f"starts: {want} <= predicted largest max_model_len {pred.max_model_len} "
                          f"({pred.kv_cache_tokens} KV tokens)")  # fmt: skip
     return out
+
+
+# --------------------------------------------------------------------------------------------- llama.cpp
+
+# Q4_K_M averages about 4.9 bits per parameter (Qwen3-8B: ~4.68 GiB for 8.19B parameters, memory_gguf)
+Q4_K_M_BITS_PER_PARAM = 4.91
+# (cache type K/V, flash attention) rows shown: f16 without and with FA, q8_0 (which needs FA)
+LLAMACPP_CACHES = (("f16", False), ("f16", True), ("q8_0", True))
+
+
+def gguf_facts(facts: memory.ModelFacts) -> memory_gguf.GgufFacts | None:
+    """The model as a Q4_K_M GGUF: Qwen3-8B from its published file size, others estimated from their
+    parameter count; None when the config does not give the attention shape (e.g. MLA)."""
+    if facts.mla or not facts.config:
+        return None
+    cfg = facts.config
+    if (facts.model_type, facts.num_layers, facts.hidden_size, facts.num_kv_heads) == ("qwen3", 36, 4096, 8):
+        return memory_gguf.qwen3_8b_q4_k_m(facts.config_path) if facts.config_path else None
+    params = facts.param_count or memory.config_param_count(facts)
+    if not params:
+        return None
+    return memory_gguf.model_facts_from_config(
+        cfg, weights_bytes=round(params * Q4_K_M_BITS_PER_PARAM / 8), file_type="Q4_K_M",
+        source=f"config.json + ESTIMATED Q4_K_M size ({Q4_K_M_BITS_PER_PARAM} bits per parameter)",
+    )  # fmt: skip
+
+
+def llamacpp_rows(
+    model: Any, gpu: str | GpuProfile | None, c: int | None = None, slots: int = 1, *,
+    card_mib: float | None = None,
+) -> list[dict]:  # fmt: skip
+    """PREDICTED llama.cpp starts of a Q4_K_M GGUF of this model (or of the .gguf file given) on this card
+    (-ngl all, -np slots) at -c c (default the model's full context), one row per KV cache type / FA."""
+    g = memory_gguf.read_gguf(model) if str(model).endswith(".gguf") else gguf_facts(_facts(model))
+    prof = resolve_gpu(gpu)
+    card = card_mib if card_mib is not None else (prof.total_mib if prof else None)
+    if g is None or card is None:
+        return []
+    rows = []
+    for cache, fa in LLAMACPP_CACHES:
+        f = memory_gguf.fit(g, card, c or g.n_ctx_train, slots, cache, cache, fa)
+        rows.append({"engine": "llamacpp", "prediction": True, "quant": g.file_type, "weights_source": g.source,
+                     **asdict(f)})  # fmt: skip
+    return rows
+
+
+def llamacpp_lines(rows: list[dict], gpu_name: str) -> list[str]:
+    """The llama.cpp rows as text (a heading that says they are predictions, a table, the footnote)."""
+    r0 = rows[0]
+    out = [
+        f"llama.cpp (GGUF {r0['quant']}), PREDICTED (no launch): -c {r0['c']:,}"
+        f"{' (the model' + chr(39) + 's full context)' if r0['c'] == r0['n_ctx'] else ''}, -np {r0['slots']},"
+        f" -ngl all on {gpu_name} ({r0['card_gib']:.1f} GiB)",
+        f"{'-ctk/-ctv':<10} {'-fa':<4} {'weights':>10} {'KV':>10} {'compute*':>10} {'total':>10}  fits",
+    ]
+    for r in rows:
+        out.append(
+            f"{r['cache_k']:<10} {'on' if r['flash_attn'] else 'off':<4} {_size(r['weights_gib']):>10}"
+            f" {_size(r['kv_gib']):>10} {_size(r['compute_gib']):>10} {_size(r['total_gib']):>10}"
+            f"  {'yes' if r['fits'] else 'NO'}"
+        )
+    out.append(
+        f"weights: {r0['weights_source']}; KV: llama.cpp's own arithmetic (checked against its printed size);"
+        f" *compute: an estimate fitted on llama.cpp's CPU backend; total adds"
+        f" {memory_gguf.CUDA_OVERHEAD_GIB} GiB for the CUDA context"
+    )
+    return out
+
+
+def _cli_predict_llamacpp(args, gpu: str | None) -> int:
+    gib = getattr(args, "gpu_memory_gib", None)
+    if gpu is None and gib is None:
+        raise SpecError("predict --engine llamacpp: give the card, --gpu NAME or --gpu-memory-gib N")
+    rows = llamacpp_rows(args.model, gpu, card_mib=gib * 1024 if gib is not None else None)
+    if not rows:
+        raise SpecError(f"model: {args.model}: no attention shape to size a GGUF from (MLA or no config)")
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+    else:
+        name = resolve_gpu(gpu).name if gpu is not None else f"{gib:g} GiB"
+        print("\n".join(llamacpp_lines(rows, name)))
+    return 0
