@@ -988,3 +988,60 @@ def test_a_load_that_fails_twice_stops_with_the_loads_verdict_not_a_smaller_leng
     assert "timed out" in res.evidence and "twice" in res.reason
     assert res.max_model_len is None  # nothing was stable under the load; no length below was "found"
     assert res.plus_one_fails is None
+
+
+# ---- the exact first launch for the commands people use (issue 22, point 8) -------------------------------
+
+
+@pytest.mark.vllm
+def test_vllm_serve_and_a_script_of_a_vllm_python_are_detected_installs(tmp_path):
+    """Before: only `python -m vllm...` counted; `vllm serve` (an entry-point script) was "not detected"."""
+    from conftest import VLLM_VENV_PY
+    from vllm_lab.search import detect_install
+
+    serve = detect_install([str(VLLM_VENV_PY.parent / "vllm"), "serve"])
+    assert serve is not None and serve.backend == "cpu" and serve.version.startswith("0.32")
+    script = tmp_path / "my_serve.py"
+    script.write_text(f"#!{VLLM_VENV_PY}\nimport sys\n")
+    script.chmod(0o755)
+    assert detect_install([str(script), "serve"]).version == serve.version
+    assert detect_install([sys.executable, str(script)]) is None  # this python has no vLLM
+
+
+def test_flags_that_change_kv_bytes_per_token_are_not_exact(tmp_path):
+    from vllm_lab.search import Install, exact_prediction
+
+    cpu = Install("0.32.0", "cpu", "given")
+    t = Trial(model=_model(tmp_path), kv_cache_memory_bytes=13 << 20, vllm_cmd="python -m x")
+    assert exact_prediction(t, cpu)[0] == 26496
+    for same in (["--dtype", "auto"], ["--dtype=float16"], ["--dtype", "half"], ["--dtype=bfloat16"]):
+        assert exact_prediction(dataclasses.replace(t, extra_args=same), cpu)[0] == 26496, same
+    for other in (["--dtype", "float32"], ["--dtype=float"], ["--disable-sliding-window"]):
+        assert exact_prediction(dataclasses.replace(t, extra_args=other), cpu) is None, other
+
+
+def test_an_unknown_version_still_launches_at_the_prediction_unmoved(tmp_path):
+    """V1 states the limit to the block when the prediction is off: the clamp that protects bisection's
+    worst case is for V0 only, whose failures may not name it."""
+    from vllm_lab.search import Install, first_launch_plan
+
+    t = Trial(model=_model(tmp_path), kv_cache_memory_bytes=13 << 20, vllm_cmd="docker run vllm/vllm-openai")
+    guess, mode, why = first_launch_plan(t, tmp_path / "run", predict_first_guess=lambda _t: 26000)
+    assert (guess, mode) == (26000, "v1_prediction") and "V1" in why
+    old = Install("0.8.5", "gpu", "given")
+    guess, mode, why = first_launch_plan(
+        t, tmp_path / "run", install=old, predict_first_guess=lambda _t: 26000
+    )
+    assert (guess, mode) == (26000, "bounded_guess") and "0.8.5" in why
+
+
+def test_a_v1_prediction_that_is_off_costs_one_launch_more_than_exact(tmp_path, monkeypatch):
+    from vllm_lab.search import run_search
+
+    sim = SimulatedVllm(capacity=22400, **CPU032)
+    _sim_probe(monkeypatch, tmp_path, sim)
+    t = Trial(model=_model(tmp_path), kv_cache_memory_bytes=11 << 20, vllm_cmd="docker run vllm/vllm-openai",
+              step=STEP)  # fmt: skip
+    res = run_search(t, tmp_path / "run", low=LOW, high=HIGH, predict_first_guess=lambda _t: 30000)
+    assert res.first_launch == "v1_prediction" and res.steps[0]["max_model_len"] == 30000  # unmoved
+    assert res.max_model_len == 22400 and res.plus_one_fails is True and res.launches == 2

