@@ -199,3 +199,21 @@ def test_detect_engine():
     assert detect_engine(SWA_LOG) == "llamacpp"
     assert detect_engine((LOGS / "dev" / "ollama-3904.log").read_text()) == "ollama"
     assert detect_engine("hello world") is None
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "evidence"),
+    [
+        (
+            "cpu-kv-oom.txt",
+            "kv_cache_oom",
+            "failed to initialize the context: failed to allocate buffer for kv cache",
+        ),
+        ("cpu-compute-oom.txt", "compute_oom", "ggml_gallocr_reserve_n_impl: failed to allocate CPU buffer"),
+    ],
+)
+def test_real_cpu_runs_under_an_address_space_limit(name, kind, evidence):
+    # our own llama.cpp (build 11549) runs under `ulimit -v`: the path a memory-limited search takes
+    scan = scan_file(LOGS / "own-runs" / name)
+    assert scan.failure == kind and evidence in scan.evidence
+    assert scan.n_ctx == 4194304 and scan.engine == "llamacpp" and scan.engine_version is None

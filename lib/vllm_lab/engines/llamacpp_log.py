@@ -234,6 +234,7 @@ FACTS: dict[str, tuple[str, ...]] = {
         r"\"build\": ?(\d+)",
         r"build_info: b(\d+)",
         r"main: build = (\d+)",
+        r"common_params_print_info: build (\d+) \(",
         r"Listening on \S+ \(version (\d+\.\d+\.\d+\S*)\)",
     ),
 }
@@ -270,6 +271,8 @@ def _facts(records: list[str]) -> dict[str, object]:
                     facts[fact] = low in _TRUE
                     break
                 continue  # "auto": its resolution is another line
+            if fact == "engine_version" and raw == "0":
+                continue  # "build 0 (unknown)": a build without its number (e.g. a wheel)
             facts[fact] = raw if fact == "engine_version" else int(raw)
             break
     facts["kv_cache_mib"] = _kv_total(records)
