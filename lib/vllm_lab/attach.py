@@ -17,6 +17,7 @@ from pathlib import Path
 import nbformat
 
 from vllm_lab.redact import redact_text
+from vllm_lab.render import redact_notebook, scrub
 from vllm_lab.spec import SpecError
 
 GH_TARGET = re.compile(r"^(?P<repo>[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+)#(?P<number>[1-9][0-9]*)$")
@@ -28,12 +29,10 @@ TEXT_SUFFIXES = {".log", ".txt", ".md", ".json", ".jsonl", ".html", ".yaml"}
 
 def _add(zf: zipfile.ZipFile, path: Path, arcname: str) -> None:
     if path.suffix == ".ipynb":
-        from vllm_lab.report import redact_notebook
-
         nb = redact_notebook(nbformat.read(str(path), as_version=4))
         zf.writestr(arcname, nbformat.writes(nb))
     elif path.suffix in TEXT_SUFFIXES:
-        zf.writestr(arcname, redact_text(path.read_text(encoding="utf-8", errors="replace")))
+        zf.writestr(arcname, scrub(path.read_text(encoding="utf-8", errors="replace")))
     else:
         zf.write(path, arcname)
 

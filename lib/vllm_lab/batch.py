@@ -167,7 +167,7 @@ def redact_executed(path: Path) -> None:
     import nbformat
 
     from vllm_lab.redact import redact_obj
-    from vllm_lab.report import redact_notebook
+    from vllm_lab.render import redact_notebook
 
     if path.exists():
         nb = redact_notebook(nbformat.read(path, as_version=4))

@@ -84,10 +84,21 @@ def engine_flags(argv, *, drop_eager: bool = False) -> str:
     return " ".join(sorted(kept)) or NONE
 
 
-def install_label(install, version) -> str:
-    if _known(install):
-        return f"{install} (vLLM {version})" if _known(version) else f"{install} (vLLM version not reported)"
-    return f"vLLM {version}" if _known(version) else "—"
+def install_labels(install: pd.Series, version: pd.Series) -> list[str]:
+    """Per row, the plan's install name with the vLLM version(s) its servers reported ("—" where no install
+    was named: the plan's one command). Keyed by the name: a trial that failed before its log printed the
+    version is the same install as its neighbours."""
+    reported: dict[str, list[str]] = {}
+    for i, v in zip(install, version, strict=True):
+        if _known(i):
+            seen = reported.setdefault(str(i), [])
+            if _known(v) and str(v) not in seen:
+                seen.append(str(v))
+    labels = {
+        name: f"{name} (vLLM {', '.join(vs)})" if vs else f"{name} (vLLM version not reported)"
+        for name, vs in reported.items()
+    }
+    return [labels[str(i)] if _known(i) else "—" for i in install]
 
 
 def add_columns(df: pd.DataFrame) -> pd.DataFrame:
@@ -96,9 +107,7 @@ def add_columns(df: pd.DataFrame) -> pd.DataFrame:
     gpu = df["gpu"] if "gpu" in df else pd.Series([None] * len(df), index=df.index, dtype=object)
     df["model_name"] = [model_name(m) or "—" for m in df["model"]]
     df["engine"] = [str(e) if _known(e) else DEFAULT_ENGINE for e in engine]
-    df["install_label"] = [
-        install_label(i, v) for i, v in zip(df["install"], df["vllm_version"], strict=True)
-    ]
+    df["install_label"] = install_labels(df["install"], df["vllm_version"])
     df["gpu_type"] = [str(g) if _known(g) else (str(n) if _known(n) else "—") for g, n in zip(gpu, df["gpu_name"], strict=True)]  # fmt: skip
     df["flags"] = [engine_flags(a) for a in df["argv"]]
     df["flags_but_eager"] = [engine_flags(a, drop_eager=True) for a in df["argv"]]

@@ -3,6 +3,8 @@
 Records name their install (the plan's name) and the vLLM version that server itself printed in its log
 (vllm_version). Where a run holds trials of two or more installs, the report gets one section: which
 version changed what (the verdict), the outcome grid (one column per install), and capacity per install.
+A row is one configuration less its install (configs.key_columns: model, engine, GPU type, engine flags
+such as --enforce-eager, launcher, length, memory), so configurations that differ are never one row.
 Nothing here launches anything; it reads the prepared records (hypotheses.prepare) only.
 """
 
@@ -10,7 +12,11 @@ from __future__ import annotations
 
 import pandas as pd
 
-KEYS = ["launcher", "max_model_len", "memory_label"]  # one configuration, across installs
+from vllm_lab import configs
+
+INSTALL = "install_label"
+KEYS = configs.key_columns(without=(INSTALL,))  # one configuration, across installs
+GRID = ["launcher", "max_model_len", "memory"]
 MISSING = "—"
 
 
@@ -19,15 +25,21 @@ def _known(v) -> bool:
 
 
 def labels(df: pd.DataFrame) -> pd.Series:
-    """`name (vLLM version)` per row; the reported version alone where no install was named."""
-
-    def one(install, version) -> str | None:
-        v = f"vLLM {version}" if _known(version) else "vLLM version not reported"
-        return f"{install} ({v})" if _known(install) else (f"vLLM {version}" if _known(version) else None)
-
+    """`name (vLLM version)` per row (configs.install_labels); the reported version alone where no install
+    was named."""
     return pd.Series(
-        [one(i, v) for i, v in zip(df["install"], df["vllm_version"], strict=True)], index=df.index
+        [
+            label if _known(i) else (f"vLLM {v}" if _known(v) else None)
+            for label, i, v in zip(df[INSTALL], df["install"], df["vllm_version"], strict=True)
+        ],
+        index=df.index,
+        dtype=object,
     )
+
+
+def _others(df: pd.DataFrame) -> tuple[str, pd.Series]:
+    """(heading, label per row) of what else varies (model, flags, ...) besides the install."""
+    return configs.variant(df, without=(INSTALL,))
 
 
 def _cell(g: pd.DataFrame) -> str:
@@ -41,25 +53,34 @@ def outcome_grid(df: pd.DataFrame, lab: pd.Series) -> pd.DataFrame:
     """One row per configuration, one column per install: what each did with it."""
     d = df.assign(_install=lab)
     d = d[d["_install"].notna() & d["launcher"].notna()]
+    heading, others = _others(d)
+    d = d.assign(_others=others)
     cols = list(dict.fromkeys(d["_install"]))
     rows = []
-    for key, g in d.groupby(KEYS, dropna=False, sort=True):
-        row = dict(zip(["launcher", "max_model_len", "memory"], key, strict=True))
+    for _, g in d.groupby(KEYS, dropna=False, sort=True):
+        first = g.iloc[0]
+        row = {"_others": first["_others"], "launcher": first["launcher"],
+               "max_model_len": first["max_model_len"], "memory": first["memory_label"]}  # fmt: skip
         for c in cols:
             sub = g[g["_install"] == c]
             row[c] = _cell(sub) if not sub.empty else MISSING
         rows.append(row)
-    return pd.DataFrame(rows, columns=["launcher", "max_model_len", "memory", *cols])
+    out = pd.DataFrame(rows, columns=["_others", *GRID, *cols])
+    return out.rename(columns={"_others": heading}) if heading else out.drop(columns="_others")
 
 
 def capacity(df: pd.DataFrame, lab: pd.Series) -> pd.DataFrame:
     """Per install: trials, how many started, the largest stable max_model_len, KV tokens and weights."""
     d = df.assign(_install=lab)
+    d = d[d["_install"].notna()]
+    heading, others = _others(d)
+    d = d.assign(_others=others)
     rows = []
-    for name, g in d[d["_install"].notna()].groupby("_install", sort=False):
+    for (name, other), g in d.groupby(["_install", "_others"], sort=False):
         stable = g[g["stable"]]
         rows.append({
-            "install": name, "trials": len(g), "started": int(g["started"].sum()),
+            "install": name, **({heading: other} if heading else {}), "trials": len(g),
+            "started": int(g["started"].sum()),
             "largest stable max_model_len": int(stable["max_model_len"].max()) if not stable.empty else "none stable",
             "kv_cache_tokens": g["kv_cache_tokens"].dropna().max() if g["kv_cache_tokens"].notna().any() else None,
             "weights_gib": g["weights_gib"].dropna().max() if g["weights_gib"].notna().any() else None,
@@ -70,13 +91,15 @@ def capacity(df: pd.DataFrame, lab: pd.Series) -> pd.DataFrame:
 
 def changes(grid: pd.DataFrame) -> list[str]:
     """ "0.27.0 starts at 4096; 0.32.0 fails: kv_cache_insufficient" for each configuration that differs."""
-    installs = [c for c in grid.columns if c not in ("launcher", "max_model_len", "memory")]
+    first = list(grid.columns).index("launcher")  # columns before it name what else varies (model, flags)
+    installs = list(grid.columns[first + len(GRID) :])
     out = []
     for _, row in grid.iterrows():
         seen = {c: row[c] for c in installs if row[c] != MISSING}
         if len(set(seen.values())) < 2:
             continue
-        where = f"{row['launcher']}, max_model_len {row['max_model_len']}, {row['memory']}"
+        other = "".join(f"{c} {row[c]}, " for c in grid.columns[:first])
+        where = f"{other}{row['launcher']}, max_model_len {row['max_model_len']}, {row['memory']}"
         line = f"{where}: " + "; ".join(f"{c} {v}" for c, v in seen.items())
         if "timeout" in seen.values():  # a slow start, not a refusal: no version to blame yet
             line += " (a timeout is not a verdict: rerun it with a longer startup_timeout_s)"

@@ -1,6 +1,6 @@
 """report-issue.md: the report's blocks as GitHub-flavoured Markdown made to be pasted into an issue or comment.
 
-The same blocks as report.md and report.html (report.report_blocks), rendered for a reader who has none of the
+A leaf renderer: the same blocks as report.md and report.html (report.report_blocks, from the run's one summary), rendered for a reader who has none of the
 run's files: no image or link points at a local file; each figure becomes a Mermaid `xychart-beta` block
 (GitHub draws them) or a table; tables longer than FOLD_ROWS fold into <details>; evidence lines are code
 spans (shown as vLLM printed them, never read as Markdown or HTML); predictions and fake-backend numbers say
@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from vllm_lab import plots
-from vllm_lab.redact import redact_text
-from vllm_lab.report import MISSING, fmt_value, known_blocks
+from vllm_lab import configs, plots
+from vllm_lab.render import MISSING, fmt_value, known_blocks, scrub
 
 ISSUE_FILE = "report-issue.md"
 GITHUB_LIMIT = 65_536  # characters GitHub accepts in an issue or comment body
@@ -109,15 +108,14 @@ def outcome_grid(df: pd.DataFrame) -> str | None:
     rows = plots.grid_rows(df)
     if rows.empty:
         return None
-    rows = rows.assign(
-        config=rows["launcher"].astype(str) + ", len " + rows["max_model_len"].astype(int).astype(str)
-    )
+    rows = rows.assign(config=plots.row_label(rows, sep=", "))
     cols = list(rows.sort_values("memory_setting", na_position="first")["memory_label"].unique())
-    order = list(rows.sort_values(["launcher", "max_model_len"])["config"].unique())
+    order = list(rows.sort_values(["variant", "launcher", "max_model_len"])["config"].unique())
     texts = rows.groupby(["config", "memory_label"]).apply(plots.cell_text, include_groups=False)
+    heading = configs.variant(plots.prepared_frame(df))[0]
     grid = pd.DataFrame(
         [[cfg, *(texts.get((cfg, c), "not run").replace("\n", ", ") for c in cols)] for cfg in order],
-        columns=["launcher, max_model_len", *cols],
+        columns=[(f"{heading}, " if heading else "") + "launcher, max_model_len", *cols],
     )
     return (
         "Cell: `ready` or the failure kind, how many of the trials started, `(fake)` for the test double.\n\n"
@@ -126,8 +124,20 @@ def outcome_grid(df: pd.DataFrame) -> str | None:
 
 
 def capacity(df: pd.DataFrame) -> str | None:
-    """Bars: measured KV tokens (largest per memory setting); line: the prediction, labelled as one."""
-    rows = df[df["memory_kind"].notna()]
+    """Per model (install, ...) where the run has several, one chart: bars the measured KV tokens (largest
+    per memory setting), a line the prediction, labelled as one."""
+    df = plots.prepared_frame(df)
+    heading, labels = configs.variant(df)
+    charts = [
+        _capacity_chart(g, f"{heading} {name}" if heading else "")
+        for name, g in df.groupby(labels, sort=True)
+    ]
+    charts = [c for c in charts if c]
+    return "\n\n".join(charts) if charts else None
+
+
+def _capacity_chart(rows: pd.DataFrame, which: str) -> str | None:
+    rows = rows[rows["memory_kind"].notna()]
     if rows.empty:
         return None
     rows = rows[rows["memory_kind"].eq(rows["memory_kind"].mode().iloc[0])].sort_values("memory_setting")
@@ -150,7 +160,8 @@ def capacity(df: pd.DataFrame) -> str | None:
         )
     if not series:
         return None
-    chart = xychart("KV cache tokens per memory setting", x, series, "tokens")
+    title = "KV cache tokens per memory setting" + (f": {which}" if which else "")
+    chart = xychart(title, x, series, "tokens")
     return chart + "\n\n" + "; ".join(said) + "; 0 where nothing was recorded."
 
 
@@ -171,10 +182,12 @@ def search(df: pd.DataFrame) -> str | None:
     if rows.empty:
         return None
     parts = []
-    for (launcher, mem), g in rows.groupby(["launcher", "memory_label"], dropna=False, sort=False):
+    for (variant, launcher, mem), g in rows.groupby(
+        ["variant", "launcher", "memory_label"], dropna=False, sort=False
+    ):
         parts.append(
             xychart(
-                f"Search: {launcher}, {mem}",
+                f"Search: {variant + ', ' if variant else ''}{launcher}, {mem}",
                 list(g["launch"]),
                 [("line", list(g["max_model_len"]))],
                 "max_model_len",
@@ -182,6 +195,11 @@ def search(df: pd.DataFrame) -> str | None:
         )
     table = pd.DataFrame(
         {
+            **(
+                {configs.variant(plots.prepared_frame(df))[0]: rows["variant"]}
+                if rows["variant"].ne("").any()
+                else {}
+            ),
             "launch": rows["launch"],
             "launcher": rows["launcher"],
             "memory": rows["memory_label"],
@@ -238,7 +256,7 @@ def _chart(df: pd.DataFrame, name: str, path, note: str) -> str:
 
 
 def render_issue_blocks(df: pd.DataFrame, blocks: list[tuple], max_code=None, max_rows=None) -> str:
-    """Any block list (report.known_blocks) as GFM: headings one level down, images as charts or tables."""
+    """Any block list (render.known_blocks) as GFM: headings one level down, images as charts or tables."""
     parts = []
     for block in known_blocks(blocks):
         kind = block[0]
@@ -257,7 +275,7 @@ def render_issue(df: pd.DataFrame, blocks: list[tuple], limit: int = GITHUB_LIMI
     """The issue text, redacted, within limit characters: the first shrink step that fits."""
     footer = f"\n---\n_Made by `vllm-lab report --for-issue` from trials.jsonl; {ZIP_NOTE}._\n"
     for max_code, max_rows in SHRINK_STEPS:
-        text = redact_text(render_issue_blocks(df, blocks, max_code, max_rows)) + footer
+        text = scrub(render_issue_blocks(df, blocks, max_code, max_rows)) + footer
         if len(text) <= limit:
             return text
     cut = f"\n\n_(cut at GitHub's {limit} characters; {ZIP_NOTE}.)_\n"

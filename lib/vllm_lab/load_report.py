@@ -15,6 +15,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from vllm_lab import configs
 from vllm_lab.plots import FAKE, FAKE_LABEL, fake_suffix, new_figure, prepared_frame, save_figure
 
 PLOTS_DIR = "plots"  # report.PLOTS_DIR: the run's figures sit together
@@ -30,7 +31,8 @@ def load_rows(df: pd.DataFrame) -> pd.DataFrame:
     """The records that ran a load (a dict in `load`), in run order."""
     df = prepared_frame(df)
     if df.empty or "load" not in df.columns:
-        return df.iloc[0:0]
+        return df.iloc[0:0].assign(variant="")
+    df = df.assign(variant=configs.variant(df)[1])  # the model / install / ... where the run has several
     return df[df["load"].map(lambda v: isinstance(v, dict) and bool(v.get("levels")))]
 
 
@@ -44,9 +46,33 @@ def _true(v) -> bool:
     return isinstance(v, bool | np.bool_) and bool(v)
 
 
-def _clean(level: dict) -> bool:
-    """Every request of the level completed, none with an error chunk."""
-    return not level.get("failed") and not level.get("errors_in_stream") and bool(level.get("completed"))
+def _clean(level: dict, planned: int | None = None) -> bool:
+    """The level passed the load's verdict: its `problems` where the record has them (load.py's: a failed or
+    unfinished request, /health after it, a fatal log line, the server gone); in older records every request
+    it was to send completed, none with an error chunk, and /health answered 200 (or is not checkable)."""
+    if "problems" in level:
+        return not level["problems"] and not level.get("interrupted")
+    finished = planned is None or level.get("requests") == planned
+    health = level.get("health_after", 200) in (200, "not checkable")
+    return (
+        finished
+        and health
+        and not level.get("failed")
+        and not level.get("errors_in_stream")
+        and bool(level.get("completed"))
+    )
+
+
+def clean_levels(load: dict) -> list[dict]:
+    """The levels of a load (LoadResult.to_dict()) that served their users cleanly, as its verdict says."""
+    levels = load.get("levels") or []
+    planned = (load.get("spec") or {}).get("requests")
+    clean = [lv for lv in levels if _clean(lv, planned)]
+    if load.get("stable") is False and levels and "problems" not in levels[-1]:
+        # an older record: the load stops at its first unstable level, so its last one is not clean even where
+        # its counts look clean (a fatal log line was not kept per level)
+        clean = [lv for lv in clean if lv is not levels[-1]]
+    return clean
 
 
 def levels_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -70,22 +96,25 @@ def levels_table(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def frontier(df: pd.DataFrame) -> pd.DataFrame:
-    """For each launcher, memory setting and max_model_len that served a full-length request under a load:
-    the most concurrent users served cleanly, at what output tokens/s and TTFT p90, the knee, the verdict.
+    """For each configuration (configs.key_columns: model, install, flags, ..., launcher, memory setting,
+    max_model_len) that served a full-length request under a load: the most concurrent users served cleanly,
+    at what output tokens/s and TTFT p90, the knee, the verdict; a first column names the model etc. where
+    the run has several.
 
     The last record of a configuration counts (a resumed or repeated trial replaces the earlier one).
     """
     rows = load_rows(df)
     rows = rows[rows["long_request_ok"].map(_true).astype(bool)]  # an empty object mask would select columns
     out = []
-    for (launcher, mem, n), g in rows.groupby(["launcher", "memory_label", "max_model_len"], dropna=False):
+    for _, g in rows.groupby(configs.key_columns(), dropna=False):
         r = g.iloc[-1]
-        clean = [lv for lv in r["load"]["levels"] if _clean(lv)]
+        launcher, mem, n = r["launcher"], r["memory_label"], r["max_model_len"]
+        clean = clean_levels(r["load"])
         top = max(clean, key=lambda lv: lv.get("concurrency") or 0, default={})
         knee = r["load"].get("knee_concurrency", r.get("knee_concurrency"))
         at_knee = next((lv for lv in r["load"]["levels"] if lv.get("concurrency") == knee), {})
         out.append({
-            "launcher": launcher, "memory": mem, "max_model_len": n, "backend": r["backend"],
+            "variant": r["variant"], "launcher": launcher, "memory": mem, "max_model_len": n, "backend": r["backend"],
             "concurrent users (served cleanly)": top.get("concurrency", 0),
             "output tok/s at that": top.get("output_tokens_per_s"), "TTFT p90 ms at that": _pct(top, "ttft_ms", "p90"),
             "knee (--max-num-seqs hint)": knee, "output tok/s at the knee": at_knee.get("output_tokens_per_s"),
@@ -94,8 +123,10 @@ def frontier(df: pd.DataFrame) -> pd.DataFrame:
     cols = ["launcher", "memory", "max_model_len", "backend", "concurrent users (served cleanly)",
             "output tok/s at that", "TTFT p90 ms at that", "knee (--max-num-seqs hint)", "output tok/s at the knee",
             "stable under the load", "reason", "trial"]  # fmt: skip
-    table = pd.DataFrame(out, columns=cols)
-    return table.sort_values(["launcher", "memory", "max_model_len"]).reset_index(drop=True)
+    table = pd.DataFrame(out, columns=["variant", *cols])
+    table = table.sort_values(["variant", "launcher", "memory", "max_model_len"]).reset_index(drop=True)
+    heading, _ = configs.variant(prepared_frame(df))
+    return table.rename(columns={"variant": heading}) if heading else table.drop(columns="variant")
 
 
 # ---- figures --------------------------------------------------------------------------------------------
@@ -106,7 +137,8 @@ def _series(df: pd.DataFrame):
     for r in load_rows(df).itertuples(index=False):
         levels = sorted(r.load["levels"], key=lambda lv: lv.get("concurrency") or 0)
         fake = r.backend == FAKE
-        label = f"len {r.max_model_len}, {r.memory_label}" + (" (fake)" if fake else "")
+        where = f"{r.variant}, " if r.variant else ""  # which model / install where the run has several
+        label = f"{where}len {r.max_model_len}, {r.memory_label}" + (" (fake)" if fake else "")
         yield label, fake, r.load.get("knee_concurrency"), levels
 
 
@@ -188,9 +220,10 @@ def frontier_figure(df: pd.DataFrame) -> Figure | None:
         return None
     fig, ax = new_figure((7.5, 4.5))
     users = "concurrent users (served cleanly)"
-    for (launcher, mem), g in table.groupby(["launcher", "memory"], sort=False):
+    first = list(table.columns).index("launcher")  # the columns before it name the model etc.
+    for key, g in table.groupby(list(table.columns[: first + 2]), sort=False):
         fake = g["backend"].eq(FAKE)
-        label = f"{launcher}, {mem}" + (" (fake)" if fake.all() else "")
+        label = ", ".join(map(str, key)) + (" (fake)" if fake.all() else "")
         (line,) = ax.plot(g["max_model_len"], g[users], label=label, **_style(bool(fake.all())))
         hollow = g[~g["stable under the load"]]
         if not hollow.empty:

@@ -19,12 +19,18 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from vllm_lab import configs
 from vllm_lab.hypotheses import memory_axis_name, prepare
 
 OUTCOME_COLORS = {"ready": "#2a9d47", "failed": "#d1372c", "timeout": "#e08a1e", "unstable": "#8a4fbf"}
+# The outcome grid's cell colours: a clean start, each way of not starting cleanly, and trials that disagree.
+GRID_COLORS = {**OUTCOME_COLORS, "mixed": "#f2d64b"}
+GRID_WORDS = {"ready": "ready (every trial)", "unstable": "unstable (came up, then failed)",
+              "failed": "failed to start", "timeout": "timeout", "mixed": "trials disagree"}  # fmt: skip
 FAKE = "fake"
 FAKE_LABEL = "fake backend (test double)"
 PREDICTED_LABEL = "predicted (memory model, not measured)"
@@ -54,7 +60,13 @@ def register_png_formatter() -> bool:
 
 
 def prepared_frame(df: pd.DataFrame) -> pd.DataFrame:
-    return df if "memory_kind" in df.columns else prepare(df)
+    """Prepared records less lost Ray attempts (infrastructure: no trial of the server, drawn nowhere)."""
+    return configs.usable(df if "memory_kind" in df.columns else prepare(df))
+
+
+def variant_labels(df: pd.DataFrame) -> pd.Series:
+    """Per row, the model / install / flags that tell it apart where the run has several ("" otherwise)."""
+    return configs.variant(df)[1]
 
 
 def new_figure(figsize: tuple[float, float]):
@@ -91,9 +103,22 @@ def fake_suffix(rows: pd.DataFrame) -> str:
 def grid_rows(df: pd.DataFrame) -> pd.DataFrame:
     """Trials placed on the launcher x max_model_len x memory grid (search-step launches excluded if others exist)."""
     df = prepared_frame(df)
+    df = df.assign(variant=variant_labels(df))
     rows = df[df["launcher"].notna() & df["max_model_len"].notna()]
     plain = rows[~rows["step"].astype("string").str.contains("search", na=False)]
     return plain if not plain.empty else rows
+
+
+def row_label(rows: pd.DataFrame, sep: str = " · ") -> pd.Series:
+    """A grid row's name: the model (install, ...) where the run has several, the launcher, the length."""
+    base = rows["launcher"].astype(str) + sep + "len " + rows["max_model_len"].astype(int).astype(str)
+    return (rows["variant"] + sep).where(rows["variant"].ne(""), "") + base
+
+
+def cell_kind(g: pd.DataFrame) -> str:
+    """ready only where every trial came up cleanly; unstable (up, then failed) never looks like it."""
+    kinds = set(g["outcome"])
+    return kinds.pop() if len(kinds) == 1 and next(iter(kinds)) in OUTCOME_COLORS else "mixed"
 
 
 def cell_text(g: pd.DataFrame) -> str:
@@ -112,30 +137,38 @@ def outcome_grid_figure(df: pd.DataFrame) -> Figure | None:
     rows = grid_rows(df)
     if rows.empty:
         return None
-    rows = rows.assign(
-        row=rows["launcher"].astype(str) + " · len " + rows["max_model_len"].astype(int).astype(str)
-    )
+    rows = rows.assign(row=row_label(rows))
     col_order = rows.sort_values("memory_setting", na_position="first")["memory_label"].unique()
-    row_order = rows.sort_values(["launcher", "max_model_len"])["row"].unique()
-    rates = rows.pivot_table(index="row", columns="memory_label", values="started", aggfunc="mean")
-    rates = rates.reindex(index=row_order, columns=col_order).astype(float)
+    row_order = rows.sort_values(["variant", "launcher", "max_model_len"])["row"].unique()
+    kinds = list(GRID_COLORS)
+    cell_kinds = rows.groupby(["row", "memory_label"]).apply(cell_kind, include_groups=False)
+    codes = pd.DataFrame(
+        [[kinds.index(cell_kinds[(r, c)]) if (r, c) in cell_kinds else np.nan for c in col_order]
+         for r in row_order], index=row_order, columns=col_order, dtype=float,
+    )  # fmt: skip
     texts = rows.groupby(["row", "memory_label"]).apply(cell_text, include_groups=False)
     annot = np.array([[texts.get((r, c), "not run") for c in col_order] for r in row_order], dtype=object)
-    fig, ax = new_figure((2.6 * len(col_order) + 2.5, 0.75 * len(row_order) + 1.6))
+    width = max(len(str(r)) for r in row_order) * 0.07
+    fig, ax = new_figure((2.6 * len(col_order) + 2.5 + width, 0.75 * len(row_order) + 1.6))
     ax.set_facecolor("#eeeeee")
     sns.heatmap(
-        rates,
+        codes,
         ax=ax,
-        cmap="RdYlGn",
-        vmin=0,
-        vmax=1,
+        cmap=ListedColormap([GRID_COLORS[k] for k in kinds]),
+        vmin=-0.5,
+        vmax=len(kinds) - 0.5,
         linewidths=1,
         linecolor="white",
-        cbar_kws={"label": "share of trials that started"},
+        cbar=False,
     )
     for (i, j), text in np.ndenumerate(annot):
-        ax.text(j + 0.5, i + 0.5, text, ha="center", va="center", fontsize=8)
-    ax.set(xlabel="memory setting", ylabel="launcher · max_model_len")
+        color = "white" if codes.iat[i, j] in (kinds.index("failed"), kinds.index("unstable")) else "black"
+        ax.text(j + 0.5, i + 0.5, text, ha="center", va="center", fontsize=8, color=color)
+    seen = [k for k in kinds if kinds.index(k) in set(codes.stack())]
+    handles = [Patch(color=GRID_COLORS[k], label=GRID_WORDS[k]) for k in seen]
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), title="cell")
+    heading = configs.variant(prepared_frame(df))[0]
+    ax.set(xlabel="memory setting", ylabel=(f"{heading} · " if heading else "") + "launcher · max_model_len")
     ax.set_title(
         "Outcome per configuration (cell text: outcome or failure kind)" + fake_suffix(rows), fontsize=10
     )
@@ -157,7 +190,11 @@ def _memory_x(rows: pd.DataFrame) -> pd.Series:
 
 def _largest_stable(rows: pd.DataFrame) -> pd.DataFrame:
     stable = rows[rows["stable"] & rows["step"].astype("string").str.contains("search", na=False)]
-    return stable.groupby("x", as_index=False)["max_model_len"].max()
+    return stable.groupby(["variant", "x"], as_index=False)["max_model_len"].max()
+
+
+def _named(label: str, variant: str) -> str:
+    return f"{label}, {variant}" if variant else label
 
 
 def _dodge(x: pd.Series) -> float:
@@ -174,20 +211,15 @@ def capacity_figure(df: pd.DataFrame) -> Figure | None:
         return None
     kind = rows["memory_kind"].mode().iloc[0]
     rows = rows[rows["memory_kind"].eq(kind)]
-    rows = rows.assign(x=_memory_x(rows))
+    rows = rows.assign(x=_memory_x(rows), variant=variant_labels(rows))
     d = _dodge(rows["x"])
     fig, ax = new_figure((7.5, 4.8))
     drawn = _draw_measured(ax, rows, -d) + _draw_predicted(ax, rows) + _draw_estimates(ax, rows, d)
     stable = _largest_stable(rows)
-    if not stable.empty:
-        ax.plot(
-            stable["x"] + 2 * d,
-            stable["max_model_len"],
-            "s",
-            color="#1f4e9c",
-            markersize=8,
-            label=SEARCH_LABEL,
-        )
+    for i, (variant, g) in enumerate(stable.groupby("variant", sort=True)):
+        color = "#1f4e9c" if not variant else f"C{i}"
+        ax.plot(g["x"] + 2 * d, g["max_model_len"], "s", color=color, markersize=8,
+                label=_named(SEARCH_LABEL, variant))  # fmt: skip
         drawn += 1
     if not drawn:
         return None
@@ -202,39 +234,31 @@ def capacity_figure(df: pd.DataFrame) -> Figure | None:
 
 def _draw_measured(ax, rows: pd.DataFrame, dx: float) -> int:
     measured = rows[rows["kv_cache_tokens"].notna()]
-    for backend, g in measured.groupby(measured["backend"].fillna("unknown")):
+    variants = sorted(set(rows["variant"]))
+    groups = measured.groupby([measured["variant"], measured["backend"].fillna("unknown")])
+    for (variant, backend), g in groups:
+        i = variants.index(variant)
         if backend == FAKE:
-            ax.plot(
-                g["x"] + dx, g["kv_cache_tokens"], "x", color="#777777", markersize=9, mew=2, label=FAKE_LABEL
-            )
+            ax.plot(g["x"] + dx, g["kv_cache_tokens"], "x", color="#777777" if not variant else f"C{i}",
+                    markersize=9, mew=2, label=_named(FAKE_LABEL, variant))  # fmt: skip
         else:
-            ax.plot(
-                g["x"] + dx,
-                g["kv_cache_tokens"],
-                "o",
-                color="#2a9d47",
-                markersize=8,
-                label=f"measured ({backend})",
-            )
-    return measured["backend"].nunique(dropna=False) if not measured.empty else 0
+            ax.plot(g["x"] + dx, g["kv_cache_tokens"], "o", color="#2a9d47" if not variant else f"C{i}",
+                    markersize=8, label=_named(f"measured ({backend})", variant))  # fmt: skip
+    return groups.ngroups if not measured.empty else 0
 
 
 def _draw_predicted(ax, rows: pd.DataFrame) -> int:
     pred = rows[rows["predicted_kv_cache_tokens"].notna()][
-        ["x", "predicted_kv_cache_tokens"]
+        ["variant", "x", "predicted_kv_cache_tokens"]
     ].drop_duplicates()
     if pred.empty:
         return 0
-    pred = pred.groupby("x", as_index=False).mean().sort_values("x")
-    ax.plot(
-        pred["x"],
-        pred["predicted_kv_cache_tokens"],
-        "o--",
-        mfc="none",
-        color="#555555",
-        markersize=8,
-        label=PREDICTED_LABEL,
-    )
+    variants = sorted(set(rows["variant"]))
+    for variant, g in pred.groupby("variant", sort=True):  # one model's prediction is not another's
+        g = g.groupby("x", as_index=False)["predicted_kv_cache_tokens"].mean().sort_values("x")
+        color = "#555555" if not variant else f"C{variants.index(variant)}"
+        ax.plot(g["x"], g["predicted_kv_cache_tokens"], "o--", mfc="none", color=color, markersize=8,
+                label=_named(PREDICTED_LABEL, variant))  # fmt: skip
     return 1
 
 
@@ -334,8 +358,10 @@ def plot_timeline(df: pd.DataFrame, path: str | Path) -> Path | None:
 
 def search_rows(df: pd.DataFrame) -> pd.DataFrame:
     df = prepared_frame(df)
+    df = df.assign(variant=variant_labels(df))
     rows = df[df["step"].astype("string").str.contains("search", na=False) & df["max_model_len"].notna()]
-    return rows.assign(launch=rows.groupby(["launcher", "memory_label"], dropna=False).cumcount() + 1)
+    keys = ["variant", "launcher", "memory_label"]  # one search per model (install, ...), launcher and memory
+    return rows.assign(launch=rows.groupby(keys, dropna=False).cumcount() + 1)
 
 
 def search_figure(df: pd.DataFrame) -> Figure | None:
@@ -343,10 +369,10 @@ def search_figure(df: pd.DataFrame) -> Figure | None:
     if rows.empty:
         return None
     fig, ax = new_figure((7.5, 4.5))
-    for (launcher, mem), g in rows.groupby(["launcher", "memory_label"], dropna=False):
+    for (variant, launcher, mem), g in rows.groupby(["variant", "launcher", "memory_label"], dropna=False):
         ax.plot(g["launch"], g["max_model_len"], "-", color="#aaaaaa", zorder=1)
         ax.annotate(
-            f"{launcher}, {mem}",
+            _named(f"{launcher}, {mem}", variant),
             (g["launch"].iloc[-1], g["max_model_len"].iloc[-1]),
             fontsize=8,
             xytext=(6, 0),

@@ -1,68 +1,70 @@
 """A run's report: report.md (beside its plots/), report.html (one self-contained file), report-issue.md, plots.
 
 Everything is derived from trials.jsonl (read through record.read_records); nothing here launches anything.
+This module is the run's one summary: it keys every configuration by everything that defines it
+(configs.py: model, engine, install, GPU type, engine flags, launcher, length, memory), sets lost Ray attempts
+apart, and turns the verdict, tables and figures into ("heading" | "text" | "table" | "image", ...) blocks.
+The renderers are leaves fed those blocks: render.py (report.md, report.html), issue_report.py
+(report-issue.md) and attach.py (zip, gh); none of them imports this module.
 The verdict comes first: what works, the largest stable max_model_len per setting, which hypotheses the data
-supports or refutes. Every text written passes through redact.redact_text.
+supports or refutes.
 
-The report notebook (notebooks/99_report.ipynb) calls load_run, verdict, the plots module, trial_table and
-export_html; `vllm-lab report RUN_DIR` builds the same content without a kernel (build_report). Every
-renderer takes the same ("heading" | "text" | "table" | "image", ...) blocks from report_blocks:
-render_markdown, build_notebook (-> HTML) and issue_report.render_issue (GitHub, Mermaid charts).
+The report notebook (notebooks/99_report.ipynb) calls load_run, verdict, the plots module and trial_table;
+`vllm-lab report RUN_DIR` builds the files without a kernel (build_report).
 """
 
 from __future__ import annotations
 
-import base64
 import sys
-import warnings
 from pathlib import Path
 
-import nbformat
 import pandas as pd
 
-from vllm_lab import hypotheses, load_report, plots
+from vllm_lab import attach, configs, hypotheses, issue_report, load_report, plots
 from vllm_lab.gpu_axis import gpu_axis_blocks
 from vllm_lab.install_compare import compare_blocks
 from vllm_lab.record import TRIALS_FILE, read_records
-from vllm_lab.redact import redact_obj, redact_text
+from vllm_lab.redact import redact_obj
+from vllm_lab.render import (  # noqa: F401  (markdown_table, redact_notebook: the notebook and tests use them)
+    MISSING,
+    PLOTS_DIR,
+    build_notebook,
+    export_html,
+    fmt_value,
+    known_blocks,
+    markdown_table,
+    redact_notebook,
+    render_markdown,
+    scrub,
+)
 
-PLOTS_DIR = "plots"
 FAKE_BANNER = "FAKE backend: test double, not a measurement"
-MISSING = "—"
 
 
 # ---- loading -----------------------------------------------------------------------------------------
 
 
 def load_run(run_dir: str | Path) -> pd.DataFrame:
-    """trials.jsonl as a redacted DataFrame with derived columns; attrs: run_dir, run_id, torn (line count)."""
+    """trials.jsonl as a redacted DataFrame with derived columns, lost Ray attempts (infrastructure) set
+    apart; attrs: run_dir, run_id, torn (line count), lost (those attempts, for their own table)."""
     recs = read_records(run_dir)
-    df = hypotheses.prepare([redact_obj(r) for r in recs.rows])
-    df.attrs.update(run_dir=str(run_dir), run_id=_run_id(df, run_dir), torn=len(recs.torn))
+    every = hypotheses.prepare([redact_obj(r) for r in recs.rows])
+    lost = configs.lost(every)
+    df = configs.usable(every).reset_index(drop=True)
+    df.attrs.update(
+        run_dir=str(run_dir), run_id=_run_id(every, run_dir), torn=len(recs.torn), lost=_lost_rows(lost)
+    )
     return df
+
+
+def _lost_rows(lost: pd.DataFrame) -> list[dict]:
+    cols = ["trial_id", "step", "node", "gpu_type", "evidence"]
+    return [{c: r.get(c) for c in cols} for r in lost.to_dict("records")]
 
 
 def _run_id(df: pd.DataFrame, run_dir: str | Path) -> str:
     ids = df["run_id"].dropna().astype(str).unique() if "run_id" in df else []
     return ", ".join(ids) if len(ids) else Path(run_dir).resolve().name
-
-
-# ---- value formatting ----------------------------------------------------------------------------------
-
-
-def fmt_value(v) -> str:
-    if v is None or (isinstance(v, float) and pd.isna(v)):
-        return MISSING
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        return str(int(v)) if v.is_integer() and abs(v) >= 1 else f"{v:.3g}"
-    return str(v)
-
-
-def _display(df: pd.DataFrame) -> pd.DataFrame:
-    """Every cell as a short string (— for unknown) so Markdown and HTML show the same thing."""
-    return df.astype(object).map(fmt_value) if not df.empty else df
 
 
 def _backend_label(backend, mixed: bool) -> str:
@@ -73,6 +75,21 @@ def _backend_label(backend, mixed: bool) -> str:
 
 def _long_request(v) -> str:
     return "ok" if v is True else ("failed" if v is False else "not run")
+
+
+def _with_variant(df: pd.DataFrame, table: pd.DataFrame, labels) -> pd.DataFrame:
+    """table with a first column naming each row's model / install / ... where the run has several."""
+    heading, _ = configs.variant(df)
+    if not heading:
+        return table
+    out = table.copy()
+    out.insert(0, heading, list(labels))
+    return out
+
+
+def _variant_column(df: pd.DataFrame) -> pd.DataFrame:
+    """df with `_variant`: the label of the configuration's parts that vary in the run ("" where none)."""
+    return df.assign(_variant=configs.variant(df)[1])
 
 
 # ---- verdict -------------------------------------------------------------------------------------------
@@ -96,6 +113,10 @@ def backend_banner(df: pd.DataFrame) -> str | None:
 def _config_summary(g: pd.DataFrame) -> pd.Series:
     return pd.Series(
         {
+            "_variant": g["_variant"].iloc[0],
+            "launcher": g["launcher"].iloc[0],
+            "max_model_len": g["max_model_len"].iloc[0],
+            "memory": g["memory_label"].iloc[0],
             "ready": f"{int(g['started'].sum())}/{len(g)}",
             "long request": "ok"
             if g["stable"].any()
@@ -110,34 +131,49 @@ def _config_summary(g: pd.DataFrame) -> pd.Series:
     )
 
 
+WORKING_COLUMNS = [
+    "launcher",
+    "max_model_len",
+    "memory",
+    "ready",
+    "long request",
+    "kv_cache_tokens",
+    "backend",
+]
+
+
 def working_configs(df: pd.DataFrame) -> pd.DataFrame:
-    """Configurations with at least one ready trial, best first (stable, always ready, longest context)."""
-    ok = df[df["launcher"].notna()]
-    keys = ["launcher", "max_model_len", "memory_label"]
+    """Configurations with at least one ready trial, best first (stable, always ready, longest context);
+    one row per configuration (configs.key_columns), a first column naming the model etc. where several."""
+    df = configs.usable(df)
+    ok = _variant_column(df[df["launcher"].notna()])
     if ok.empty:
-        return pd.DataFrame(columns=[*keys, "ready", "long request", "kv_cache_tokens", "backend"])
-    groups = ok.groupby(keys, dropna=False).apply(_config_summary, include_groups=False).reset_index()
+        return pd.DataFrame(columns=WORKING_COLUMNS)
+    groups = pd.DataFrame(
+        [_config_summary(g) for _, g in ok.groupby(configs.key_columns(), dropna=False, sort=False)]
+    )
     groups = groups[groups["_ready"] > 0]
     groups = groups.sort_values(
         ["_stable", "_all", "max_model_len", "_mem"], ascending=[False, False, False, True]
-    )
-    return (
-        groups.drop(columns=["_ready", "_stable", "_all", "_mem"])
-        .rename(columns={"memory_label": "memory"})
-        .reset_index(drop=True)
-    )
+    ).reset_index(drop=True)
+    return _with_variant(df, groups[WORKING_COLUMNS], groups["_variant"])
 
 
 def largest_stable(df: pd.DataFrame) -> pd.DataFrame:
-    """Per launcher and memory setting: the largest max_model_len that was ready and served a long request."""
+    """Per configuration less its length (model, install, ..., launcher, memory setting): the largest
+    max_model_len that was ready and served a long request."""
+    df = configs.usable(df)
     rows = []
-    for (launcher, mem), g in df[df["launcher"].notna()].groupby(["launcher", "memory_label"], sort=False):
+    d = _variant_column(df[df["launcher"].notna()])
+    keys = configs.key_columns(without=("max_model_len",))
+    for _, g in d.groupby(keys, sort=False, dropna=False) if not d.empty else []:
         stable = g[g["stable"]].sort_values("max_model_len", ascending=False)
         best = stable.iloc[0] if not stable.empty else None
         rows.append(
             {
-                "launcher": launcher,
-                "memory": mem,
+                "_variant": g["_variant"].iloc[0],
+                "launcher": g["launcher"].iloc[0],
+                "memory": g["memory_label"].iloc[0],
                 "largest stable max_model_len": best["max_model_len"] if best is not None else "none stable",
                 "trial": best["trial_id"] if best is not None else MISSING,
                 "kv_cache_tokens": best["kv_cache_tokens"] if best is not None else None,
@@ -145,31 +181,44 @@ def largest_stable(df: pd.DataFrame) -> pd.DataFrame:
                 "_mem": g["memory_setting"].iloc[0],
             }
         )
-    out = pd.DataFrame(
-        rows,
-        columns=[
-            "launcher",
-            "memory",
-            "largest stable max_model_len",
-            "trial",
-            "kv_cache_tokens",
-            "trials",
-            "_mem",
-        ],
+    cols = ["launcher", "memory", "largest stable max_model_len", "trial", "kv_cache_tokens", "trials"]
+    out = pd.DataFrame(rows, columns=["_variant", *cols, "_mem"])
+    out = out.sort_values(["_variant", "launcher", "_mem"]).reset_index(drop=True)
+    return _with_variant(df, out[cols], out["_variant"])
+
+
+def _works(row: pd.Series) -> str:
+    return (
+        f"launcher `{row['launcher']}`, max_model_len {fmt_value(row['max_model_len'])}, {row['memory']} "
+        f"(ready {row['ready']}, long request {row['long request']})"
     )
-    return out.sort_values(["launcher", "_mem"]).drop(columns="_mem").reset_index(drop=True)
 
 
 def _headline(df: pd.DataFrame, working: pd.DataFrame) -> str:
+    """What works, best first; per model (install, ...) where the run has several, so none hides another."""
     if df.empty:
         return "**No trials recorded.** trials.jsonl holds no complete record yet."
+    heading, labels = configs.variant(df)
     if working.empty:
         return f"**Nothing started:** none of the {len(df)} trials reached ready."
-    best = working.iloc[0]
+    if not heading:
+        return (
+            f"**Works:** {_works(working.iloc[0])}; "
+            f"{len(working)} working configuration(s), best first below."
+        )
+    parts = []
+    for name in dict.fromkeys(labels):
+        mine = working[working[heading] == name]
+        tried = int((labels == name).sum())
+        parts.append(
+            f"{heading} `{name}`: {_works(mine.iloc[0])}"
+            if not mine.empty
+            else f"{heading} `{name}`: nothing started ({tried} trial(s))"
+        )
     return (
-        f"**Works:** launcher `{best['launcher']}`, max_model_len {fmt_value(best['max_model_len'])}, {best['memory']} "
-        f"(ready {best['ready']}, long request {best['long request']}); "
-        f"{len(working)} working configuration(s), best first below."
+        f"**Works** (best per {heading}): "
+        + "; ".join(parts)
+        + f". {len(working)} working configuration(s) below."
     )
 
 
@@ -184,6 +233,7 @@ def _hypothesis_summary(hyp: pd.DataFrame) -> str:
 
 def verdict(df: pd.DataFrame) -> dict:
     """The verdict as parts (banner, headline, working, largest_stable, hypotheses, effects) and as Markdown."""
+    df = configs.usable(df)
     working = working_configs(df)
     hyp = hypotheses.verdicts(df)
     out = {
@@ -194,8 +244,10 @@ def verdict(df: pd.DataFrame) -> dict:
         "hypotheses": hyp,
         "hypothesis_summary": _hypothesis_summary(hyp),
         "effects": hypotheses.effects(df),
+        "frontier": load_report.frontier(df),
+        "per": "".join(f"{h}, " for h in [configs.variant(df)[0]] if h),  # "model, " where several
     }
-    out["markdown"] = redact_text(render_markdown(verdict_blocks(out)))
+    out["markdown"] = scrub(render_markdown(verdict_blocks(out)))
     return out
 
 
@@ -205,8 +257,8 @@ def verdict_blocks(v: dict) -> list[tuple]:
         ("table", v["working"]),
         (
             "text",
-            "**Largest stable max_model_len** per launcher and memory setting (ready, and a request "
-            "filling max_model_len to within a block completed):",
+            f"**Largest stable max_model_len** per {v.get('per', '')}launcher and memory setting (ready, and a "
+            "request filling max_model_len to within a block completed):",
         ),
         ("table", v["largest_stable"]),
         ("text", v["hypothesis_summary"]),
@@ -214,13 +266,56 @@ def verdict_blocks(v: dict) -> list[tuple]:
     ]
 
 
+def verdict_lines(df: pd.DataFrame) -> list[str]:
+    """The verdict in a few plain lines for a terminal (`vllm-lab run` ends with them)."""
+    df = configs.usable(df)
+    v = verdict(df)
+    plain = [_plain(v["headline"])]
+    largest = v["largest_stable"]
+    if not largest.empty:
+        plain.append("Largest stable max_model_len:")
+        for r in largest.to_dict("records"):
+            head = ", ".join(str(r[c]) for c in largest.columns[: list(largest.columns).index("launcher")])
+            plain.append(
+                f"  {head + ', ' if head else ''}{r['launcher']}, {r['memory']}: "
+                f"{fmt_value(r['largest stable max_model_len'])}"
+            )
+    hyp = v["hypotheses"]
+    if not hyp.empty and not hyp["verdict"].eq("not tested").all():
+        plain.append(_plain(v["hypothesis_summary"]))
+    front = v["frontier"]
+    users = "concurrent users (served cleanly)"
+    for r in front.to_dict("records"):
+        head = ", ".join(str(r[c]) for c in front.columns[: list(front.columns).index("launcher")])
+        tps = r["output tok/s at that"]
+        plain.append(
+            f"Under load: {head + ', ' if head else ''}{r['launcher']}, {r['memory']}, max_model_len "
+            f"{fmt_value(r['max_model_len'])}: {r[users]} concurrent users served cleanly"
+            + (f" at {tps:.0f} output tok/s" if isinstance(tps, int | float) and pd.notna(tps) else "")
+            + ("" if r["stable under the load"] else f" (not stable: {r['reason']})")
+        )
+    if v["banner"]:
+        plain.insert(0, _plain(v["banner"]))
+    lost = df.attrs.get("lost") or []
+    if lost:
+        plain.append(
+            f"{len(lost)} attempt(s) lost with their Ray worker or node: listed apart, counted nowhere."
+        )
+    return [scrub(line) for line in plain]
+
+
+def _plain(markdown: str) -> str:
+    return markdown.replace("**", "").replace("`", "")
+
+
 # ---- tables --------------------------------------------------------------------------------------------
 
 
 def trial_table(df: pd.DataFrame) -> pd.DataFrame:
     """Every trial in run order: configuration, outcome, failure kind, evidence line and remedy."""
+    df = configs.usable(df)
     mixed = df["backend"].nunique() > 1
-    return pd.DataFrame(
+    table = pd.DataFrame(
         {
             "#": range(1, len(df) + 1),
             "trial": df["trial_id"],
@@ -237,10 +332,22 @@ def trial_table(df: pd.DataFrame) -> pd.DataFrame:
             "remedy": df["remedy"],
         }
     )
+    heading, labels = configs.variant(df)
+    if heading:
+        table.insert(3, heading, list(labels))
+    return table
+
+
+def lost_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Attempts lost with their Ray worker or node (failure infrastructure): no trial of the server."""
+    return pd.DataFrame(
+        df.attrs.get("lost") or [], columns=["trial_id", "step", "node", "gpu_type", "evidence"]
+    )
 
 
 def capacity_table(df: pd.DataFrame) -> pd.DataFrame:
     """Measured KV capacity beside the prediction and vLLM's own estimate, per trial that has any of them."""
+    df = configs.usable(df)
     cols = ["kv_cache_tokens", "predicted_kv_cache_tokens", "estimated_max_model_len"]
     rows = df[df[cols].notna().any(axis=1)]
     fake = rows["backend"].eq(plots.FAKE).fillna(False)
@@ -248,7 +355,7 @@ def capacity_table(df: pd.DataFrame) -> pd.DataFrame:
         f"{fmt_value(v)} (fake)" if f and fmt_value(v) != MISSING else fmt_value(v)
         for v, f in zip(rows["kv_cache_tokens"], fake, strict=True)
     ]
-    return pd.DataFrame(
+    table = pd.DataFrame(
         {
             "trial": rows["trial_id"],
             "backend": rows["backend"],
@@ -259,27 +366,10 @@ def capacity_table(df: pd.DataFrame) -> pd.DataFrame:
             "estimated_max_model_len (vLLM, on failure)": rows["estimated_max_model_len"],
         }
     )
-
-
-def _md_cell(text: str) -> str:
-    return (
-        text.replace("\\", "\\\\")
-        .replace("|", "\\|")
-        .replace("<", "&lt;")
-        .replace("\r", " ")
-        .replace("\n", " ")
-    )
-
-
-def markdown_table(df: pd.DataFrame) -> str:
-    """A GitHub-flavoured Markdown table (no tabulate needed)."""
-    if df.empty:
-        return "_(none)_"
-    shown = _display(df)
-    header = "| " + " | ".join(_md_cell(str(c)) for c in shown.columns) + " |"
-    rule = "|" + "|".join("---" for _ in shown.columns) + "|"
-    body = ["| " + " | ".join(_md_cell(v) for v in row) + " |" for row in shown.itertuples(index=False)]
-    return "\n".join([header, rule, *body])
+    heading, labels = configs.variant(df)
+    if heading:
+        table.insert(0, heading, list(labels.loc[rows.index]))
+    return table
 
 
 # ---- the report as blocks ------------------------------------------------------------------------------
@@ -292,7 +382,8 @@ def _run_line(df: pd.DataFrame) -> str:
 
     return (
         f"Run `{df.attrs.get('run_id', MISSING)}`: {len(df)} trials; backend {values('backend')}; "
-        f"vLLM {values('vllm_version')}; GPU {values('gpu_name')} (cc {values('gpu_cc')}); model {values('model')}."
+        f"vLLM {values('vllm_version')}; GPU {values('gpu_name')} (cc {values('gpu_cc')}); "
+        f"model {values('model_name')}."
     )
 
 
@@ -354,135 +445,23 @@ def report_blocks(df: pd.DataFrame, plot_paths: dict[str, Path | None]) -> list[
         *load_report.load_blocks(df, plot_paths),  # under load: frontier, throughput, TTFT/ITL (issue 11)
         ("heading", 2, "Trials"),
         ("table", trial_table(df)),
+        *_lost_blocks(df),
     ]
 
 
-# ---- Markdown ------------------------------------------------------------------------------------------
-
-
-BLOCK_KINDS = ("heading", "text", "table", "image")
-
-
-def known_blocks(blocks: list[tuple]) -> list[tuple]:
-    """Blocks every renderer knows: ("heading", level, text), ("text", md), ("table", df), ("image", name,
-    path, note). A block of another kind shows its text and tables (never a path); an image block with more
-    than (name, path, note) keeps those three."""
-    out = []
-    for block in blocks:
-        kind = block[0]
-        if kind == "image":
-            out.append(tuple(block[:4]) + (None,) * (4 - len(block)))
-        elif kind in BLOCK_KINDS:
-            out.append(block)
-        else:
-            for item in block[1:]:
-                if isinstance(item, pd.DataFrame):
-                    out.append(("table", item))
-                elif isinstance(item, str) and item.strip():
-                    out.append(("text", item))
-    return out
-
-
-def render_markdown(blocks: list[tuple]) -> str:
-    parts = []
-    for block in known_blocks(blocks):
-        kind = block[0]
-        if kind == "heading":
-            parts.append("#" * block[1] + " " + block[2])
-        elif kind == "text":
-            parts.append(block[1])
-        elif kind == "table":
-            parts.append(markdown_table(block[1]))
-        elif kind == "image":
-            _, name, path, note = block
-            parts.append(f"![{name}]({PLOTS_DIR}/{Path(path).name})" if path else f"_{note or name}_")
-    return "\n\n".join(parts) + "\n"
-
-
-# ---- HTML (nbconvert, no kernel) ------------------------------------------------------------------------
-
-
-def _output_cell(data: dict) -> nbformat.NotebookNode:
-    return nbformat.v4.new_code_cell(source="", outputs=[nbformat.v4.new_output("display_data", data=data)])
-
-
-def _block_cell(block: tuple) -> nbformat.NotebookNode | None:
-    kind = block[0]
-    if kind == "heading":
-        return nbformat.v4.new_markdown_cell("#" * block[1] + " " + block[2])
-    if kind == "text":
-        return nbformat.v4.new_markdown_cell(block[1])
-    if kind == "table":
-        shown = _display(block[1])
-        html = (
-            shown.to_html(index=False, escape=True, border=0) if not shown.empty else "<p><em>(none)</em></p>"
-        )
-        return _output_cell({"text/html": html, "text/plain": markdown_table(block[1])})
-    _, name, path, note = block
-    if not path:
-        return nbformat.v4.new_markdown_cell(f"_{note or name}_")
-    png = base64.b64encode(Path(path).read_bytes()).decode("ascii")
-    return _output_cell({"image/png": png, "text/plain": name})
-
-
-def build_notebook(blocks: list[tuple]) -> nbformat.NotebookNode:
-    """Markdown cells and output-only cells (no code), ready for HTMLExporter without a kernel."""
-    nb = nbformat.v4.new_notebook()
-    nb.cells = [cell for cell in map(_block_cell, known_blocks(blocks)) if cell is not None]
-    nb.metadata["language_info"] = {"name": "python"}
-    return nb
-
-
-_TEXT_MIMES = ("text/plain", "text/html", "text/markdown", "application/json")
-
-
-def redact_notebook(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
-    """Redact every cell source and text output in place (images are left as they are)."""
-    for cell in nb.cells:
-        cell.source = redact_text(cell.source)
-        for out in cell.get("outputs", []):
-            if "text" in out:
-                out["text"] = redact_text(
-                    out["text"] if isinstance(out["text"], str) else "".join(out["text"])
-                )
-            for mime in _TEXT_MIMES:
-                if mime in out.get("data", {}) and isinstance(out["data"][mime], str):
-                    out["data"][mime] = redact_text(out["data"][mime])
-    return nb
-
-
-# nbconvert's lab template with its CDN scripts left out (require.js, MathJax, Mermaid): the report is one
-# file that opens offline with no console error; its images are data URIs already.
-_SELF_CONTAINED = "vllm_lab_report.html.j2"
-_SELF_CONTAINED_TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
-{%- block html_head_js -%}{%- endblock html_head_js -%}
-{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
-{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
-"""
-
-
-def export_html(
-    notebook: str | Path | nbformat.NotebookNode, html_path: str | Path, *, title: str = "vLLM report"
-) -> Path:
-    """An executed notebook (path or node) -> one self-contained HTML file, input cells hidden, text redacted."""
-    from jinja2 import DictLoader
-    from nbconvert import HTMLExporter
-
-    nb = nbformat.read(str(notebook), as_version=4) if isinstance(notebook, str | Path) else notebook
-    exporter = HTMLExporter(
-        extra_loaders=[DictLoader({_SELF_CONTAINED: _SELF_CONTAINED_TEMPLATE})],
-        template_file=_SELF_CONTAINED,
-        embed_images=True,  # a Markdown cell's ![](file.png) becomes a data URI too
-        exclude_input=True,
-        exclude_input_prompt=True,
-        exclude_output_prompt=True,
-    )
-    with warnings.catch_warnings():  # scrapbook's glue outputs have no HTML form, by design
-        warnings.filterwarnings("ignore", message=".*scrapbook.scrap.*", category=UserWarning)
-        body, _ = exporter.from_notebook_node(redact_notebook(nb), resources={"metadata": {"name": title}})
-    html_path = Path(html_path)
-    html_path.write_text(body, encoding="utf-8")
-    return html_path
+def _lost_blocks(df: pd.DataFrame) -> list[tuple]:
+    lost = lost_table(df)
+    if lost.empty:
+        return []
+    return [
+        ("heading", 2, "Lost attempts (infrastructure)"),
+        (
+            "text",
+            f"{len(lost)} attempt(s) ended with their Ray worker or node, not with vLLM: no rate, grid cell, "
+            "ready count or verdict above counts them (Ray ran the trial again where `retries` allowed).",
+        ),
+        ("table", lost),
+    ]
 
 
 # ---- entry points ----------------------------------------------------------------------------------------
@@ -491,14 +470,12 @@ def export_html(
 def build_report(run_dir: str | Path, *, for_issue: bool = False) -> dict[str, Path]:
     """Write plots/*.png, report.md and report.html (and report-issue.md when for_issue) into run_dir;
     return {name: path} of what was written."""
-    from vllm_lab import issue_report
-
     run_dir = Path(run_dir)
     df = load_run(run_dir)
     plot_paths = plots.write_plots(df, run_dir / PLOTS_DIR)
     blocks = report_blocks(df, plot_paths)
     md_path = run_dir / "report.md"
-    md_path.write_text(redact_text(render_markdown(blocks)), encoding="utf-8")
+    md_path.write_text(scrub(render_markdown(blocks)), encoding="utf-8")
     html_path = export_html(
         build_notebook(blocks), run_dir / "report.html", title=f"vLLM report {df.attrs['run_id']}"
     )
@@ -508,8 +485,6 @@ def build_report(run_dir: str | Path, *, for_issue: bool = False) -> dict[str, P
 
 
 def cli_report(args) -> int:
-    from vllm_lab import attach
-
     run_dir = Path(args.run_dir)
     if not (run_dir / TRIALS_FILE).is_file():
         print(
