@@ -20,6 +20,14 @@ EXPECT = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(EXPECT)
 
 
+def _scan(path: Path):
+    """Scan a fixture without its `# source:` header (the issue's URL would name the engine for free)."""
+    lines = path.read_text(errors="replace").split("\n")
+    while lines and lines[0].startswith("# "):
+        lines.pop(0)
+    return scan_log("\n".join(lines))
+
+
 def test_split_follows_the_rule_and_tables_cover_every_file():
     dev = {p.name for p in (LOGS / "dev").glob("*.log")}
     held = {p.name for p in (LOGS / "heldout").glob("*.log")}
@@ -27,7 +35,13 @@ def test_split_follows_the_rule_and_tables_cover_every_file():
     assert len(names) >= 20
     assert held == {n for i, n in enumerate(names) if i % 3 == 2}
     assert dev == set(EXPECT.DEV_EXPECT) and held == set(EXPECT.HELDOUT_EXPECT)
-    for kind, _ in [*EXPECT.DEV_EXPECT.values(), *EXPECT.HELDOUT_EXPECT.values()]:
+    # round 2: gathered after the first scoring, all held out
+    assert {p.name for p in (LOGS / "heldout2").glob("*.log")} == set(EXPECT.HELDOUT2_EXPECT)
+    for kind, _ in [
+        *EXPECT.DEV_EXPECT.values(),
+        *EXPECT.HELDOUT_EXPECT.values(),
+        *EXPECT.HELDOUT2_EXPECT.values(),
+    ]:
         assert kind is None or kind in KINDS
     for path in LOGS.glob("*/*.log"):
         assert path.read_text().startswith("# source: https://github.com/"), path.name
@@ -36,7 +50,7 @@ def test_split_follows_the_rule_and_tables_cover_every_file():
 @pytest.mark.parametrize("name", sorted(EXPECT.DEV_EXPECT))
 def test_dev_log(name):
     kind, facts = EXPECT.DEV_EXPECT[name]
-    got = scan_file(LOGS / "dev" / name).to_json()
+    got = _scan(LOGS / "dev" / name).to_json()
     assert got["failure"] == kind
     assert {k: got[k] for k in EXPECT.KEY_FACTS} == facts
     if kind is not None:
@@ -46,17 +60,21 @@ def test_dev_log(name):
 def _score(folder: str, expect: dict) -> tuple[int, int]:
     kind_ok = facts_ok = 0
     for name, (kind, facts) in expect.items():
-        got = scan_file(LOGS / folder / name).to_json()
+        got = _scan(LOGS / folder / name).to_json()
         kind_ok += got["failure"] == kind
         facts_ok += all(got[k] == facts[k] for k in EXPECT.KEY_FACTS)
     return kind_ok, facts_ok
 
 
-def test_heldout_scores_hold():
-    # 8/8 and 8/8 when the rules were first run on them; allow one future miss, not two
-    kind_ok, facts_ok = _score("heldout", EXPECT.HELDOUT_EXPECT)
-    n = len(EXPECT.HELDOUT_EXPECT)
-    assert kind_ok >= n - 1 and facts_ok >= n - 1
+@pytest.mark.parametrize(
+    ("folder", "table"), [("heldout", "HELDOUT_EXPECT"), ("heldout2", "HELDOUT2_EXPECT")]
+)
+def test_heldout_scores_hold(folder, table):
+    # first runs: round 1 kind 8/8, facts 7/8; round 2 kind 8/9, facts 6/9 (README); now all right.
+    # Allow one future miss per set, not two.
+    expect = getattr(EXPECT, table)
+    kind_ok, facts_ok = _score(folder, expect)
+    assert kind_ok >= len(expect) - 1 and facts_ok >= len(expect) - 1
 
 
 def test_score_script_prints_llamacpp_figures():
@@ -66,7 +84,7 @@ def test_score_script_prints_llamacpp_figures():
         text=True,
         check=True,
     ).stdout
-    assert out.startswith("llamacpp all: 24 logs; kind 24/24")
+    assert out.startswith("llamacpp all: 33 logs; kind 33/33")
     bad = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "score-logs.py"), "--engine", "tgi"],
         capture_output=True,
@@ -197,7 +215,14 @@ def test_detect_engine():
     vllm_logs = sorted((ROOT / "tests" / "fixtures" / "logs" / "dev").glob("*.log"))[:8]
     assert vllm_logs and all(detect_engine(p.read_text(errors="replace")) == "vllm" for p in vllm_logs)
     assert detect_engine(SWA_LOG) == "llamacpp"
-    assert detect_engine((LOGS / "dev" / "ollama-3904.log").read_text()) == "ollama"
+    assert _scan(LOGS / "dev" / "ollama-3904.log").engine == "ollama"
+    # a compose service named ollama is the log's own word; Ollama's port and messages are its own too
+    assert detect_engine("ollama-2  | llama_new_context_with_model: n_ctx      = 2048") == "ollama"
+    assert detect_engine("Error: listen tcp 127.0.0.1:11434: bind: address already in use") == "ollama"
+    assert (
+        detect_engine("vllm-1  | INFO 01-10 12:00:00 [api_server.py:1] vLLM API server version 0.9.1")
+        == "vllm"
+    )
     assert detect_engine("hello world") is None
 
 

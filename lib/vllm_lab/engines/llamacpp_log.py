@@ -161,6 +161,7 @@ RULES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
             r"couldn't bind HTTP server socket(?:, hostname: (?P<host>\S+), port: (?P<port>\d+))?",
             r"bind: address already in use",
             r"\[Errno (?:98|48|10048)\] (?:Address already in use|error while attempting to bind)",
+            r"bind: Only one usage of each socket address",  # Windows (WSAEADDRINUSE)
         ),
     ),
     # an allocation that failed; the next specific line, else the phase, says which buffer
@@ -498,7 +499,7 @@ def scan_file(path) -> LlamaScan:
 
 _OLLAMA = re.compile(
     r"ollama|level=\w+ source=\S+\.go:\d+|\[GIN\]|llama runner process|llama-server process has terminated"
-    r"|OLLAMA_",
+    r"|OLLAMA_|model requires more system memory|:11434\b",
     re.I,
 )
 _LLAMACPP = re.compile(
@@ -521,7 +522,8 @@ def detect_engine(text: str) -> str | None:
     plain = "\n".join(_records(text))
     llama = len(_LLAMACPP.findall(plain))
     vllm = len(_VLLM.findall(plain))
-    if _OLLAMA.search(plain) and vllm <= llama:
+    # the raw text too: a compose service or journald unit named ollama is the log's own word
+    if _OLLAMA.search(text) and vllm <= llama:
         return "ollama"
     if vllm > llama:
         return "vllm"
