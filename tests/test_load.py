@@ -9,6 +9,7 @@ the launcher (VllmServer), and conftest's no_leftover_vllm checks that nothing i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -77,8 +78,23 @@ def test_bad_spec_is_one_line_naming_the_field(value, names):
 
 
 def test_knee_is_where_throughput_stops_growing():
+    c, why = knee([_level(1, 100), _level(2, 190), _level(4, 200), _level(8, 205)])
+    assert c == 2 and "190" in why and "205" in why and "every later level" in why, why
+
+
+def test_one_noisy_level_is_not_a_knee():
+    """A dip at 4, then growth again at 8: growth did not stay flat, so no --max-num-seqs hint from it."""
     c, why = knee([_level(1, 100), _level(2, 190), _level(4, 200), _level(8, 400)])
-    assert c == 2 and "190" in why and "200" in why  # +5% from 2 to 4; a later jump does not move it
+    assert c is None and "8" in why, why
+
+
+def test_the_knee_threshold_scales_with_the_concurrency_ratio():
+    # 10 -> 11 users with perfect scaling is +10%: that is growth, not a knee
+    assert knee([_level(10, 100), _level(11, 110)])[0] is None
+    assert knee([_level(10, 100), _level(11, 100.2)])[0] == 10  # flat for one more user
+    # 1 -> 4 users for +25% is far below what four users should give: flat
+    assert knee([_level(1, 100), _level(4, 120)])[0] == 1
+    assert knee([_level(1, 100), _level(2, 130)])[0] is None  # +30% for twice the users still grows
 
 
 def test_knee_is_the_last_level_within_the_ttft_slo():
@@ -108,7 +124,12 @@ def test_only_loopback_targets(monkeypatch):
 
 
 def test_unreachable_server_and_bad_levels_exit_2(capsys):
-    assert cli.main(["load", "--url", "http://127.0.0.1:9", "--model", "m", "--requests", "1"]) == 2
+    assert (
+        cli.main(
+            ["load", "--url", "http://127.0.0.1:9", "--model", "m", "--concurrency", "1", "--requests", "1"]
+        )
+        == 2
+    )
     assert "cannot reach http://127.0.0.1:9" in capsys.readouterr().err
     assert cli.main(["load", "--url", "http://127.0.0.1:9", "--model", "m", "--concurrency", "4,2"]) == 2
     assert "increasing" in capsys.readouterr().err
@@ -224,7 +245,7 @@ def test_a_wrong_model_name_or_key_is_bad_input_before_any_request(fake_model, r
     trial = fake_trial(fake_model, extra_args=["--api-key", "sekrit-123"])
     with VllmServer(trial, run_dir) as server:
         assert server.start().outcome == "ready"
-        base = ["load", "--url", server.base_url, "--requests", "1"]
+        base = ["load", "--url", server.base_url, "--concurrency", "1", "--requests", "1"]
         assert cli.main([*base, "--model", str(fake_model)]) == 2
         assert "refused the key (HTTP 401)" in capsys.readouterr().err
         assert cli.main([*base, "--model", "other", "--api-key", "sekrit-123"]) == 2
@@ -237,7 +258,17 @@ def test_a_first_request_the_server_cannot_take_is_bad_input(fake_model, run_dir
     """Too long for max_model_len (the model card says so before any request), or token ids beyond the
     vocabulary (an error chunk in 0.32)."""
     with _fake_server(fake_model, run_dir) as server:
-        base = ["load", "--url", server.base_url, "--model", str(fake_model), "--requests", "1"]
+        base = [
+            "load",
+            "--url",
+            server.base_url,
+            "--model",
+            str(fake_model),
+            "--concurrency",
+            "1",
+            "--requests",
+            "1",
+        ]
         assert cli.main([*base, "--prompt-tokens", "2000"]) == 2
         err = capsys.readouterr().err
         assert (
@@ -260,7 +291,7 @@ def test_too_long_without_a_model_card_limit_is_bad_input_as_each_version_answer
     """A server whose /v1/models does not say its max_model_len: 0.27 refuses a longer request, 0.32 serves
     what fits and stops (finish_reason length, no error; seen on the CPU builds). Neither is instability."""
     with _fake_server(fake_model, run_dir, version=version, card_len=0) as server:
-        rc = cli.main(["load", "--url", server.base_url, "--model", str(fake_model), "--requests", "1",
+        rc = cli.main(["load", "--url", server.base_url, "--model", str(fake_model), "--concurrency", "1", "--requests", "1",
                        "--prompt-tokens", "1000", "--output-tokens", "100"])  # fmt: skip
     err = capsys.readouterr().err
     assert rc == 2 and words in err and len(err.strip().splitlines()) == 1, err
@@ -348,3 +379,244 @@ def test_a_real_load_on_the_cpu_build(run_dir):
             lv["kv_cache_usage_max"] is not None and lv["health_after"] == 200
         )  # /metrics of the real server
         assert lv["preemptions"] is not None
+
+
+# ---------------------------------------------------------------------------------------------- issue 22
+
+
+def _standalone_fake(model, *args, **knobs) -> tuple[subprocess.Popen, str]:
+    """The fake started as a user starts a server (not through the launcher, whose readiness needs /health
+    200 over http): its own session, our knobs; the url it serves."""
+    from vllm_lab.launcher import free_port
+
+    port = free_port()
+    env = {**os.environ, **fake_env(start_delay=0, **knobs)}
+    cmd = [sys.executable, "-m", "vllm_lab.testing.fake_vllm", "--model", str(model), "--host", "127.0.0.1",
+           "--port", str(port), "--max-model-len", "1024", "--kv-cache-memory-bytes", str(8 * 2**20), *args]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    scheme = "https" if "--ssl-certfile" in args else "http"
+    url = f"{scheme}://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(f"{url}/v1/models", timeout=2, verify=False).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    _stop(proc)
+    raise AssertionError("the fake did not start")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """The fake and its engine child: their whole session."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+
+
+def _metric_sums(base_url: str) -> dict:
+    """Each vllm: series summed over its label sets (every engine), as the test reads /metrics itself."""
+    out: dict = {}
+    for line in httpx.get(f"{base_url}/metrics", timeout=5).text.splitlines():
+        if line.startswith("vllm:"):
+            name, value = line.split("{")[0], float(line.rsplit(" ", 1)[1])
+            out[name] = out.get(name, 0.0) + value
+    return out
+
+
+@pytest.mark.parametrize(
+    "value", [{"concurrency": [2, 8], "requests": 4}, {"concurrency": "1,16", "requests": 8}]
+)
+def test_fewer_requests_than_the_highest_concurrency_is_refused(value):
+    """A level of 8 users with 4 requests never has 8 streams in flight: refused, in one line (plans too)."""
+    from vllm_lab.steps import load_params
+
+    for call, where in ((lambda: LoadSpec.from_params(value, where="vllm-lab load"), "vllm-lab load"),
+                        (lambda: load_params(value), "LOAD")):  # fmt: skip
+        with pytest.raises(SpecError) as e:
+            call()
+        msg = str(e.value)
+        assert msg.startswith(f"{where}.requests") and "highest concurrency" in msg and "\n" not in msg, msg
+    # no count given: each level gets at least as many requests as its users
+    assert LoadSpec.from_params({"concurrency": [1, 16]}).requests == 16
+    assert LoadSpec.from_params({"concurrency": [1, 2]}).requests == 8
+
+
+def test_the_cli_refuses_a_level_it_cannot_fill_before_any_request(fake_model, run_dir, capsys):
+    with _fake_server(fake_model, run_dir) as server:
+        rc = cli.main(["load", "--url", server.base_url, "--model", str(fake_model), "--concurrency", "2,8",
+                       "--requests", "4"])  # fmt: skip
+        sent = _metric_sums(server.base_url)["vllm:prefix_cache_queries_total"]
+    err = capsys.readouterr().err
+    assert rc == 2 and "at least the highest concurrency (8)" in err and len(err.strip().splitlines()) == 1, (
+        err
+    )
+    assert sent == 0  # not one prompt reached the server
+
+
+def test_a_server_without_health_is_stable_when_every_request_succeeds(fake_model):
+    proc, url = _standalone_fake(fake_model, health=404)
+    try:
+        res = run_load(url, str(fake_model), LoadSpec(concurrency=(1, 2), requests=3, **SMALL))
+    finally:
+        _stop(proc)
+    assert res.stable is True, res.reason
+    assert [lv["health_after"] for lv in res.levels] == ["not checkable", "not checkable"]
+    assert "/health not checkable (HTTP 404)" in res.reason and "/health 200" not in res.reason
+
+
+def _frontier_of(model: str, out: dict):
+    from vllm_lab import load_report, record
+
+    rec = record.new_record(run_id="r", step="s", trial_id="s-head-len1024-abcd", backend="fake", launcher="head",
+                            max_model_len=1024, kv_cache_memory_bytes=8 * 2**20, outcome="unstable", model=model,
+                            long_request_ok=True, load=out, load_stable=out["stable"], load_reason=out["reason"])  # fmt: skip
+    return load_report.frontier(__import__("pandas").DataFrame([rec])).iloc[0]
+
+
+def test_the_frontier_does_not_count_a_level_after_which_health_fails(fake_model, run_dir):
+    """Every stream of concurrency 2 completes, then /health answers 503: not stable, and not served cleanly."""
+    with _fake_server(fake_model, run_dir, scenario="unhealthy_after", fault_after=6) as server:
+        out = _load(server, fake_model, concurrency=(1, 2, 4), requests=4)
+    assert out["stable"] is False and [lv["health_after"] for lv in out["levels"]] == [200, 503], out
+    assert (out["levels"][1]["completed"], out["levels"][1]["failed"]) == (4, 0)
+    row = _frontier_of(str(fake_model), out)
+    assert row["concurrent users (served cleanly)"] == 1, row.to_dict()
+
+
+def test_the_frontier_does_not_count_a_level_with_a_fatal_log_line(fake_model, run_dir, tmp_path):
+    log = tmp_path / "server.log"
+    log.write_text("INFO: started\n")
+
+    def oom() -> None:  # the engine's own cause, written while the load runs (every request succeeds)
+        with open(log, "a") as f:
+            f.write("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB.\n")
+
+    with _fake_server(fake_model, run_dir, token_s=0.05) as server:
+        spec = LoadSpec(concurrency=(1, 2), requests=2, **SMALL)
+        timer = threading.Timer(0.2, oom)  # the first (uncounted) request alone takes 0.4 s
+        timer.start()
+        res = run_load(server.base_url, str(fake_model), spec, log_path=log, server_alive=server.alive)
+        timer.join()
+    assert res.stable is False and "cuda_oom" in res.reason
+    assert _frontier_of(str(fake_model), res.to_dict())["concurrent users (served cleanly)"] == 0
+
+
+def test_several_engines_metrics_are_combined(fake_model, run_dir):
+    """--data-parallel-size 2: each series once per engine. Queues and counters are summed, KV is the max."""
+    trial = fake_trial(fake_model, max_model_len=512, kv_cache_memory_bytes=2**19,
+                       env=fake_env(token_s=0.01, engines=2))  # fmt: skip
+    with VllmServer(trial, run_dir) as server:
+        assert server.start().outcome == "ready"
+        res = run_load(server.base_url, str(fake_model), LoadSpec(concurrency=(6,), requests=6, prompt_tokens=400,
+                       output_tokens=100), server_alive=server.alive)  # fmt: skip
+        page = httpx.get(f"{server.base_url}/metrics", timeout=5).text
+    per_engine = [float(line.rsplit(" ", 1)[1]) for line in page.splitlines()
+                  if line.startswith("vllm:num_preemptions_total")]  # fmt: skip
+    assert len(per_engine) == 2 and all(p >= 1 for p in per_engine), page  # each engine preempted
+    lv = res.levels[0]
+    assert res.stable is True, res.reason
+    assert lv["preemptions"] == sum(per_engine), lv
+    assert lv["running_max"] > 3, lv  # six streams over two engines; one engine alone runs three
+    assert 0 < lv["kv_cache_usage_max"] <= 1.0
+
+
+def test_prompts_never_repeat_within_a_load_or_across_levels(fake_model, run_dir):
+    """A small stated vocabulary (--vocab-size 20): the prompts must still differ, or the prefix cache serves
+    later requests for free."""
+    with _fake_server(fake_model, run_dir) as server:
+        out = run_load(server.base_url, str(fake_model), LoadSpec(concurrency=(1, 4), requests=12, prompt_tokens=48,
+                       output_tokens=4), vocab_size=20).to_dict()  # fmt: skip
+        hits = _metric_sums(server.base_url)["vllm:prefix_cache_hits_total"]
+    assert out["stable"] is True, out["reason"]
+    assert hits == 0 and [lv["prefix_cache_hits"] for lv in out["levels"]] == [0, 0]
+
+
+def test_prompt_ids_stay_distinct_over_a_long_run():
+    """Thousands of prompts from the smallest assumed vocabulary (1000 ids) never repeat their first block."""
+    from vllm_lab.load import _Load
+
+    load = _Load("http://127.0.0.1:1", "m", LoadSpec(prompt_tokens=16), None, None, None, 1000)
+    firsts = {tuple(load._body()["prompt"]) for _ in range(5000)}
+    assert len(firsts) == 5000
+    assert all(3 <= t < 1000 for p in firsts for t in p)
+
+
+def test_a_served_model_name_takes_its_vocabulary_from_the_model_card(tmp_path, run_dir):
+    """vLLM's model card names the model it serves (root): its config.json says the vocabulary, here 64 ids."""
+    from conftest import FAKE_MODEL_CONFIG
+
+    model = tmp_path / "small-vocab"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({**FAKE_MODEL_CONFIG, "vocab_size": 64}))
+    trial = fake_trial(model, extra_args=["--served-model-name", "tiny"], env=fake_env(version="0.32.0"))
+    with VllmServer(trial, run_dir) as server:
+        assert server.start().outcome == "ready"
+        rc = cli.main(["load", "--url", server.base_url, "--model", "tiny", "--requests", "4", "--prompt-tokens",
+                       "64", "--output-tokens", "4"])  # fmt: skip
+    assert rc == 0
+
+
+def test_the_urls_users_paste_work(fake_model, run_dir, capsys):
+    with _fake_server(fake_model, run_dir) as server:
+        port = server.base_url.rsplit(":", 1)[1]
+        for url in (f"http://0.0.0.0:{port}", f"localhost:{port}", f"127.0.0.1:{port}", f"{server.base_url}/v1",
+                    f"http://localhost:{port}/v1/"):  # fmt: skip
+            rc = cli.main(["load", "--url", url, "--model", str(fake_model), "--concurrency", "1",
+                           "--requests", "1", "--output-tokens", "4", "--json"])  # fmt: skip
+            out = capsys.readouterr()
+            assert rc == 0, (url, out.err)
+            assert (
+                json.loads(out.out)["url"]
+                == f"http://{'localhost' if 'localhost' in url else '127.0.0.1'}:{port}"
+            )
+        rc = cli.main(["load", "--url", f"{server.base_url}/v1/completions", "--model", str(fake_model)])
+        err = capsys.readouterr().err
+    assert rc == 2 and "give the server's root" in err and f"--url {server.base_url}" in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_self_signed_https_server_is_named_as_such(fake_model, tmp_path, capsys):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "2", "-subj", "/CN=127.0.0.1"], check=True, capture_output=True)  # fmt: skip
+    proc, url = _standalone_fake(fake_model, "--ssl-keyfile", str(key), "--ssl-certfile", str(cert))
+    try:
+        rc = cli.main(
+            ["load", "--url", url, "--model", str(fake_model), "--concurrency", "1", "--requests", "1"]
+        )
+        err = capsys.readouterr().err
+        plain = cli.main(
+            [
+                "load",
+                "--url",
+                url.replace("https", "http"),
+                "--model",
+                str(fake_model),
+                "--concurrency",
+                "1",
+                "--requests",
+                "1",
+            ]
+        )
+        err_plain = capsys.readouterr().err
+    finally:
+        _stop(proc)
+    assert (
+        rc == 2 and "self-signed" in err and "cannot reach" not in err and len(err.strip().splitlines()) == 1
+    ), err
+    assert plain == 2 and "https://" in err_plain, err_plain
+
+
+def test_failures_carry_a_kind_and_the_json_a_schema_version(fake_model, run_dir, capsys):
+    with _fake_server(fake_model, run_dir, scenario="error_chunks_after", fault_after=3) as server:
+        rc = cli.main(["load", "--url", server.base_url, "--model", str(fake_model), "--concurrency", "1",
+                       "--requests", "3", "--prompt-tokens", "16", "--output-tokens", "8", "--json", "--log",
+                       str(server._raw_log)])  # fmt: skip
+        out = json.loads(capsys.readouterr().out)
+    assert rc == 1 and out["schema_version"] == 2
+    lv = out["levels"][0]
+    assert lv["first_error_kind"] == "error_chunk" and lv["errors_by_kind"] == {"error_chunk": 1}, lv
+    assert [p["kind"] for p in lv["problems"]] == ["error_chunk", "fatal_log"], lv["problems"]

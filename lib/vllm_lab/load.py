@@ -22,21 +22,32 @@ import asyncio
 import contextlib
 import json
 import math
+import random
+import re
 import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 import numpy as np
 
-from vllm_lab import logscan
-from vllm_lab.probe import _loopback, _StreamState, body_message, parse_metrics, sse_data, token_prompt
+from vllm_lab.engines import vllm_log as logscan  # vLLM's fatal lines (the load knows no engine yet)
+from vllm_lab.probe import _loopback, _StreamState, body_message, sse_data, token_prompt
 from vllm_lab.spec import SpecError
 
-KNEE_GROWTH = 0.10  # less output tok/s growth than this from one level to the next is the knee
+SCHEMA_VERSION = 2  # of `vllm-lab load --json` (2: schema_version, failure kinds, per-level problems)
+KNEE_GROWTH = 0.10  # per doubling of users: less output tok/s growth than this is flat
+# the same rule for any concurrency ratio (tok/s ~ users**e): +10% for 2x users, +21% for 4x, +1% for 11/10
+KNEE_ELASTICITY = math.log2(1 + KNEE_GROWTH)
+NOT_CHECKABLE = "not checkable"  # health_after where /health answers 404 (Ollama, llama.cpp, proxies)
+DEFAULT_VOCAB = 1000  # prompt ids stay below it where neither the caller nor the model's config.json says
+PROMPT_NUMBERS = (
+    2**40
+)  # distinct prompt heads; a run sends at most MAX_LEVELS x MAX_REQUESTS + 1 (3.2 million)
 METRICS_INTERVAL_S = 0.5
 MAX_LEVELS = 32
 MAX_CONCURRENCY = 4096
@@ -80,6 +91,9 @@ class LoadSpec:
             kw["concurrency"] = _int_list(kw["concurrency"], f"{where}.concurrency")
         if kw.get("duration_s") is not None:
             kw["requests"] = None
+        elif "requests" not in kw and all(_whole(x) for x in kw.get("concurrency") or ()):
+            # no count given: each level gets at least as many requests as its users
+            kw["requests"] = max(cls.requests, *kw.get("concurrency") or (0,))
         return cls(**kw).validate(where)
 
     def validate(self, where: str = "LOAD") -> LoadSpec:
@@ -98,6 +112,9 @@ class LoadSpec:
             raise SpecError(f"{where}: give exactly one of requests (per level) or duration_s")
         if self.requests is not None and not (_whole(self.requests) and 1 <= self.requests <= MAX_REQUESTS):
             raise SpecError(f"{where}.requests: {self.requests!r}; give a whole number in 1..{MAX_REQUESTS}")
+        if self.requests is not None and self.requests < max(c):  # that level would claim users it never had
+            raise SpecError(f"{where}.requests: {self.requests} per level never puts {max(c)} streams in flight; give "
+                            f"requests per level at least the highest concurrency ({max(c)})")  # fmt: skip
         if self.duration_s is not None and not (_number(self.duration_s) and 0 < self.duration_s <= 86400):
             raise SpecError(f"{where}.duration_s: {self.duration_s!r}; give seconds per level, > 0")
         for name in ("prompt_tokens", "output_tokens"):
@@ -155,6 +172,7 @@ class LoadResult:
     def to_dict(self) -> dict:
         """The `vllm-lab load --json` object."""
         return {
+            "schema_version": SCHEMA_VERSION,
             "url": self.url, "model": self.model, "levels": self.levels, "stable": self.stable,
             "reason": self.reason, "knee_concurrency": self.knee_concurrency, "knee_reason": self.knee_reason,
             "interrupted": self.interrupted, "spec": self.spec.to_dict(),
@@ -167,23 +185,37 @@ class _Request:
 
     ok: bool
     error: str | None = None
-    error_in_stream: bool = False  # a `data: {"error": ...}` chunk (HTTP 200 all the same)
+    # what failed, so no caller reads it from the words: http_status (status), error_chunk (a `data: {"error":
+    # ...}` chunk, HTTP 200 all the same), no_done (the deadline passed), broke_off, not_json, short (fewer tokens)
+    kind: str | None = None
+    status: int | None = None
     ttft: float | None = None
     gaps: list[float] = field(default_factory=list)  # between chunks that carry tokens
     e2e: float | None = None
     output_tokens: int = 0
 
 
+class _Stream(_StreamState):
+    """The stream's state, and whether its error came in an error chunk (the only error take() sets)."""
+
+    chunk_error = False
+
+    def take(self, chunk: dict, t: float) -> None:
+        before = self.error
+        super().take(chunk, t)
+        self.chunk_error = self.chunk_error or (before is None and self.error is not None)
+
+
 async def _one_request(
     client: aiohttp.ClientSession, url: str, body: dict, expected: int, timeout: float
 ) -> _Request:
-    s = _StreamState()
+    s = _Stream()
     t0 = time.perf_counter()
 
-    async def stream() -> str | None:
+    async def stream() -> tuple[int, str] | None:
         async with client.post(url, json=body) as r:
             if r.status != 200:
-                return f"HTTP {r.status}: {body_message(await r.read())}"
+                return r.status, f"HTTP {r.status}: {body_message(await r.read())}"
             async for line in _lines(r):
                 data = sse_data(line)
                 if data == "[DONE]":
@@ -196,22 +228,28 @@ async def _one_request(
                     await asyncio.wait_for(r.content.read(), DRAIN_S)
         return None
 
+    kind = None
     try:
         refused = await asyncio.wait_for(stream(), timeout)
         if refused:
-            return _Request(False, refused)
+            return _Request(False, refused[1], "http_status", refused[0])
     except asyncio.TimeoutError:
+        kind = "no_done"
         s.error = s.error or f"stopped streaming: no [DONE] within {timeout:g} s"
     except aiohttp.ClientError as e:
+        kind = "broke_off"
         s.error = s.error or f"broke off: {type(e).__name__}: {e}"
     except ValueError as e:
+        kind = "not_json"
         s.error = s.error or f"sent a chunk that is not JSON ({e})"
-    in_stream = s.error is not None and s.error.startswith("ended with an error chunk")
+    if s.chunk_error:
+        kind = "error_chunk"  # the stream's own error came first, whatever followed it
     res = s.result(body["max_tokens"] + len(body["prompt"]), expected, timeout)
+    if not res.ok and kind is None:
+        kind = "short" if s.done else "no_done"
     gaps = [b - a for a, b in zip(s.times, s.times[1:], strict=False)]
-    return _Request(
-        res.ok, res.error, in_stream, s.ttft, gaps, time.perf_counter() - t0, res.output_tokens or 0
-    )
+    return _Request(res.ok, res.error, None if res.ok else kind, None, s.ttft, gaps, time.perf_counter() - t0,
+                    res.output_tokens or 0)  # fmt: skip
 
 
 async def _lines(r: aiohttp.ClientResponse):
@@ -238,7 +276,7 @@ class _Scraper:
     async def read(self) -> dict:
         try:
             async with self.client.get(self.url, timeout=HTTP_TIMEOUT) as r:
-                return parse_metrics(await r.text()) if r.status == 200 else {}
+                return combined_metrics(await r.text()) if r.status == 200 else {}
         except (aiohttp.ClientError, asyncio.TimeoutError, UnicodeDecodeError):
             return {}
 
@@ -257,6 +295,28 @@ class _Scraper:
             self.note(await self.read())
 
 
+# With --data-parallel-size N vLLM exports each series once per engine ({engine="0"}, ...): the server's load
+# is the sum of the engines' counters and queues; its KV pressure is the fullest engine's cache.
+SUMMED = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:num_preemptions_total",
+          "vllm:prefix_cache_hits_total")  # fmt: skip
+MAXED = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")  # the second: V0 and V1 up to about 0.11
+_SERIES = re.compile(r"^(vllm:[a-z_]+)(?:\{[^}]*\})?\s+([0-9.eE+-]+|NaN)$")
+
+
+def combined_metrics(text: str) -> dict:
+    """The load's series from a /metrics page, each combined over every engine that exports it."""
+    out: dict = {}
+    for line in text.splitlines():
+        m = _SERIES.match(line.strip())
+        if not m or m.group(1) not in SUMMED + MAXED or m.group(2) == "NaN":
+            continue
+        name, value = m.group(1), float(m.group(2))
+        out[name] = (
+            value if name not in out else (out[name] + value if name in SUMMED else max(out[name], value))
+        )
+    return out
+
+
 def _peak(old: float | None, new: float | None) -> float | None:
     if new is None:
         return old
@@ -271,18 +331,25 @@ def _pcts(values: list[float]) -> dict:
     return {"p50": round(float(p[0]), 2), "p90": round(float(p[1]), 2), "p99": round(float(p[2]), 2)}
 
 
-def _level_summary(conc: int, done: list[_Request], wall: float, scraper: _Scraper, preempt: float | None,
-                   health: int | None) -> dict:  # fmt: skip
+def _level_summary(conc: int, planned: int | None, done: list[_Request], wall: float, scraper: _Scraper,
+                   deltas: dict, health: int | str | None) -> dict:  # fmt: skip
     ok = [r for r in done if r.ok]
-    first = next((r.error for r in done if not r.ok), None)
+    first = next((r for r in done if not r.ok), None)
     tokens = sum(r.output_tokens for r in ok)
+    kinds: dict[str, int] = {}
+    for r in done:
+        if not r.ok:
+            kinds[r.kind or "other"] = kinds.get(r.kind or "other", 0) + 1
     return {
         "concurrency": conc,
+        "planned": planned,  # requests the level was to send (None: by duration)
         "requests": len(done),
         "completed": len(ok),
         "failed": len(done) - len(ok),
-        "errors_in_stream": sum(r.error_in_stream for r in done),
-        "first_error": first,
+        "errors_in_stream": kinds.get("error_chunk", 0),
+        "first_error": first.error if first else None,
+        "first_error_kind": first.kind if first else None,
+        "errors_by_kind": kinds,
         "ttft_ms": _pcts([r.ttft for r in ok if r.ttft is not None]),
         "itl_ms": _pcts([g for r in ok for g in r.gaps]),
         "e2e_ms": _pcts([r.e2e for r in ok if r.e2e is not None]),
@@ -290,7 +357,8 @@ def _level_summary(conc: int, done: list[_Request], wall: float, scraper: _Scrap
         "output_tokens_per_s": round(tokens / wall, 2) if wall > 0 else None,
         "requests_per_s": round(len(ok) / wall, 3) if wall > 0 else None,
         "seconds": round(wall, 3),
-        "preemptions": preempt,
+        "preemptions": deltas.get("vllm:num_preemptions_total"),
+        "prefix_cache_hits": deltas.get("vllm:prefix_cache_hits_total"),  # tokens; 0 where no prompt repeats
         "kv_cache_usage_max": round(scraper.kv_max, 4) if scraper.kv_max is not None else None,
         "waiting_max": scraper.waiting_max,
         "running_max": scraper.running_max,
@@ -298,21 +366,38 @@ def _level_summary(conc: int, done: list[_Request], wall: float, scraper: _Scrap
     }
 
 
+def unique_prompt(n: int, vocab: int, number: int) -> list[int]:
+    """n token ids below vocab whose first ones spell `number` (< PROMPT_NUMBERS) in base vocab - 3, lowest
+    digit first: another number, another first token block. The rest as probe.token_prompt fills it."""
+    span = max(2, min(vocab, 50000) - 3)  # ids 0..2 are often special tokens
+    digits = math.ceil(math.log(PROMPT_NUMBERS) / math.log(span))
+    head = []
+    for _ in range(min(n, digits)):
+        number, d = divmod(number, span)
+        head.append(3 + d)
+    return head + token_prompt(n - len(head), vocab, start=head[0] if head else 0)
+
+
 class _Load:
     """One run of run_load: the client, the spec, the log offset and what was measured so far."""
 
     def __init__(self, base_url, model, spec, api_key, log_path, server_alive, vocab_size):
         self.base_url, self.model, self.spec = base_url.rstrip("/"), model, spec
-        self.api_key, self.server_alive, self.vocab = api_key, server_alive, vocab_size
+        self.api_key, self.server_alive = api_key, server_alive
+        self.vocab = vocab_size  # None: from the model card's root (check_reachable), else DEFAULT_VOCAB
         self.log_path = Path(log_path) if log_path else None
         self.log_offset = self.log_path.stat().st_size if self.log_path and self.log_path.exists() else 0
         self.result = LoadResult(self.base_url, model, spec)
-        self.sent = 0  # requests sent over all levels: another prompt for each (no shared prefix)
+        # Each request of the run gets the next number, spelled in its prompt's first ids: no two prompts of a
+        # run share a first block (vLLM's prefix cache would serve them for free); a random start keeps another
+        # run's prompts (or the trial's long request) apart too.
+        self.first = random.randrange(PROMPT_NUMBERS // 2)
+        self.sent = 0
         self.current: tuple[int, list[_Request], float] | None = None  # the level in progress: its requests
 
     def _body(self) -> dict:
         self.sent += 1
-        prompt = token_prompt(self.spec.prompt_tokens, self.vocab, start=self.sent * 7919)
+        prompt = unique_prompt(self.spec.prompt_tokens, self.vocab or DEFAULT_VOCAB, self.first + self.sent)
         return {"model": self.model, "prompt": prompt, "max_tokens": self.spec.output_tokens, "temperature": 0,
                 "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}  # fmt: skip
 
@@ -324,8 +409,22 @@ class _Load:
         try:
             async with client.get(f"{self.base_url}/v1/models", timeout=HTTP_TIMEOUT) as r:
                 status, raw = r.status, await r.read()
+        except aiohttp.ClientConnectorCertificateError as e:
+            raise SpecError(f"{self.base_url} answers https with a certificate this machine does not trust (a "
+                            f"self-signed one, or one for another host name: {e.certificate_error}); put its "
+                            "certificate in SSL_CERT_FILE, or serve plain http") from None  # fmt: skip
+        except aiohttp.ClientSSLError:
+            http = self.base_url.replace("https://", "http://", 1)
+            raise SpecError(f"{self.base_url} does not speak TLS; give --url {http}") from None
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             why = f"{type(e).__name__}: {e}" if str(e) else f"no answer within {HTTP_TIMEOUT_S:g} s"
+            # connected, then hung up or reset: what a TLS server does with a plain request
+            hung_up = isinstance(
+                e, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError
+            ) and not isinstance(e, aiohttp.ClientConnectorError)
+            if hung_up and self.base_url.startswith("http://"):
+                raise SpecError(f"{self.base_url} hung up without an answer ({why}); if it serves https "
+                                f"(--ssl-certfile), give --url https://{self.base_url[7:]}") from None  # fmt: skip
             raise SpecError(f"cannot reach {self.base_url} ({why}); start the server or fix --url") from None
         if status == 401:
             raise SpecError(
@@ -352,6 +451,9 @@ class _Load:
             raise SpecError(f"--prompt-tokens {self.spec.prompt_tokens} + --output-tokens {self.spec.output_tokens} "
                             f"= {want} tokens pass the server's max_model_len {limit}: it would refuse or cut short "
                             "every request; lower them")  # fmt: skip
+        if self.vocab is None:  # vLLM's card names what it serves (root): a folder whose config.json says it
+            root = cards[self.model].get("root")
+            self.vocab = (_config_vocab(root) if isinstance(root, str) else None) or DEFAULT_VOCAB
 
     async def first_request(self, client: aiohttp.ClientSession) -> None:
         """One request before the levels, not counted (as `vllm bench serve`'s initial test run): one the
@@ -362,13 +464,14 @@ class _Load:
         r = await _one_request(client, f"{self.base_url}/v1/completions", self._body(), spec.output_tokens,
                                spec.request_timeout_s)  # fmt: skip
         err = (r.error or "")[:300]
-        if err.startswith("HTTP 4"):
+        if r.kind == "http_status" and 400 <= (r.status or 0) < 500:
             raise SpecError(f"{self.base_url} refused the first request ({err}); check --prompt-tokens + "
                             "--output-tokens against its max_model_len, --model and --api-key")  # fmt: skip
-        if "out of vocabulary" in err:
+        # the server's own words: vLLM's error chunk has no field that says which input it refused
+        if r.kind == "error_chunk" and "out of vocabulary" in err:
             raise SpecError(f"prompt token ids go up to {min(self.vocab, 50000) - 1}, outside this model's "
                             f"vocabulary ({err}); give --vocab-size (the model's vocab_size)")  # fmt: skip
-        if err.startswith("returned ") and r.output_tokens < spec.output_tokens:  # stopped early, no error
+        if r.kind == "short":  # stopped early, no error
             raise SpecError(f"the first request got {r.output_tokens} of {spec.output_tokens} output tokens and no "
                             f"error: the server cuts requests short (its max_model_len, or a max_tokens cap); "
                             "lower --prompt-tokens or --output-tokens")  # fmt: skip
@@ -386,7 +489,7 @@ class _Load:
         deadline = t0 + rounds + spec.request_timeout_s + 5
         done: list[_Request] = []
         scraper = _Scraper(client, self.base_url)
-        before = (await scraper.read()).get("vllm:num_preemptions_total")
+        before = await scraper.read()
         issued = 0
 
         async def worker() -> None:
@@ -414,16 +517,18 @@ class _Load:
             raise bugs[0]
         m = await scraper.read()
         scraper.note(m)
-        after = m.get("vllm:num_preemptions_total")
-        preempt = after - before if after is not None and before is not None else None
+        deltas = {k: m[k] - before[k] for k in ("vllm:num_preemptions_total", "vllm:prefix_cache_hits_total")
+                  if k in m and k in before}  # fmt: skip
         health = await self.health(client)
         self.current = None
-        return _level_summary(conc, done, wall, scraper, preempt, health)
+        return _level_summary(conc, spec.requests, done, wall, scraper, deltas, health)
 
-    async def health(self, client: aiohttp.ClientSession) -> int | None:
+    async def health(self, client: aiohttp.ClientSession) -> int | str | None:
+        """/health's status after a level; NOT_CHECKABLE where the server has none (404: OpenAI-compatible
+        servers other than vLLM, proxies), None where nothing answered."""
         try:
             async with client.get(f"{self.base_url}/health", timeout=HTTP_TIMEOUT) as r:
-                return r.status
+                return NOT_CHECKABLE if r.status == 404 else r.status
         except (aiohttp.ClientError, asyncio.TimeoutError):
             return None
 
@@ -456,45 +561,46 @@ class _Load:
                 await self.first_request(client)
                 for conc in self.spec.concurrency:
                     lvl = await self.level(client, conc)
+                    lvl["problems"] = self.problems(lvl)
                     res.levels.append(lvl)
-                    why = self.unstable_because(lvl)
-                    if why:
-                        res.reason = why
+                    if lvl["problems"]:
+                        res.reason = "; ".join(p["words"] for p in lvl["problems"])
                         break
             except asyncio.CancelledError:  # Ctrl-C: keep what was measured, say where it stopped
                 res.interrupted = True
                 if self.current is not None:
                     conc, done, start = self.current
-                    lvl = _level_summary(conc, list(done), time.perf_counter() - start, _Scraper(client, self.base_url),
-                                         None, None)  # fmt: skip
-                    res.levels.append({**lvl, "interrupted": True})
+                    lvl = _level_summary(conc, self.spec.requests, list(done), time.perf_counter() - start,
+                                         _Scraper(client, self.base_url), {}, None)  # fmt: skip
+                    interrupted = {"kind": "interrupted", "words": "interrupted (Ctrl-C)"}
+                    res.levels.append({**lvl, "interrupted": True, "problems": [interrupted]})
         return self.verdict()
 
-    def unstable_because(self, lvl: dict) -> str | None:
-        """Why this level is not stable (what the client saw first, then the server's side), or None."""
+    def problems(self, lvl: dict) -> list[dict]:
+        """Why this level is not stable (what the client saw first, then the server's side), each with its
+        kind: server_ended, error_chunk, failed, unfinished, health, fatal_log. Empty: the level is clean."""
         c, n = lvl["concurrency"], lvl["requests"]
         parts = []
         if not self._alive():
-            parts.append(f"the server process ended during the load at concurrency {c}")
+            parts.append(("server_ended", f"the server process ended during the load at concurrency {c}"))
         if lvl["errors_in_stream"]:
-            parts.append(f"{lvl['errors_in_stream']} of {n} streams at concurrency {c} ended in an error chunk "
-                         f"(HTTP 200 all the same)")  # fmt: skip
+            parts.append(("error_chunk", f"{lvl['errors_in_stream']} of {n} streams at concurrency {c} ended in an "
+                                         "error chunk (HTTP 200 all the same)"))  # fmt: skip
         other = lvl["failed"] - lvl["errors_in_stream"]
         if other:
-            parts.append(f"{other} of {n} requests failed at concurrency {c}")
+            parts.append(("failed", f"{other} of {n} requests failed at concurrency {c}"))
         if lvl["first_error"] and parts:
-            parts[-1] += f" (first: {lvl['first_error']})"
+            parts[-1] = (parts[-1][0], parts[-1][1] + f" (first: {lvl['first_error']})")
         expected = self.spec.requests
         if not n or (expected is not None and n < expected):
-            parts.append(
-                f"{n} of {expected or 'the'} requests finished within the level's deadline at concurrency {c}"
-            )
-        if lvl["health_after"] != 200:
-            parts.append(f"/health answered {lvl['health_after'] or 'nothing'} after it")
+            parts.append(("unfinished", f"{n} of {expected or 'the'} requests finished within the level's deadline "
+                                        f"at concurrency {c}"))  # fmt: skip
+        if lvl["health_after"] not in (200, NOT_CHECKABLE):
+            parts.append(("health", f"/health answered {lvl['health_after'] or 'nothing'} after it"))
         fatal = self.fatal_log_line()
         if fatal:
-            parts.append(f"the server's log during the load: {fatal}")
-        return "; ".join(parts) or None
+            parts.append(("fatal_log", f"the server's log during the load: {fatal}"))
+        return [{"kind": k, "words": w} for k, w in parts]
 
     def verdict(self) -> LoadResult:
         res = self.result
@@ -519,8 +625,10 @@ class _Load:
         else:
             res.stable = True
             p = sum(x["preemptions"] or 0 for x in levels)
+            health = {x["health_after"] for x in levels}
+            after = ("/health 200 after each" if health == {200} else "/health not checkable (HTTP 404)" if health == {NOT_CHECKABLE} else "/health 200 or not checkable (404) after each")  # fmt: skip
             res.reason = (f"all {sum(x['completed'] for x in levels)} requests over {len(levels)} level(s) completed, "
-                          f"/health 200 after each" + (f"; {p:g} preemption(s), not failures" if p else ""))  # fmt: skip
+                          f"{after}" + (f"; {p:g} preemption(s), not failures" if p else ""))  # fmt: skip
         res.knee_concurrency, res.knee_reason = knee(
             [x for x in levels if not x.get("interrupted") and not x["failed"]], self.spec.slo_ttft_ms
         )
@@ -528,8 +636,9 @@ class _Load:
 
 
 def knee(levels: list[dict], slo_ttft_ms: float | None = None) -> tuple[int | None, str | None]:
-    """The lowest concurrency past which output tok/s grows by less than KNEE_GROWTH, or TTFT p90 passes
-    the SLO; with its numbers. Levels in increasing concurrency, those that completed every request."""
+    """The lowest concurrency after which output tok/s stays flat at every later level (grows by less than
+    KNEE_GROWTH per doubling of users, scaled to each concurrency ratio), or the last one before TTFT p90
+    passes the SLO; with its numbers. Levels in increasing concurrency, those that completed every request."""
     if not levels:
         return None, None
     for i, lvl in enumerate(levels):
@@ -543,15 +652,27 @@ def knee(levels: list[dict], slo_ttft_ms: float | None = None) -> tuple[int | No
             prev = levels[i - 1]
             return prev["concurrency"], (f"TTFT p90 {p90:g} ms at concurrency {lvl['concurrency']} passes the SLO "
                                          f"{slo_ttft_ms:g} ms (p90 {prev['ttft_ms']['p90']:g} ms at {prev['concurrency']})")  # fmt: skip
-        if i + 1 < len(levels):
-            nxt = levels[i + 1]
-            a, b = lvl["output_tokens_per_s"] or 0.0, nxt["output_tokens_per_s"] or 0.0
-            if a > 0 and b < a * (1 + KNEE_GROWTH):
-                return lvl["concurrency"], (f"output {a:g} tok/s at concurrency {lvl['concurrency']}, {b:g} at "
-                                            f"{nxt['concurrency']} ({(b / a - 1) * 100:+.0f}%, under +{KNEE_GROWTH:.0%})")  # fmt: skip
+        later = levels[i + 1 :]
+        if later and all(_flat(lvl, x) for x in later):
+            a, last = lvl["output_tokens_per_s"], later[-1]
+            span = f"{last['output_tokens_per_s']:g} at {last['concurrency']}"
+            if len(later) > 1:
+                span = f"{later[0]['output_tokens_per_s']:g} at {later[0]['concurrency']} ... {span}"
+            return lvl["concurrency"], (f"output {a:g} tok/s at concurrency {lvl['concurrency']}, {span}: flat at every "
+                                        f"later level (under +{KNEE_GROWTH:.0%} per doubling of users)")  # fmt: skip
     last = levels[-1]
-    return None, (f"output tok/s still grows by {KNEE_GROWTH:.0%} or more per level up to concurrency "
-                  f"{last['concurrency']} ({last['output_tokens_per_s']:g} tok/s): try higher levels")  # fmt: skip
+    return None, (f"output tok/s still grows at concurrency {last['concurrency']} ({last['output_tokens_per_s']:g} "
+                  f"tok/s; no level after which it stays under +{KNEE_GROWTH:.0%} per doubling of users): try "
+                  "higher levels")  # fmt: skip
+
+
+def _flat(lvl: dict, later: dict) -> bool:
+    """Output tok/s from lvl to a later level grew less than KNEE_GROWTH per doubling of its users."""
+    a, b = lvl["output_tokens_per_s"] or 0.0, later["output_tokens_per_s"] or 0.0
+    ratio = (later["concurrency"] or 0) / (lvl["concurrency"] or 1)
+    if a <= 0 or ratio <= 1:
+        return False
+    return b <= 0 or math.log(b / a) / math.log(ratio) < KNEE_ELASTICITY
 
 
 def run_load(
@@ -562,22 +683,49 @@ def run_load(
     api_key: str | None = None,
     log_path: str | Path | None = None,
     server_alive: Callable[[], bool] | None = None,
-    vocab_size: int = 1000,
+    vocab_size: int | None = None,
 ) -> LoadResult:
     """Run every level of `spec` against a loopback vLLM server; stop at the first level that is not stable.
 
-    `log_path`: the server's live log (fatal lines written during the load make it not stable).
-    `server_alive`: the caller's check that its server process still runs. Ctrl-C returns the result so far
-    with interrupted=True; nothing keeps running after this returns. Bad input or a server that cannot be
-    reached raises SpecError before any request.
+    `base_url` as users paste it (server_root). `log_path`: the server's live log (fatal lines written during
+    the load make it not stable). `server_alive`: the caller's check that its server process still runs.
+    `vocab_size`: prompt ids stay below it (None: the served model's config.json, else DEFAULT_VOCAB).
+    Ctrl-C returns the result so far with interrupted=True; nothing keeps running after this returns. Bad
+    input or a server that cannot be reached raises SpecError before any request.
     """
     spec.validate()
+    base_url = server_root(base_url)
     if not _loopback(base_url):
         raise SpecError(
             f"--url {base_url}: the load goes to loopback servers only (127.0.0.1, ::1, localhost)"
         )
     load = _Load(base_url, model, spec, api_key, log_path, server_alive, vocab_size)
     return _run_interruptible(load.run)
+
+
+def server_root(url: str) -> str:
+    """The server's root from --url as users paste it: `localhost:8000` (no scheme), vLLM's banner address
+    `http://0.0.0.0:8000` (every interface, this machine's among them), the OpenAI base URL `.../v1`. Any
+    other path is a SpecError that names the root to give."""
+    raw = url.strip()
+    parts = urlsplit(raw if "://" in raw else f"http://{raw}")
+    try:
+        port = parts.port
+    except ValueError:
+        raise SpecError(f"--url {url}: the port is not a number; give http://HOST:PORT, e.g. http://127.0.0.1:8000") from None  # fmt: skip
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(
+        parts.hostname or "", parts.hostname or ""
+    )
+    root = f"{parts.scheme}://{f'[{host}]' if ':' in host else host}" + (
+        f":{port}" if port is not None else ""
+    )
+    if parts.scheme not in ("http", "https"):
+        raise SpecError(f"--url {url}: give http://HOST:PORT (or https://), e.g. http://127.0.0.1:8000")
+    if parts.path.rstrip("/") not in ("", "/v1") or parts.query or parts.fragment:
+        raise SpecError(
+            f"--url {url}: give the server's root, --url {root} (the load adds /v1/completions itself)"
+        )
+    return root
 
 
 def _run_interruptible(make_coro: Callable) -> LoadResult:
@@ -651,7 +799,7 @@ def cli_load(args) -> int:
     elif args.requests is not None:
         params["requests"] = args.requests
     spec = LoadSpec.from_params(params, where="vllm-lab load")
-    vocab = args.vocab_size or _config_vocab(args.model) or 1000
+    vocab = args.vocab_size or _config_vocab(args.model)  # else the model card's root, else DEFAULT_VOCAB
     res = run_load(args.url, args.model, spec, api_key=args.api_key, log_path=args.log, vocab_size=vocab)
     print(json.dumps(res.to_dict()) if args.json else _human(res), file=sys.stdout)
     if res.interrupted:
@@ -660,7 +808,8 @@ def cli_load(args) -> int:
 
 
 def _config_vocab(model: str) -> int | None:
-    """vocab_size from config.json where the served name is the model's folder (vLLM's default name)."""
+    """vocab_size from config.json where `model` is the model's folder (vLLM's default served name, and its
+    model card's root); None for a hub id."""
     try:
         return int(json.loads((Path(model) / "config.json").read_text())["vocab_size"])
     except (OSError, ValueError, KeyError, TypeError):

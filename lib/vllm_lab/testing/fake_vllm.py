@@ -37,9 +37,17 @@ Under load (streamed /v1/completions, as `vllm-lab load` sends them; chunks shap
                              lines, then the process exits) | error_chunks_after (every later stream sends a few
                              tokens, then the EngineDeadError chunk and [DONE]) | stall_after (every later
                              stream sends a few tokens, then nothing: a per-request deadline must end it)
+                             | flaky_stream (the next stream alone ends in the error chunk; the rest are clean)
+                             | unhealthy_after (streams stay clean, /health answers 503 from then on)
+    FAKE_VLLM_HEALTH       the status /health answers (default 200; 404: a server without /health, as Ollama)
+    FAKE_VLLM_ENGINES      data-parallel engines (default 1): each has its own KV cache and seats, streams go
+                           round-robin, and /metrics gives each series once per engine ({engine="0"}, ...)
 /metrics counts what runs: vllm:num_requests_running/waiting, vllm:kv_cache_usage_perc (prompt + output
 tokens of the running streams over the KV cache), vllm:num_preemptions_total (+1 each time a stream is
-admitted while the running ones already need more KV than the cache holds; served all the same).
+admitted while the running ones already need more KV than the cache holds; served all the same), and
+vllm:prefix_cache_queries_total/hits_total in tokens (V1's prefix cache: a 16-token block of a prompt whose
+whole prefix up to it was seen before is a hit).
+`--ssl-certfile`/`--ssl-keyfile` serve https, as vLLM's flags do.
 
 Like vLLM: `--api-key` (or VLLM_API_KEY) guards /v1/* (401 without it), `--served-model-name` names the
 model requests must use (404 otherwise), and rope_scaling (yarn) scales the model's derived max length.
@@ -272,26 +280,22 @@ def make_handler(state: dict):
             if self._refused():
                 return
             if self.path == "/health":
-                self._json(200, {})
+                load = state["load"]
+                sick = load.fault == "unhealthy_after" and load.streams > load.fault_after
+                code = 503 if sick else state["health"]
+                self._json(
+                    code, {} if code == 200 else {"detail": "Not Found" if code == 404 else "unhealthy"}
+                )
             elif self.path == "/v1/models":
                 card = {"max_model_len": state["max_model_len"]} if state["card_len"] else {}
+                # vLLM's card: root is the model as given to `serve` (a folder or a hub id)
                 self._json(200, {"object": "list", "data": [
-                    {"id": name, "object": "model", **card} for name in state["names"]]})  # fmt: skip
+                    {"id": name, "object": "model", "root": state["model"], **card}
+                    for name in state["names"]]})  # fmt: skip
             elif self.path == "/version":
                 self._json(200, {"version": state["version"]})
             elif self.path == "/metrics":
-                load = state["load"]
-                usage = max(state["usage"], min(1.0, load.kv_tokens / max(state["tokens"], 1)))
-                body = (
-                    "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.\n"
-                    "# TYPE vllm:kv_cache_usage_perc gauge\n"
-                    f'vllm:kv_cache_usage_perc{{engine="0",model_name="{state["served"]}"}} {usage}\n'
-                    f'vllm:num_requests_running{{engine="0",model_name="{state["served"]}"}} {float(load.running)}\n'
-                    f'vllm:num_requests_waiting{{engine="0",model_name="{state["served"]}"}} {float(load.waiting)}\n'
-                    "# TYPE vllm:num_preemptions counter\n"
-                    f'vllm:num_preemptions_total{{engine="0",model_name="{state["served"]}"}} {float(load.preemptions)}\n'
-                    f'vllm:cache_config_info{{block_size="16",num_gpu_blocks="{state["tokens"] // BLOCK}"}} 1.0\n'
-                ).encode()
+                body = _metrics_page(state).encode()
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -379,7 +383,10 @@ def make_handler(state: dict):
                 err = err if "error" in err else {"error": err}
                 self.wfile.write(f"data: {json.dumps(err)}\n\ndata: [DONE]\n\n".encode())
                 return
-            fault = load.admit(plen + max_tokens)  # waits for a seat when FAKE_VLLM_MAX_SEQS is set
+            ids = prompt if isinstance(prompt, list) else []
+            fault, engine = load.admit(
+                plen + max_tokens, ids
+            )  # waits for a seat when FAKE_VLLM_MAX_SEQS is set
             try:
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream; charset=utf-8")
@@ -407,6 +414,10 @@ def make_handler(state: dict):
                     self.wfile.flush()
                     time.sleep(3600)  # a stream that stops: the client's per-request deadline must end it
                     return
+                if fault == "flaky_stream":  # one request fails; the engine lives on
+                    _stream_error(self.wfile, state["version"], "serving.py:500", "asyncio.TimeoutError",
+                                  "the request timed out inside the engine (a one-off)")  # fmt: skip
+                    return
                 if fault == "error_chunks_after":
                     msg = "EngineCore encountered an issue. See stack trace (above) for the root cause."
                     _stream_error(self.wfile, state["version"], "serving.py:500",
@@ -424,45 +435,95 @@ def make_handler(state: dict):
                     self.wfile.write(f"data: {json.dumps(last)}\n\n".encode())
                 self.wfile.write(b"data: [DONE]\n\n")
             finally:
-                load.release(plen + max_tokens)
+                load.release(plen + max_tokens, engine)
 
     return Handler
 
 
+FAULTS = ("die_mid_load", "error_chunks_after", "stall_after", "flaky_stream", "unhealthy_after")
+
+
 class LoadState:
-    """What runs now (for /metrics) and when a load fault begins; shared by the handler threads."""
+    """What runs now on each engine (for /metrics) and when a load fault begins; shared by the handler threads."""
 
     def __init__(self, env, scenario: str, kv_tokens_total: int):
         self.lock = threading.Lock()
         self.token_s = float(env.get("FAKE_VLLM_TOKEN_S") or 0)
         max_seqs = int(env.get("FAKE_VLLM_MAX_SEQS") or 0)
-        self.seats = threading.BoundedSemaphore(max_seqs) if max_seqs > 0 else None
-        self.fault = scenario if scenario in ("die_mid_load", "error_chunks_after", "stall_after") else None
+        n = max(1, int(env.get("FAKE_VLLM_ENGINES") or 1))
+        # each data-parallel engine has its own KV cache, seats (--max-num-seqs) and counters
+        self.engines = [{"running": 0, "waiting": 0, "kv_tokens": 0, "preemptions": 0, "hits": 0, "queries": 0,
+                         "seats": threading.BoundedSemaphore(max_seqs) if max_seqs > 0 else None,
+                         "blocks": set()} for _ in range(n)]  # fmt: skip
+        self.fault = scenario if scenario in FAULTS else None
         self.fault_after = int(env.get("FAKE_VLLM_FAULT_AFTER") or 4)
         self.capacity = kv_tokens_total
-        self.streams = self.running = self.waiting = self.kv_tokens = self.preemptions = 0
+        self.streams = 0
 
-    def admit(self, need: int) -> str | None:
-        """Take a seat (waiting for one when all are taken); the fault this stream meets, if any."""
+    def admit(self, need: int, prompt: list) -> tuple[str | None, int]:
+        """Take a seat on the next engine (waiting for one when all are taken); the fault this stream meets,
+        if any, and the engine."""
         with self.lock:
-            self.waiting += 1
-        if self.seats is not None:
-            self.seats.acquire()
-        with self.lock:
-            self.waiting -= 1
-            self.running += 1
-            if self.kv_tokens + need > self.capacity:
-                self.preemptions += 1
-            self.kv_tokens += need
+            e = self.streams % len(self.engines)
             self.streams += 1
-            return self.fault if self.fault and self.streams > self.fault_after else None
-
-    def release(self, need: int) -> None:
+            number = self.streams
+            eng = self.engines[e]
+            eng["waiting"] += 1
+            eng["queries"] += len(prompt)
+            eng["hits"] += _prefix_hits(eng["blocks"], prompt)
+        if eng["seats"] is not None:
+            eng["seats"].acquire()
         with self.lock:
-            self.running -= 1
-            self.kv_tokens -= need
-        if self.seats is not None:
-            self.seats.release()
+            eng["waiting"] -= 1
+            eng["running"] += 1
+            if eng["kv_tokens"] + need > self.capacity:
+                eng["preemptions"] += 1
+            eng["kv_tokens"] += need
+        fault = self.fault if self.fault and number > self.fault_after else None
+        if fault == "flaky_stream" and number != self.fault_after + 1:
+            fault = None
+        return (None if fault == "unhealthy_after" else fault), e
+
+    def release(self, need: int, e: int) -> None:
+        eng = self.engines[e]
+        with self.lock:
+            eng["running"] -= 1
+            eng["kv_tokens"] -= need
+        if eng["seats"] is not None:
+            eng["seats"].release()
+
+
+def _prefix_hits(seen: set, prompt: list) -> int:
+    """V1's prefix cache, in tokens: each full block whose whole prefix was served before is a hit."""
+    hits, key = 0, ()
+    for i in range(0, len(prompt) - len(prompt) % BLOCK, BLOCK):
+        key = hash((key, tuple(prompt[i : i + BLOCK])))
+        hits += BLOCK if key in seen else 0  # the key chains the whole prefix: a hit is a cached prefix
+        seen.add(key)
+    return hits
+
+
+def _metrics_page(state: dict) -> str:
+    """Each series once per engine, as vLLM with --data-parallel-size exports them."""
+    load: LoadState = state["load"]
+    series = {"kv_cache_usage_perc": "gauge", "num_requests_running": "gauge", "num_requests_waiting": "gauge",
+              "num_preemptions_total": "counter", "prefix_cache_queries_total": "counter",
+              "prefix_cache_hits_total": "counter"}  # fmt: skip
+    lines = []
+    with load.lock:
+        for name, kind in series.items():
+            lines.append(f"# TYPE vllm:{name.removesuffix('_total')} {kind}")
+            for e, eng in enumerate(load.engines):
+                if name == "kv_cache_usage_perc":  # the long request (not streamed) counts on engine 0
+                    value = min(1.0, eng["kv_tokens"] / max(state["tokens"], 1))
+                    value = max(value, state["usage"]) if e == 0 else value
+                elif name.startswith("prefix_cache"):
+                    value = eng["hits" if "hits" in name else "queries"]
+                else:
+                    value = eng[name.split("_")[-1] if name.startswith("num_requests") else "preemptions"]
+                lines.append(f'vllm:{name}{{engine="{e}",model_name="{state["served"]}"}} {float(value)}')
+    lines.append(f'vllm:cache_config_info{{block_size="16",num_gpu_blocks="{state["tokens"] // BLOCK}"}} 1.0')
+    return "\n".join(lines) + "\n"
 
 
 def _stream_error(wfile, version: str, where: str, exc: str, msg: str) -> None:
@@ -504,6 +565,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--served-model-name", nargs="+")
     p.add_argument("--api-key", nargs="+")
+    p.add_argument("--ssl-keyfile")
+    p.add_argument("--ssl-certfile")
     args, _unknown = p.parse_known_args(argv)  # real vLLM takes hundreds of flags; ignore the rest
     return args
 
@@ -618,7 +681,8 @@ def main(argv: list[str] | None = None) -> None:
     keys = args.api_key or ([env["VLLM_API_KEY"]] if env.get("VLLM_API_KEY") else [])
     state = {"served": names[0], "names": names, "api_keys": keys, "max_model_len": max_len, "version": version,
              "error_above": int(env.get("FAKE_VLLM_ERROR_ABOVE", "64")),
-             "card_len": env.get("FAKE_VLLM_CARD_LEN") != "0",
+             "card_len": env.get("FAKE_VLLM_CARD_LEN") != "0", "model": args.model,
+             "health": int(env.get("FAKE_VLLM_HEALTH") or 200),
              "tokens": tokens, "usage": 0.0, "scenario": scenario, "load": LoadState(env, scenario, tokens), "engine": engine,
              "vocab_size": int(cfg.get("vocab_size") or 32000),
              "unstable_above": int(env["FAKE_VLLM_UNSTABLE_ABOVE"]) if env.get("FAKE_VLLM_UNSTABLE_ABOVE") else None}  # fmt: skip
@@ -627,6 +691,12 @@ def main(argv: list[str] | None = None) -> None:
     server.socket = sock  # the socket bound at start, as vLLM does
     server.request_queue_size = 2048  # uvicorn's backlog; socketserver's 5 resets connections under load
     server.server_activate()
+    if args.ssl_certfile and args.ssl_keyfile:  # vLLM's --ssl-*: https on the same port
+        import ssl
+
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(args.ssl_certfile, args.ssl_keyfile)
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
     log.raw(f"INFO:     Started server process [{os.getpid()}]")
     log.raw("INFO:     Waiting for application startup.")
     log.raw("INFO:     Application startup complete.")
