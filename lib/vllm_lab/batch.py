@@ -72,33 +72,50 @@ class DeviceLock:
 
 
 class TrialProgress:
-    """A progress bar over trials, fed by trials.jsonl growing (the notebooks run in a kernel)."""
+    """A progress bar over trials, fed by trials.jsonl growing (the notebooks run in a kernel).
+
+    The total is dryrun.expected_trial_count: exact for every step but a search, whose launches are a guess
+    until it ends; when the batch ends the total becomes the trials that ran, so the bar ends at n/n. A lost
+    Ray attempt (failure infrastructure) is no trial: its rerun is."""
 
     def __init__(self, run_dir: Path, total: int | None):
         from tqdm import tqdm
 
         self.run_dir = run_dir
         self.bar = tqdm(total=total, unit="trial", desc="trials", file=sys.stderr, dynamic_ncols=True)
-        self.start = len(record.read_records(run_dir, keep_torn_aside=False).rows)
+        self.start = self._count()
         self.bar.update(self.start)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
+    def _count(self) -> int:
+        from vllm_lab.configs import INFRA
+
+        rows = record.read_records(self.run_dir, keep_torn_aside=False).rows
+        return sum(r.get("failure") != INFRA for r in rows)
+
     def _poll(self):
-        seen = self.start
         while not self._stop.wait(1.0):
-            n = len(record.read_records(self.run_dir, keep_torn_aside=False).rows)
-            if n > seen:
-                self.bar.update(n - seen)
-                seen = n
+            self._catch_up()
+
+    def _catch_up(self):
+        n = self._count()
+        if n > self.bar.n:
+            self.bar.update(n - self.bar.n)
 
     def __enter__(self):
         self._thread.start()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         self._stop.set()
         self._thread.join()
+        self._catch_up()
+        if (
+            exc_type is None and self.bar.total != self.bar.n
+        ):  # a search ran more or fewer launches than guessed
+            self.bar.total = self.bar.n
+            self.bar.refresh()
         self.bar.close()
 
 
@@ -292,18 +309,22 @@ def _run_steps(plan: Plan, steps: list, run_dir: Path, nb_dir: Path, summary: Ru
             summary.errors.append(f"{step.name}: {err}")
 
 
+REPORT_NOTEBOOK_HTML = "report-notebook.html"
+
+
 def build_report(run_dir: Path, nb_dir: Path, summary: RunSummary) -> dict:
-    """The report notebook renders the figures; report.md and report.html come from the records."""
+    """report.html, report.md and report-issue.md from the run's one summary (report.build_report); the
+    executed report notebook beside them (its HTML as report-notebook.html), never in report.html's place."""
+    from vllm_lab.render import export_html
     from vllm_lab.report import build_report as write_reports
-    from vllm_lab.report import export_html
 
     out_nb = nb_dir / f"{REPORT_NOTEBOOK}.ipynb"
     err = execute(REPORT_NOTEBOOK, out_nb, {"RUN_DIR": str(run_dir)}, 900)
-    paths = write_reports(run_dir)
+    paths = write_reports(run_dir, for_issue=True)
     if err:
         summary.errors.append(f"{REPORT_NOTEBOOK}: {err}")
     else:
-        paths["html"] = export_html(out_nb, run_dir / "report.html")
+        paths["report_notebook_html"] = export_html(out_nb, run_dir / REPORT_NOTEBOOK_HTML)
     paths["report_notebook"] = out_nb
     return paths
 
@@ -321,13 +342,39 @@ def cli_run(args) -> int:
                        ray=getattr(args, "ray", None))  # fmt: skip
     if args.dry_run:
         return 0
-    print(f"\nrun folder: {summary.run_dir}  ({time.monotonic() - t0:.0f} s)")
-    print(f"trials:     {summary.run_dir / record.TRIALS_FILE}")
-    for name, path in summary.report_paths.items():
-        if path:
-            print(f"{name + ':':<11} {path}")
-    for nb in summary.notebooks:
-        print(f"notebook:   {nb}")
+    print_answer(summary, time.monotonic() - t0)
     for e in summary.errors:
         print(f"ERROR in {e}", file=sys.stderr)
     return 1 if summary.errors else 0
+
+
+def _shown(path: Path) -> str:
+    """A path as short as it is true: relative to the working folder when under it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def print_answer(summary: RunSummary, seconds: float) -> None:
+    """The run's answer first (report.verdict_lines: what works, the largest stable context per memory
+    setting, the hypotheses, the load's frontier), then where the reports are: a few lines, not every file."""
+    from vllm_lab.report import load_run, verdict_lines
+
+    run = summary.run_dir
+    print(f"\nVerdict ({run.name}, {seconds:.0f} s):")
+    if (run / record.TRIALS_FILE).is_file():
+        for line in verdict_lines(load_run(run)):
+            print(f"  {line}")
+    else:
+        print("  no trial was recorded")
+    paths = summary.report_paths
+    reports = [paths[k] for k in ("html", "md", "issue") if paths.get(k)]
+    print(f"\nReports in {_shown(run)}/:")
+    if reports:
+        print("  " + ", ".join(p.name for p in reports) + "  (report.html opens in a browser; report-issue.md "
+              "pastes into a GitHub issue)")  # fmt: skip
+    figures = sorted(run.glob("plots/*.png"))
+    print(f"  plots/ ({len(figures)} figures), notebooks/ ({len(summary.notebooks)} executed notebooks"
+          f"{', ' + paths['report_notebook_html'].name if paths.get('report_notebook_html') else ''}), "
+          f"{record.TRIALS_FILE} (every trial)")  # fmt: skip
