@@ -28,10 +28,15 @@ $(VENV)/.stamp: pyproject.toml
 $(KERNEL): $(VENV)/.stamp
 	$(BIN)/python -m ipykernel install --sys-prefix --name vllm-lab --display-name "Python (vllm-lab)" >/dev/null
 
-# JupyterLab on loopback with a token (printed in its URL), opening at notebooks/.
+# JupyterLab on loopback with a token, opening at notebooks/. Jupyter masks a token it was given (?token=...),
+# so the URL to open is printed here: the token drawn once (:=), the port fixed (no retry onto another one).
+lab: LAB_TOKEN := $(LAB_TOKEN)
+lab: LAB_PORT ?= 8888
 lab: setup
-	$(BIN)/jupyter lab --ServerApp.ip=127.0.0.1 --ServerApp.root_dir=$(CURDIR) \
-		--IdentityProvider.token=$(LAB_TOKEN) --LabApp.default_url=/lab/tree/notebooks $(if $(SUDO),,--ServerApp.allow_root=True)
+	@echo "JupyterLab: open http://127.0.0.1:$(LAB_PORT)/lab/tree/notebooks?token=$(LAB_TOKEN)"
+	$(BIN)/jupyter lab --ServerApp.ip=127.0.0.1 --ServerApp.port=$(LAB_PORT) --ServerApp.port_retries=0 \
+		--ServerApp.root_dir=$(CURDIR) --IdentityProvider.token=$(LAB_TOKEN) --LabApp.default_url=/lab/tree/notebooks \
+		$(if $(SUDO),,--ServerApp.allow_root=True)
 
 # Debian's chromium for the browser tests (Playwright drives it; its own browser download is not used).
 browser:
