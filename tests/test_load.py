@@ -379,6 +379,7 @@ def test_a_real_load_on_the_cpu_build(run_dir):
             lv["kv_cache_usage_max"] is not None and lv["health_after"] == 200
         )  # /metrics of the real server
         assert lv["preemptions"] is not None
+        assert lv["prefix_cache_hits"] == 0, lv  # no prompt of the load repeats a cached block
 
 
 # ---------------------------------------------------------------------------------------------- issue 22

@@ -3,8 +3,10 @@
 and the knee (a --max-num-seqs hint). It launches nothing and records nothing; the caller does.
 
 Stable means: every request completed with HTTP 200, no error chunk in its stream, every output token and
-[DONE]; /health 200 after each level; no fatal line in the server's log during the load (where the log is
-known); the same server process (where the caller can tell). Preemptions are counted, never failures.
+[DONE]; /health 200 after each level (or "not checkable": a server without /health, 404); no fatal line in
+the server's log during the load (where the log is known); the same server process (where the caller can
+tell). Preemptions are counted, never failures. A level runs at least as many requests as its users, and no
+two prompts of a run share a first block (the prefix cache would serve them for free).
 
 asyncio, not threads: a per-request deadline is one `asyncio.wait_for`, and Ctrl-C cancels every stream at
 once, where a thread blocked in a socket read goes on until its stream or its read timeout ends.
@@ -30,6 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypedDict
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -157,12 +160,46 @@ def _int_list(v, where: str) -> tuple[int, ...]:
     raise SpecError(f"{where}: {v!r}; give a list of whole numbers, e.g. [1, 2, 4]")
 
 
+class Problem(TypedDict):
+    kind: str  # server_ended | error_chunk | failed | unfinished | health | fatal_log | interrupted
+    words: str  # as the verdict's reason says it
+
+
+class Level(TypedDict, total=False):
+    """One level of `vllm-lab load --json` (schema_version 2); report and probe read these keys."""
+
+    concurrency: int
+    planned: int | None  # requests it was to send (None: by duration)
+    requests: int  # finished (completed or failed)
+    completed: int
+    failed: int
+    errors_in_stream: int
+    first_error: str | None
+    first_error_kind: str | None  # http_status | error_chunk | no_done | broke_off | not_json | short
+    errors_by_kind: dict[str, int]
+    ttft_ms: dict  # p50/p90/p99
+    itl_ms: dict
+    e2e_ms: dict
+    output_tokens: int
+    output_tokens_per_s: float | None
+    requests_per_s: float | None
+    seconds: float
+    preemptions: float | None  # summed over engines
+    prefix_cache_hits: float | None  # tokens, summed over engines; 0 where no prompt repeats
+    kv_cache_usage_max: float | None  # the fullest engine's
+    waiting_max: float | None
+    running_max: float | None
+    health_after: int | str | None  # the status; NOT_CHECKABLE (404); None: no answer
+    problems: list[Problem]  # empty: the level is clean (load_report's frontier counts it)
+    interrupted: bool
+
+
 @dataclass
 class LoadResult:
     url: str
     model: str
     spec: LoadSpec
-    levels: list[dict] = field(default_factory=list)  # one per concurrency run, see _level_summary
+    levels: list[Level] = field(default_factory=list)  # one per concurrency run, see _level_summary
     stable: bool = False
     reason: str = ""
     knee_concurrency: int | None = None
@@ -332,7 +369,7 @@ def _pcts(values: list[float]) -> dict:
 
 
 def _level_summary(conc: int, planned: int | None, done: list[_Request], wall: float, scraper: _Scraper,
-                   deltas: dict, health: int | str | None) -> dict:  # fmt: skip
+                   deltas: dict, health: int | str | None) -> Level:  # fmt: skip
     ok = [r for r in done if r.ok]
     first = next((r for r in done if not r.ok), None)
     tokens = sum(r.output_tokens for r in ok)
@@ -576,7 +613,7 @@ class _Load:
                     res.levels.append({**lvl, "interrupted": True, "problems": [interrupted]})
         return self.verdict()
 
-    def problems(self, lvl: dict) -> list[dict]:
+    def problems(self, lvl: Level) -> list[Problem]:
         """Why this level is not stable (what the client saw first, then the server's side), each with its
         kind: server_ended, error_chunk, failed, unfinished, health, fatal_log. Empty: the level is clean."""
         c, n = lvl["concurrency"], lvl["requests"]
