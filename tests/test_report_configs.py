@@ -156,7 +156,7 @@ def test_every_table_says_which_model(models_run):
     verdict = section(text, "## Verdict")
     assert "| model | launcher | max_model_len | memory | ready |" in verdict
     assert "| tiny-qwen2 | head | 20352 | KV 10 MiB | 1/1 |" in verdict
-    assert "| tiny-qwen2-awq | head | 16384 | KV 10 MiB | 1/1 | failed |" in verdict
+    assert "| tiny-qwen2-awq | head | 16384 | KV 10 MiB | 0/1, 1 unstable | failed |" in verdict
     assert "model `tiny-qwen2`: launcher `head`, max_model_len 20352" in verdict
     assert "| model | launcher | memory | largest stable max_model_len |" in verdict
     assert "**Largest stable max_model_len** per model, launcher and memory setting" in verdict
@@ -233,3 +233,22 @@ def test_renderers_never_import_the_summary(leaf):
 def test_the_summary_feeds_every_renderer():
     seen = imports("report")
     assert {"render", "issue_report", "attach", "configs"} <= seen
+
+
+def test_executed_notebooks_show_no_local_path_but_stay_runnable(tmp_path):
+    import nbformat
+    from vllm_lab.batch import redact_executed
+
+    model = str(HOME_MODELS / "tiny-qwen2")
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell(f'MODEL = "{model}"')
+    cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text=f"loaded {model}\n")]
+    nb.cells = [cell]
+    path = tmp_path / "01.ipynb"
+    nbformat.write(nb, path)
+    redact_executed(path)
+    (cell,) = nbformat.read(path, as_version=4).cells
+    assert cell.source == f'MODEL = "{model}"'  # a rerun from the run folder finds the model
+    assert cell.outputs[0]["text"] == "loaded ~/models/tiny-qwen2\n"
+    shared = render.redact_notebook(nbformat.read(path, as_version=4))  # the zip's and the HTML's copy
+    assert shared.cells[0].source == 'MODEL = "~/models/tiny-qwen2"'

@@ -187,7 +187,7 @@ def redact_executed(path: Path) -> None:
     from vllm_lab.render import redact_notebook
 
     if path.exists():
-        nb = redact_notebook(nbformat.read(path, as_version=4))
+        nb = redact_notebook(nbformat.read(path, as_version=4), runnable=True)
         nb.metadata = nbformat.from_dict(redact_obj(nb.metadata))  # papermill keeps the parameters here too
         nbformat.write(nb, path)
 

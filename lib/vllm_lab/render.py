@@ -164,10 +164,12 @@ def build_notebook(blocks: list[tuple]) -> nbformat.NotebookNode:
 _TEXT_MIMES = ("text/plain", "text/html", "text/markdown", "application/json")
 
 
-def redact_notebook(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
-    """Redact every cell source and text output in place (images are left as they are)."""
+def redact_notebook(nb: nbformat.NotebookNode, *, runnable: bool = False) -> nbformat.NotebookNode:
+    """Redact every cell source and text output in place (images are left as they are), local paths made
+    relative or ~; runnable: the sources keep their paths (an executed notebook in the run folder is rerun
+    from there: its parameters must still point where they pointed), only secrets leave them."""
     for cell in nb.cells:
-        cell.source = scrub(cell.source)
+        cell.source = redact_text(cell.source) if runnable else scrub(cell.source)
         for out in cell.get("outputs", []):
             if "text" in out:
                 out["text"] = scrub(out["text"] if isinstance(out["text"], str) else "".join(out["text"]))

@@ -110,6 +110,12 @@ def backend_banner(df: pd.DataFrame) -> str | None:
     return None
 
 
+def _ready_count(g: pd.DataFrame) -> str:
+    """'1/2' ready; a start that came up and then failed (unstable) is said, never counted as ready."""
+    unstable = int(g["outcome"].eq("unstable").sum())
+    return f"{int(g['outcome'].eq('ready').sum())}/{len(g)}" + (f", {unstable} unstable" if unstable else "")
+
+
 def _config_summary(g: pd.DataFrame) -> pd.Series:
     return pd.Series(
         {
@@ -117,7 +123,7 @@ def _config_summary(g: pd.DataFrame) -> pd.Series:
             "launcher": g["launcher"].iloc[0],
             "max_model_len": g["max_model_len"].iloc[0],
             "memory": g["memory_label"].iloc[0],
-            "ready": f"{int(g['started'].sum())}/{len(g)}",
+            "ready": _ready_count(g),
             "long request": "ok"
             if g["stable"].any()
             else _long_request(False if g["long_request_ok"].eq(False).any() else None),
