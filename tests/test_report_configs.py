@@ -252,3 +252,21 @@ def test_executed_notebooks_show_no_local_path_but_stay_runnable(tmp_path):
     assert cell.outputs[0]["text"] == "loaded ~/models/tiny-qwen2\n"
     shared = render.redact_notebook(nbformat.read(path, as_version=4))  # the zip's and the HTML's copy
     assert shared.cells[0].source == 'MODEL = "~/models/tiny-qwen2"'
+
+
+def test_gpu_types_side_by_side_keep_two_models_apart():
+    from vllm_lab import gpu_axis
+
+    awq = str(HOME_MODELS / "tiny-qwen2-awq")
+    rows = [
+        rec("02", "head", 4096, 1, outcome, model=m, gpu=g, trial_id=f"{m}-{g}")
+        for m, outcome in ((awq, "failed"), (str(HOME_MODELS / "tiny-qwen2"), "ready"))
+        for g in ("A100", "L4")
+    ]
+    grid = gpu_axis.outcome_by_gpu(hypotheses.prepare(rows))
+    assert grid[["model", "A100", "L4"]].values.tolist() == [
+        ["tiny-qwen2", "stable", "stable"],
+        ["tiny-qwen2-awq", "failed (cuda_oom)", "failed (cuda_oom)"],
+    ]  # merged, one cell read "failed (cuda_oom), stable"
+    largest = gpu_axis.largest_by_gpu(hypotheses.prepare(rows))
+    assert len(largest) == 4 and "model" in largest.columns

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import pandas as pd
 
+from vllm_lab import configs
+
 MISSING = "—"
 
 
@@ -31,25 +33,30 @@ def _cell(g: pd.DataFrame) -> str:
 
 def outcome_by_gpu(df: pd.DataFrame) -> pd.DataFrame:
     """Rows: step, launcher, max_model_len, memory; one column per GPU type."""
-    d = df.assign(_gpu=gpu_label(df), _step=df["step"].astype(str).str.split("@").str[0])
-    keys = ["_step", "launcher", "max_model_len", "memory_label"]
+    heading, others = configs.variant(df, without=("gpu_type",))  # model, install, flags: never one row
+    d = df.assign(_gpu=gpu_label(df), _step=df["step"].astype(str).str.split("@").str[0], _others=others)
+    keys = ["_step", "_others", "launcher", "max_model_len", "memory_label"]
     grid = d.groupby([*keys, "_gpu"], dropna=False, sort=True).apply(_cell, include_groups=False)
     out = grid.unstack("_gpu").fillna(MISSING).reset_index()
     out.columns.name = None
-    return out.rename(columns={"_step": "step", "memory_label": "memory"})
+    out = out.rename(columns={"_step": "step", "memory_label": "memory", "_others": heading})
+    return out if heading else out.drop(columns="")
 
 
 def largest_by_gpu(df: pd.DataFrame) -> pd.DataFrame:
     """Per GPU type, launcher and memory setting: the largest max_model_len that was ready and stable."""
-    d = df.assign(_gpu=gpu_label(df))
+    heading, others = configs.variant(df, without=("gpu_type",))
+    d = df.assign(_gpu=gpu_label(df), _others=others)
     rows = []
-    for (gpu, launcher, mem), g in d[d["launcher"].notna()].groupby(["_gpu", "launcher", "memory_label"]):
+    keys = ["_gpu", "_others", "launcher", "memory_label"]
+    for (gpu, other, launcher, mem), g in d[d["launcher"].notna()].groupby(keys):
         stable = pd.to_numeric(g.loc[g["stable"], "max_model_len"], errors="coerce").dropna()
-        rows.append({"gpu": gpu, "launcher": launcher, "memory": mem,
+        rows.append({"gpu": gpu, **({heading: other} if heading else {}), "launcher": launcher, "memory": mem,
                      "largest stable max_model_len": int(stable.max()) if len(stable) else "none stable",
                      "trials": len(g), "nodes": ", ".join(sorted(g["node"].dropna().astype(str).unique()))
                      if "node" in g else MISSING})  # fmt: skip
-    cols = ["gpu", "launcher", "memory", "largest stable max_model_len", "trials", "nodes"]
+    cols = ["gpu", *([heading] if heading else []), "launcher", "memory", "largest stable max_model_len", "trials",
+            "nodes"]  # fmt: skip
     return pd.DataFrame(rows, columns=cols)
 
 
@@ -63,7 +70,7 @@ def gpu_axis_blocks(df: pd.DataFrame) -> list[tuple]:
             "text",
             "The same configurations on each GPU type the trials ran on (`gpu`: Ray's accelerator type "
             "of the node, else NVML's name). A cell lists what happened there: stable, or the outcome "
-            "with its failure kind; `infrastructure` is a trial lost with its node, not a vLLM failure.",
+            "with its failure kind (a trial lost with its node is listed apart, under Lost attempts).",
         ),
         ("table", outcome_by_gpu(df)),
         ("text", "Largest stable max_model_len per GPU type (ready and served a full-length request):"),
