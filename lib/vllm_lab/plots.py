@@ -197,6 +197,16 @@ def _named(label: str, variant: str) -> str:
     return f"{label}, {variant}" if variant else label
 
 
+# One colour per model (install, ...) in the capacity figure; none of them the estimate's orange.
+VARIANT_COLORS = ("#1f77b4", "#9467bd", "#2a9d47", "#8c564b", "#17becf", "#e377c2", "#7f7f7f")
+
+
+def _variant_color(rows: pd.DataFrame, variant: str, default: str) -> str:
+    if not variant:
+        return default
+    return VARIANT_COLORS[sorted(set(rows["variant"])).index(variant) % len(VARIANT_COLORS)]
+
+
 def _dodge(x: pd.Series) -> float:
     """A small x offset so series at the same memory setting sit side by side instead of on top of each other."""
     span = float(x.max() - x.min()) or abs(float(x.max())) or 1.0
@@ -216,8 +226,8 @@ def capacity_figure(df: pd.DataFrame) -> Figure | None:
     fig, ax = new_figure((7.5, 4.8))
     drawn = _draw_measured(ax, rows, -d) + _draw_predicted(ax, rows) + _draw_estimates(ax, rows, d)
     stable = _largest_stable(rows)
-    for i, (variant, g) in enumerate(stable.groupby("variant", sort=True)):
-        color = "#1f4e9c" if not variant else f"C{i}"
+    for variant, g in stable.groupby("variant", sort=True):
+        color = _variant_color(rows, variant, "#1f4e9c")
         ax.plot(g["x"] + 2 * d, g["max_model_len"], "s", color=color, markersize=8,
                 label=_named(SEARCH_LABEL, variant))  # fmt: skip
         drawn += 1
@@ -234,15 +244,13 @@ def capacity_figure(df: pd.DataFrame) -> Figure | None:
 
 def _draw_measured(ax, rows: pd.DataFrame, dx: float) -> int:
     measured = rows[rows["kv_cache_tokens"].notna()]
-    variants = sorted(set(rows["variant"]))
     groups = measured.groupby([measured["variant"], measured["backend"].fillna("unknown")])
     for (variant, backend), g in groups:
-        i = variants.index(variant)
         if backend == FAKE:
-            ax.plot(g["x"] + dx, g["kv_cache_tokens"], "x", color="#777777" if not variant else f"C{i}",
+            ax.plot(g["x"] + dx, g["kv_cache_tokens"], "x", color=_variant_color(rows, variant, "#777777"),
                     markersize=9, mew=2, label=_named(FAKE_LABEL, variant))  # fmt: skip
         else:
-            ax.plot(g["x"] + dx, g["kv_cache_tokens"], "o", color="#2a9d47" if not variant else f"C{i}",
+            ax.plot(g["x"] + dx, g["kv_cache_tokens"], "o", color=_variant_color(rows, variant, "#2a9d47"),
                     markersize=8, label=_named(f"measured ({backend})", variant))  # fmt: skip
     return groups.ngroups if not measured.empty else 0
 
@@ -253,10 +261,9 @@ def _draw_predicted(ax, rows: pd.DataFrame) -> int:
     ].drop_duplicates()
     if pred.empty:
         return 0
-    variants = sorted(set(rows["variant"]))
     for variant, g in pred.groupby("variant", sort=True):  # one model's prediction is not another's
         g = g.groupby("x", as_index=False)["predicted_kv_cache_tokens"].mean().sort_values("x")
-        color = "#555555" if not variant else f"C{variants.index(variant)}"
+        color = _variant_color(rows, variant, "#555555")
         ax.plot(g["x"], g["predicted_kv_cache_tokens"], "o--", mfc="none", color=color, markersize=8,
                 label=_named(PREDICTED_LABEL, variant))  # fmt: skip
     return 1
