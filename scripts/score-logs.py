@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "lib"))
 
-from vllm_lab.logscan import scan_file  # noqa: E402
+from vllm_lab.engines.vllm_log import scan_file  # noqa: E402
 
 LLAMACPP = ROOT / "tests" / "fixtures" / "logs" / "llamacpp"
 

@@ -18,6 +18,7 @@ import pytest
 from conftest import FAKE_CMD, fake_env
 from conftest import fake_trial as trial
 from vllm_lab import commands, launcher
+from vllm_lab.engines.vllm import backend as vllm_backend
 from vllm_lab.launcher import LaunchRefused, VllmServer, build_argv, live_servers, reap
 from vllm_lab.redact import redact_argv
 from vllm_lab.testing import docker_shim
@@ -90,17 +91,17 @@ def test_python_of_every_shape(shapes):
 def test_container_commands_are_recognised(cmd, runtime, run_at, host_net):
     c = commands.analyse(cmd)
     assert (c.runtime, c.run_at, c.host_network) == (runtime, run_at, host_net)
-    assert commands.backend(cmd) in ("unknown",)  # never from a guess about the image
+    assert vllm_backend(cmd) in ("unknown",)  # never from a guess about the image
 
 
 @pytest.mark.unit
 def test_backend_never_raises_and_says_unknown_where_it_cannot_tell(shapes):
-    assert commands.backend(FAKE_CMD) == "fake"
-    assert commands.backend(f"{shapes['binary']} serve") == "unknown"  # not UTF-8: used to raise
+    assert vllm_backend(FAKE_CMD) == "fake"
+    assert vllm_backend(f"{shapes['binary']} serve") == "unknown"  # not UTF-8: used to raise
     assert launcher.backend_of_command((str(shapes["binary"]), "serve")) == "unknown"
-    assert commands.backend(f"{sys.executable} {STANDIN_SCRIPT} serve") == "unknown"  # this venv has no vLLM
+    assert vllm_backend(f"{sys.executable} {STANDIN_SCRIPT} serve") == "unknown"  # this venv has no vLLM
     for cmd in (str(shapes["sh_wrapper"]), "conda run -n e vllm serve", "docker run img", "", "'unclosed"):
-        assert commands.backend(cmd) == "unknown"
+        assert vllm_backend(cmd) == "unknown"
 
 
 @pytest.mark.unit
@@ -115,8 +116,8 @@ def test_backend_comes_from_the_commands_installed_packages(tmp_path, dist, vers
         f"Metadata-Version: 2.1\nName: {dist.replace('_', '-')}\nVersion: {version}\n"
     )
     cmd = f"{sys.executable} -m vllm.entrypoints.openai.api_server"
-    assert commands.backend(cmd, {"PYTHONPATH": str(site)}) == backend
-    assert commands.backend(cmd, {"PYTHONPATH": str(tmp_path / "nothing")}) == "unknown"
+    assert vllm_backend(cmd, {"PYTHONPATH": str(site)}) == backend
+    assert vllm_backend(cmd, {"PYTHONPATH": str(tmp_path / "nothing")}) == "unknown"
 
 
 @pytest.mark.unit

@@ -132,3 +132,33 @@ def test_plan_step_and_install_take_an_engine_and_reject_an_unknown_one(tmp_path
         load_plan(_plan(tmp_path, fake_model, ", engine: tgi"), check_command=False)
     with pytest.raises(SpecError, match=r"^installs\.mine\.engine: 'tgi' is not one of"):
         load_plan(_plan(tmp_path, fake_model, install_extra=", engine: tgi"), check_command=False)
+
+
+@pytest.mark.fake
+def test_memory_limit_is_the_servers_address_space_limit_and_is_recorded(fake_model, run_dir):
+    import resource
+
+    import psutil
+    from conftest import fake_trial
+    from vllm_lab.launcher import VllmServer
+    from vllm_lab.probe import run_trial
+
+    limit = 6 * 2**30
+    t = fake_trial(fake_model, memory_limit_bytes=limit)
+    with VllmServer(t, run_dir) as server:
+        assert server.start().outcome == "ready"
+        assert psutil.Process(server.proc.pid).rlimit(resource.RLIMIT_AS) == (limit, limit)
+    rec = run_trial(fake_trial(fake_model, memory_limit_bytes=limit, step="lim"), run_dir)
+    assert (rec["outcome"], rec["memory_limit"], rec["engine"]) == ("ready", limit, "vllm")
+    plain = run_trial(fake_trial(fake_model, step="plain"), run_dir)
+    assert plain["memory_limit"] is None  # no limit applied: the record says none
+
+
+@pytest.mark.fake
+def test_a_limit_too_small_to_serve_ends_the_trial_not_the_launcher(fake_model, run_dir):
+    from conftest import fake_trial
+    from vllm_lab.probe import run_trial
+
+    # 32 MiB: the fake gets as far as listening, then cannot start a thread to answer /health
+    rec = run_trial(fake_trial(fake_model, memory_limit_bytes=32 * 2**20, startup_timeout_s=5), run_dir)
+    assert rec["outcome"] in ("failed", "timeout") and rec["memory_limit"] == 32 * 2**20

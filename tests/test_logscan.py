@@ -16,8 +16,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from vllm_lab import logscan
-from vllm_lab.logscan import KINDS, READY_MARKER, REMEDIES, LogScan, classify_line, scan_file, scan_log
+from vllm_lab.engines import vllm_log as logscan
+from vllm_lab.engines.vllm_log import (
+    KINDS,
+    READY_MARKER,
+    REMEDIES,
+    LogScan,
+    classify_line,
+    scan_file,
+    scan_log,
+)
 
 pytestmark = pytest.mark.unit
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 from conftest import FAKE_CMD, fake_env
+from vllm_lab.engines.vllm_log import READY_MARKER, classify_line, scan_log
 from vllm_lab.launcher import VllmServer
-from vllm_lab.logscan import READY_MARKER, classify_line, scan_log
 from vllm_lab.spec import Trial
 
 OOM_WARNINGS = [

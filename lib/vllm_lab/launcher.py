@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -32,8 +33,9 @@ from pathlib import Path
 import httpx
 import psutil
 
-from vllm_lab import commands, logscan, warden
-from vllm_lab.compat import legacy_quantization_flag  # the older launcher: flag from the model NAME
+from vllm_lab import commands, engines, warden
+from vllm_lab.engines.vllm import legacy_quantization_flag, quantization_flag  # noqa: F401  (their old home)
+from vllm_lab.proctree import STOP_GRACE_S, stop_tree  # stop_tree: others import it from here too
 from vllm_lab.redact import redact_argv, redact_text
 from vllm_lab.spec import SpecError, Trial, split_cmd
 
@@ -41,7 +43,6 @@ POLL_S = 0.05
 READ_CHUNK_BYTES = 4 << 20
 MAX_LOG_COPY_BYTES = 64 << 20
 OWNER_ENV = "VLLM_LAB_OWNER"  # set in every launched server's environment: which process launched it
-STOP_GRACE_S = 8.0
 HEALTH_POLL_S = 0.5  # /health is polled even without uvicorn's log line (other log configs, containers)
 ISOLATE_CACHE_ENV = "VLLM_LAB_ISOLATE_CACHE"  # =1 in a trial's env: a private vLLM compile cache
 
@@ -50,15 +51,18 @@ class LaunchRefused(SpecError):
     """The launch cannot start (port taken, survivor alive): one line with the fix."""
 
 
-def quantization_flag(trial: Trial) -> str | None:
-    if trial.launcher == "legacy":
-        return legacy_quantization_flag(trial.model)
-    if trial.launcher == "explicit":
-        return trial.quantization
-    return None  # head: let vLLM read the model's config.json
-
-
 BATCH_PID_ENV = "VLLM_LAB_BATCH_PID"  # set by the batch for the kernels it starts
+
+
+def _server_preexec(memory_limit: int | None):
+    """What runs in the server's child before exec: die with the parent; the trial's address-space limit."""
+
+    def preexec() -> None:
+        _die_with_parent()
+        if memory_limit is not None:  # inherited by every process the server starts
+            resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
+
+    return preexec
 
 
 def _die_with_parent() -> None:
@@ -105,26 +109,15 @@ def container_args(trial: Trial, port: int, name: str) -> list[str]:
 
 
 def build_argv(trial: Trial, port: int, container: str | None = None) -> list[str]:
-    cmd = split_cmd(trial.vllm_cmd)
-    c = commands.analyse(cmd)
+    """The engine's argv for the trial; a container's options spliced in right after its `run`."""
+    c = commands.analyse(trial.vllm_cmd)
     host = trial.host
+    if c.run_at is not None and not c.host_network:
+        host = "0.0.0.0"  # inside the container; the published port is bound on the host side only
+    argv = engines.get(trial.engine).argv(trial, port, host)
     if c.run_at is not None:
         name = (c.options.get("--name") or [container or container_name(trial)])[-1]
-        cmd = [*cmd[: c.run_at + 1], *container_args(trial, port, name), *cmd[c.run_at + 1 :]]
-        if not c.host_network:
-            host = "0.0.0.0"  # inside the container; the published port is bound on the host side only
-    # `vllm serve MODEL` takes the model positionally; the api_server module takes --model.
-    argv = [*cmd, trial.model] if cmd[-1] == "serve" else [*cmd, "--model", trial.model]
-    quant = quantization_flag(trial)
-    if quant:
-        argv += ["--quantization", quant]
-    if trial.max_model_len is not None:
-        argv += ["--max-model-len", str(trial.max_model_len)]
-    if trial.kv_cache_memory_bytes is not None:
-        argv += ["--kv-cache-memory-bytes", str(trial.kv_cache_memory_bytes)]
-    elif trial.gpu_memory_utilization is not None:
-        argv += ["--gpu-memory-utilization", str(trial.gpu_memory_utilization)]
-    argv += ["--host", host, "--port", str(port), *trial.extra_args]
+        argv = [*argv[: c.run_at + 1], *container_args(trial, port, name), *argv[c.run_at + 1 :]]
     return argv
 
 
@@ -262,53 +255,6 @@ def stop_container(runtime: str, name: str, grace_s: float = STOP_GRACE_S) -> bo
     return not container_alive(runtime, name)
 
 
-# --- stopping a tree ------------------------------------------------------------------------------------------
-
-
-def _session_members(sid: int) -> list[psutil.Process]:
-    """Every process in session `sid`: children that were re-parented to init are found this way too."""
-    found = []
-    for p in psutil.process_iter():
-        with contextlib.suppress(psutil.Error, OSError):
-            if os.getsid(p.pid) == sid:
-                found.append(p)
-    return found
-
-
-def stop_tree(pid: int, grace_s: float = STOP_GRACE_S) -> list[int]:
-    """Terminate, wait, kill: the process, its descendants and its whole session. Returns survivor pids.
-
-    Every server is started as the leader of its own session (sid == pid), so the session is swept even
-    when the leader is already gone and its children were re-parented to init.
-    """
-    procs: dict[int, psutil.Process] = {p.pid: p for p in _session_members(pid)}
-    with contextlib.suppress(psutil.Error):
-        root = psutil.Process(pid)
-        procs[root.pid] = root
-        procs.update({c.pid: c for c in root.children(recursive=True)})
-    for p in procs.values():
-        with contextlib.suppress(psutil.Error):
-            p.terminate()
-    _gone, alive = psutil.wait_procs(list(procs.values()), timeout=grace_s)
-    for p in alive:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-    _gone, alive = psutil.wait_procs(alive, timeout=5)
-    late = [p for p in _session_members(pid) if p.pid not in procs]  # anything spawned during the kill
-    for p in late:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-    alive += psutil.wait_procs(late, timeout=5)[1]
-    return [p.pid for p in alive if _really_alive(p)]
-
-
-def _really_alive(p: psutil.Process) -> bool:
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
 # --- the server -----------------------------------------------------------------------------------------------
 
 
@@ -330,9 +276,11 @@ class LaunchResult:
     scan: dict = field(default_factory=dict)  # logscan facts (kv tokens, version, ...)
 
 
-def backend_of_command(cmd: tuple[str, ...] | list[str] | str, env: dict | None = None) -> str:
-    """Which vLLM build the command runs, from its environment's installed packages; never raises."""
-    return commands.backend(cmd, env)
+def backend_of_command(
+    cmd: tuple[str, ...] | list[str] | str, env: dict | None = None, engine: str | None = None
+) -> str:
+    """Which build the command runs, from its environment's installed packages; never raises."""
+    return engines.get(engine).backend(cmd, env)
 
 
 OOM_KILLER_EVIDENCE = (
@@ -372,6 +320,7 @@ class VllmServer:
 
     def __init__(self, trial: Trial, run_dir: str | Path):
         self.trial = trial
+        self.engine = engines.get(trial.engine)
         self.run_dir = Path(run_dir)
         self.proc: subprocess.Popen | None = None
         self._warden: subprocess.Popen | None = None
@@ -444,8 +393,8 @@ class VllmServer:
 
     def _env(self) -> dict[str, str]:
         """The server's environment: the user's caches (HF, vLLM compile cache) shared, TMPDIR private."""
-        env = {**os.environ, **self.trial.env, "TMPDIR": str(self.tmp), "PYTHONUNBUFFERED": "1",
-               OWNER_ENV: os.environ.get(OWNER_ENV, str(os.getpid()))}  # fmt: skip
+        env = {**os.environ, **self.engine.env(self.trial), **self.trial.env, "TMPDIR": str(self.tmp),
+               "PYTHONUNBUFFERED": "1", OWNER_ENV: os.environ.get(OWNER_ENV, str(os.getpid()))}  # fmt: skip
         if env.get(ISOLATE_CACHE_ENV) == "1":  # on request only: a cold torch.compile on every launch
             env["VLLM_CACHE_ROOT"] = str(self.tmp / "vllm-cache")
         if commands.is_local_model(self.trial.model):
@@ -471,7 +420,7 @@ class VllmServer:
                 stdin=subprocess.DEVNULL,
                 env=env,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=_server_preexec(self.trial.memory_limit_bytes),
             )
         # Ends the server's session if this process dies before stop() (a killed worker, kernel or batch).
         self._warden = warden.start(self.proc.pid, STOP_GRACE_S)
@@ -487,8 +436,7 @@ class VllmServer:
         else:
             self._copy_log()
         text = self.log_path.read_text(errors="replace")
-        scan = logscan.scan_log(text)
-        facts = scan.to_json()
+        facts = self.engine.scan(text).to_json()
         failure = facts.get("failure") or (fatal if outcome == "failed" else None)
         if outcome == "failed" and not failure:
             failure = "other"
@@ -505,7 +453,7 @@ class VllmServer:
             log_path=str(self.log_path),
             port=self.port,
             base_url=self.base_url,
-            backend=backend_of_command(tuple(split_cmd(self.trial.vllm_cmd)), env),
+            backend=backend_of_command(tuple(split_cmd(self.trial.vllm_cmd)), env, self.trial.engine),
             failure=failure if outcome == "failed" else None,
             evidence=evidence if outcome == "failed" else None,
             remedy=remedy if outcome == "failed" else None,
@@ -521,19 +469,20 @@ class VllmServer:
         marker_seen = False
         next_health = t0
         while time.monotonic() < deadline:
+            marker = self.engine.ready_marker
             for line in self._copy_log():
-                kind = logscan.classify_line(line)
+                kind = self.engine.fatal(line)
                 if kind:
                     return "failed", kind  # fail fast: do not wait for the process to wind down
-                marker_seen = marker_seen or logscan.READY_MARKER in line
+                marker_seen = marker_seen or bool(marker and marker in line)
             if self.proc.poll() is not None:
                 self._own_exit = self.proc.returncode
                 for line in self._copy_log(final=True):
-                    kind = logscan.classify_line(line)
+                    kind = self.engine.fatal(line)
                     if kind:
                         return "failed", kind
                 return "failed", None
-            # uvicorn's line, or /health on its own every HEALTH_POLL_S (a log without that line)
+            # the engine's ready line, or /health on its own every HEALTH_POLL_S (a log without that line)
             if (marker_seen or time.monotonic() >= next_health) and self._healthy():
                 return "ready", None
             if time.monotonic() >= next_health:
@@ -543,7 +492,8 @@ class VllmServer:
 
     def _healthy(self) -> bool:
         try:  # our own loopback server: never through HTTP(S)_PROXY
-            return httpx.get(f"{self.base_url}/health", timeout=2, trust_env=False).status_code == 200
+            url = f"{self.base_url}{self.engine.health_path}"
+            return httpx.get(url, timeout=2, trust_env=False).status_code == 200
         except httpx.HTTPError:
             return False
 

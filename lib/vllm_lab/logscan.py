@@ -1,6 +1,8 @@
-"""vLLM log -> failure kind, root-cause evidence line, remedy, and capacity facts.
+"""The scanning machinery: a server log + an engine's rule table -> failure kind, root-cause evidence line,
+remedy, and capacity facts. The tables live with the engines (vLLM's: engines/vllm_log.py); nothing here
+knows an engine.
 
-Works on logs of vLLM 0.6 to 0.33 as people actually have them: with process prefixes
+Works on logs (written for vLLM's, 0.6 to 0.33) as people actually have them: with process prefixes
 (`(EngineCore_DP0 pid=1)`, `[rank0]:`), docker-compose prefixes (`vllm-1  | `), box borders copied out of
 terminal UIs (k9s `│ ... │`), hard-wrapped terminal copies, and newlines lost so that several log records
 run together on one line. Wordings are the ones in vLLM's source (see reference/vllm-facts.md, sections
@@ -10,65 +12,36 @@ How it reads a log:
 1. `_records()` turns the text into clean records: one per log record, prefixes and borders stripped,
    the log level kept (a WARNING never counts as a failure: vLLM's header, Python's `WARNING:root:`,
    torch's `[W1128 ...]`, the warnings module's `UserWarning:`); Ray's `[repeated Nx across cluster]` dropped.
-2. `RULES` is the table of (kind, patterns, grade): `fatal` lines are raised root causes; `certain` lines
+2. `table.rules` is the table of (kind, patterns, grade): `fatal` lines are raised root causes; `certain` lines
    are INFO lines that make a failure of that kind inevitable (`# GPU blocks: 0`); `hint` lines only
    explain a crash that nothing stronger explains (so does a traceback's `raise X("known message"` line when
    the log is cut before the message). The earliest fatal/certain record is the root cause (wrappers such as
    `Engine core initialization failed` come after it and are never evidence), except that a GPU this build
-   cannot run at all (`_DOMINATES`) outranks the dtype/quantization complaints it causes.
-3. `FACTS` is the table of capacity facts, each a list of patterns in order of preference.
-4. `REMEDIES` holds one-line remedies per kind with the log's numbers filled in.
+   cannot run at all (`table.dominates`) outranks the dtype/quantization complaints it causes.
+3. `table.facts` is the table of capacity facts, each a list of patterns in order of preference.
+4. `table.remedies` holds one-line remedies per kind with the log's numbers filled in.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
-import math
 import re
-import sys
 from collections import Counter
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-__all__ = [
-    "KINDS",
-    "READY_MARKER",
-    "REMEDIES",
-    "RULES",
-    "WRAPPERS",
-    "LogScan",
-    "classify_line",
-    "clean_line",
-    "cli_scan_log",
-    "scan_file",
-    "scan_log",
-]
+__all__ = ["F", "N", "Rule", "RuleTable", "classify_line", "clean_line", "human", "rule", "rx", "scan_file",
+           "scan_log"]  # fmt: skip
 
-KINDS = (
-    "kv_cache_insufficient",
-    "no_kv_memory",
-    "gpu_mem_util_unavailable",
-    "quantization_mismatch",
-    "quantization_unsupported_gpu",
-    "dtype_unsupported_gpu",
-    "gpu_unsupported",
-    "cuda_oom",
-    "max_len_exceeds_model",
-    "port_in_use",
-    "model_not_found",
-    "other",
-)
-
-READY_MARKER = "Application startup complete."
 
 # Number shapes: vLLM >= 0.8 prints token counts with thousands separators ("1,587,648").
-_N = r"(?:\d{1,3}(?:,\d{3})+|\d+)"
-_F = r"-?\d+(?:\.\d+)?"
+N = r"(?:\d{1,3}(?:,\d{3})+|\d+)"
+F = r"-?\d+(?:\.\d+)?"
 
 
-def _rx(pattern: str, flags: int = 0) -> re.Pattern[str]:
+def rx(pattern: str, flags: int = 0) -> re.Pattern[str]:
     """Compile a pattern written with plain spaces: " " matches any run of whitespace and " ?" an
     optional one, so a message broken across lines by a terminal or by pydantic's indentation matches.
     (No spaces inside [character classes]: write \\s there.)"""
@@ -287,233 +260,39 @@ class Rule:
     patterns: tuple[re.Pattern[str], ...]
     grade: str = "fatal"  # fatal | certain | hint
     rank: int = 0  # among lines of the same kind, the lowest rank is the best evidence
-    remedy: str | None = None  # key into REMEDIES when it differs from the kind
+    remedy: str | None = None  # key into the table's remedies when it differs from the kind
     unless: re.Pattern[str] | None = None  # a record that matches this is not the failure
     # where the message ends, searched from the end of the match ("" = right there); None: end of record.
     # Keeps evidence to the root-cause sentence(s) when newlines were lost and the next record is glued on.
     end: re.Pattern[str] | None = None
 
 
-def _rule(kind: str, *patterns: str, flags: int = 0, **kw) -> Rule:
+def rule(kind: str, *patterns: str, flags: int = 0, **kw) -> Rule:
     for key in ("unless", "end"):
         if isinstance(kw.get(key), str):
-            kw[key] = _rx(kw[key], flags)
-    return Rule(kind, tuple(_rx(p, flags) for p in patterns), **kw)
+            kw[key] = rx(kw[key], flags)
+    return Rule(kind, tuple(rx(p, flags) for p in patterns), **kw)
 
 
-_ENDS_ENGINE = r"when initializing the engine(?: \([^)]*\))?\.(?: See \S+ for more details\.)?"
+@dataclass(frozen=True)
+class RuleTable:
+    """One engine's knowledge of its log; the machinery here applies it."""
 
+    kinds: tuple[str, ...]  # the failure kinds, "other" among them
+    rules: tuple[Rule, ...]
+    wrappers: re.Pattern[str]  # lines that say the engine died but not why: never evidence
+    engine_death: re.Pattern[str]  # after the ready line a crash counts only when one of these says so
+    ready_marker: str  # the line that says the server listens
+    facts: Mapping[str, tuple[re.Pattern[str], ...]]  # fact -> patterns in order of preference
+    result: Callable[..., Any]  # result(**facts, ready=bool): has failure/evidence/remedy and to_json()
+    remedies: Mapping[str, tuple[str, ...]]  # kind (or kind/variant) -> templates, "other" among them
+    int_facts: frozenset[str] = frozenset()
+    float_facts: frozenset[str] = frozenset()
+    counts_zero: frozenset[str] = frozenset()  # int facts whose 0 is a value (else 0 / -1 means unknown)
+    context: Mapping[str, tuple[re.Pattern[str], ...]] = field(default_factory=dict)  # remedy-only settings
+    derive: Callable[[dict[str, object]], None] | None = None  # derived remedy fields, in place
+    dominates: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # kind -> kinds it outranks
 
-RULES: tuple[Rule, ...] = (
-    # V0 (<= 0.10) and V1 0.6.x: max_model_len does not fit the KV cache
-    _rule(
-        "kv_cache_insufficient",
-        rf"The model's max seq len \((?P<max_model_len>{_N})\) is larger than the maximum number of tokens"
-        rf" that can be stored in KV cache \((?P<estimated_max_model_len>{_N})\)",
-        end=_ENDS_ENGINE,
-    ),
-    # V1 >= 0.8: "models's" up to 0.21, "model's" from 0.32; 0.8.5 drops the estimate's number
-    _rule(
-        "kv_cache_insufficient",
-        rf"To serve at least one request with the models?'s max seq len \((?P<max_model_len>{_N})\),"
-        rf" \((?P<needed_kv_gib>{_F}) GiB KV cache is needed, which is larger than the available KV cache"
-        rf" memory \((?P<available_kv_gib>{_F}) GiB\)",
-        end=_ENDS_ENGINE,
-    ),
-    _rule("no_kv_memory", r"No available memory for the cache blocks", end=_ENDS_ENGINE),
-    _rule(
-        "no_kv_memory",
-        r"Cannot auto-fit max_model_len: not enough GPU memory available",
-        end=r"`?gpu_memory_utilization`?\.",
-    ),
-    # CPU build (0.2x+): the worker's own RSS already exceeds its reservation
-    _rule(
-        "no_kv_memory",
-        rf"leaving none for the KV cache\b(?:.*?increase `?--gpu-memory-utilization`? to more than"
-        rf" (?P<min_util>{_F}))?",
-        remedy="no_kv_memory/cpu",
-    ),
-    # CPU backend 0.32: the reservation is smaller than what the worker already uses, so KV gets < 0
-    _rule(
-        "no_kv_memory",
-        rf"Available memory on node (?P<node>\d+) \((?P<free_gib>{_F})/(?P<total_gib>{_F}) GiB\) on kv cache"
-        rf" allocation is less than requested memory for kv"
-        rf" \((?P<kv_gib>-{_F}|0(?:\.0+)?)/(?P<reserved_gib>{_F}) GiB\)",
-        remedy="no_kv_memory/cpu",
-        end=r"other processes\.",
-    ),
-    # INFO lines that make the failure certain; the error line after them is the better evidence
-    _rule(
-        "no_kv_memory",
-        r"#?\s*(?:GPU|cuda|CUDA) blocks: 0\b(?!\.)",
-        rf"Available KV cache memory: -{_F} ?GiB",
-        rf"reserved for KV Cache is -{_F} ?GiB",
-        rf"kv_cache_size=-{_F} ?GiB",
-        grade="certain",
-        rank=1,
-    ),
-    _rule(
-        "gpu_mem_util_unavailable",
-        rf"Free memory on device(?: (?P<device>\S+))? \((?P<free_gib>{_F})/(?P<total_gib>{_F}) GiB\) on startup"
-        rf" is less than desired GPU memory utilization \((?P<util>{_F}), (?P<requested_gib>{_F}) GiB\)",
-        end=r"other processes\.",
-    ),
-    _rule(
-        "gpu_mem_util_unavailable",
-        rf"Available memory on node (?P<node>\d+) \((?P<free_gib>{_F})/(?P<total_gib>{_F}) GiB\) on startup"
-        rf" is less than desired CPU memory utilization \((?P<util>{_F}), (?P<requested_gib>{_F}) GiB\)",
-        remedy="gpu_mem_util_unavailable/cpu",
-        end=r"other processes\.",
-    ),
-    _rule(
-        "gpu_mem_util_unavailable",
-        rf"Available memory on node (?P<node>\d+) \((?P<free_gib>{_F})/(?P<total_gib>{_F}) GiB\) on kv cache"
-        rf" allocation is less than requested memory for kv \((?P<requested_gib>{_F})",
-        remedy="gpu_mem_util_unavailable/cpu_kv",
-        end=r"other processes\.",
-    ),
-    _rule(
-        "quantization_mismatch",
-        r"Quantization method specified in the model config \((?P<config_quant>[^)]*)\) does not match the"
-        r" quantization method specified in the `?quantization`? argument \((?P<arg_quant>[^)]*)\)",
-        end=r"\.?",
-    ),
-    # --quantization X on a checkpoint that is not an X checkpoint (no quant config in the folder)
-    _rule(
-        "quantization_mismatch",
-        r"Cannot find the config file for (?P<arg_quant>[\w-]+)",
-        remedy="quantization_mismatch/no_config",
-    ),
-    _rule(
-        "quantization_unsupported_gpu",
-        r"The quantization method (?P<quant>.+?) is not supported for the current GPU\. Minimum capability:"
-        r" (?P<min_cap>\d+)\. Current capability: (?P<cur_cap>-?\d+)",
-        end=r"\.?",
-    ),
-    # compressed-tensors / quark raise it as a tuple: ('Quantization scheme is not supported for ', ...)
-    _rule(
-        "quantization_unsupported_gpu",
-        r"Quantization scheme is not supported for['\",\s]*the current GPU\.? ?Min capability: (?P<min_cap>\d+)"
-        r"\.?['\",\s]*Current capability: (?P<cur_cap>-?\d+)",
-    ),
-    # Raised only with an explicit bf16 dtype (or auto on <= 0.8); `--dtype auto` on >= 0.9 just warns
-    # "Your device ... doesn't support torch.bfloat16. Falling back to torch.float16", which is no failure.
-    _rule(
-        "dtype_unsupported_gpu",
-        r"Bfloat16 is only supported on GPUs with compute capability of at least 8\.0\. Your (?P<gpu_name>.+?)"
-        r" GPU (?:has compute capability (?P<gpu_cc>\d+\.\d+)|does not have a compute capability)",
-        end=r"--dtype=half\.",
-    ),
-    _rule(
-        "dtype_unsupported_gpu",
-        r"(?P<dtype>(?:torch\.)?\w+) is not supported for quantization method (?P<quant>[\w-]+)\."
-        r" Supported dtypes: (?P<supported>\[[^\]]*\])",
-        remedy="dtype_unsupported_gpu/quant",
-    ),
-    _rule("gpu_unsupported", r"no kernel image is available for execution on the device", flags=re.I, end=""),
-    # 0.8.x with VLLM_USE_V1=1 forced on a pre-Ampere card (without it vLLM only warns and falls back to V0)
-    _rule(
-        "gpu_unsupported",
-        r"VLLM_USE_V1=1 is not supported with Compute Capability < 8\.0",
-        remedy="gpu_unsupported/v1",
-    ),
-    _rule("gpu_unsupported", r"No valid attention backend found for .*compute capability not supported"),
-    # vLLM <= 0.2's own floor, and torch.compile's Triton floor (Pascal cards on builds that compile)
-    _rule(
-        "gpu_unsupported",
-        r"GPUs with compute capability below (?P<min_cc>\d+\.\d+) are not supported",
-        r"Found (?P<gpu_name>.+?) which is too old to be supported by the triton GPU compiler",
-        r"Triton only supports devices of CUDA Capability >= (?P<min_cc>\d+\.\d+)",
-    ),
-    # torch's own warnings; they explain a later crash but do not stop the start by themselves
-    _rule(
-        "gpu_unsupported",
-        r"(?:with CUDA capability (?P<sm>sm_\d+) is not compatible with the current PyTorch installation"
-        r"|PyTorch no longer supports this GPU because it is too old)",
-        grade="hint",
-    ),
-    _rule(
-        "cuda_oom",
-        rf"CUDA out of memory occurred when warming up sampler with (?P<num_reqs>{_N}) dummy requests",
-        remedy="cuda_oom/sampler",
-    ),
-    _rule("cuda_oom", r"Failed to load model - not enough GPU memory", remedy="cuda_oom/load"),
-    _rule(
-        "cuda_oom",
-        r"(?:CUDA|HIP|XPU) out of memory(?:\. Tried to allocate (?P<alloc>[\d.]+ [KMGT]iB))?",
-        r"CUDA error: out of memory",
-        r"\bOutOfMemoryError\b",
-        rank=1,
-    ),
-    _rule(
-        "max_len_exceeds_model",
-        rf"User-specified max_model_len \((?P<requested_len>{_N})\) is greater than the derived max_model_len"
-        rf" \((?P<len_key>[\w.]+)=(?P<derived_len>{_N}|None)(?: or model_max_length=(?P<model_max_length>\w+))?",
-        # with VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 the same text is logged as a warning and the start goes on
-        unless=r"^(?!.*To allow overriding).*must be used with extreme caution",
-        # cut before 0.2x's appended caution text: it is advice, not the cause
-        end=r"VLLM_ALLOW_LONG_MAX_MODEL_LEN=1\.?|context size\.",
-    ),
-    _rule(
-        "port_in_use",
-        r"\[Errno (?:98|48|10048)\] (?:Address already in use"
-        r"|error while attempting to bind on address \('(?P<host>[^']*)', (?P<port>\d+)\))",
-        r"\bEADDRINUSE\b",
-        # vLLM's own retry for internal ports (a warning, not a failure)
-        unless=r"Retrying with a new port",
-        end=r"(?:: (?:\[errno \d+\] )?address already in use)?",
-        flags=re.I,
-    ),
-    _rule("model_not_found", r"Cannot find any model weights with [`'\"]?(?P<model>[^`'\"\s]+)", end=""),
-    _rule(
-        "model_not_found",
-        r"Invalid repository ID or local directory specified: '(?P<model>[^']*)'\.?",
-        end="",
-    ),
-    _rule(
-        "model_not_found",
-        r"Repo id must (?:be in the form 'repo_name' or 'namespace/repo_name'|use alphanumeric chars).*?"
-        r": '(?P<model>[^']*)'",
-        # 0.7.x lists repo files with retries for local paths and goes on
-        unless=r"Error retrieving file list",
-        end=r"\.(?: Use `repo_type` argument if needed\.)?",
-    ),
-    _rule(
-        "model_not_found",
-        r"\bRepositoryNotFoundError\b",
-        r"Repository Not Found for url",
-        r"\bGatedRepoError\b",
-    ),
-    _rule(
-        "model_not_found",
-        r"(?P<model>\S+) is not a local folder and is not a valid model identifier",
-        r"(?P<model>\S+) does not appear to have a file named (?:config|params)\.json",
-        r"No such file or directory: '(?P<model>[^']*?)/?(?:config|params)\.json'",
-        r"Could not detect config format for no config file found",
-        r"\bLocalEntryNotFoundError\b",
-    ),
-)
-
-# Lines that report that the engine died but not why; never evidence (the cause is above them).
-WRAPPERS = re.compile(
-    r"Engine core initialization failed"
-    r"|EngineCore failed to start"
-    r"|Engine process failed to start"
-    r"|Frontend process failed during engine core initialization"
-    r"|EngineCore hit an exception"
-    r"|EngineCore encountered (?:a fatal error|an issue)"
-    r"|See (?:root cause|stack trace \(above\)|the stack trace) "
-    r"|Engine loop is not running"
-    r"|\bEngineDeadError\b"
-    r"|died unexpectedly"
-    r"|^Process \S+:$"
-    r"|Worker \S+ pid \d+ died"
-)
-
-# After "Application startup complete." a crash only counts when the engine itself died.
-_ENGINE_DEATH = re.compile(
-    r"EngineDeadError|Engine loop is not running|EngineCore encountered|died unexpectedly"
-)
 
 _EXCEPTION_LINE = re.compile(r"^(?:[a-z_]\w*\.)*[A-Z]\w*(?:Error|Exception|Failure)\b(?::|$)|^Value error, ")
 _BENIGN_EXCEPTION = re.compile(
@@ -531,17 +310,14 @@ class _Hit:
     rule: Rule
     record: _Record
     match: re.Match[str]
-
-    @property
-    def wrapper(self) -> bool:
-        return bool(WRAPPERS.search(self.record.text))
+    wrapper: bool  # the line is one of the table's wrappers (worse evidence than the cause itself)
 
 
-def _match(record: _Record, grades: Iterable[str]) -> _Hit | None:
+def _match(record: _Record, grades: Iterable[str], table: RuleTable) -> _Hit | None:
     grades = tuple(grades)
     if _CODE.search(record.text):
         return None
-    for rule in RULES:
+    for rule in table.rules:
         if rule.grade not in grades:
             continue
         # a raised cause is never logged at INFO/WARNING; "certain" lines are INFO and hints warnings by nature
@@ -552,7 +328,7 @@ def _match(record: _Record, grades: Iterable[str]) -> _Hit | None:
         for rx in rule.patterns:
             m = rx.search(record.text)
             if m:
-                return _Hit(rule, record, m)
+                return _Hit(rule, record, m, bool(table.wrappers.search(record.text)))
     return None
 
 
@@ -561,27 +337,28 @@ def _match(record: _Record, grades: Iterable[str]) -> _Hit | None:
 _RAISE_LITERAL = re.compile(r"""\braise [\w.]+\(\s*f?(["'])(?P<msg>.+?)\1""")
 
 
-def _hint(record: _Record) -> _Hit | None:
-    hit = _match(record, ("hint",))
+def _hint(record: _Record, table: RuleTable) -> _Hit | None:
+    hit = _match(record, ("hint",), table)
     if hit is not None:
         return hit
     raised = _RAISE_LITERAL.search(record.text)
     if raised is None:
         return None
     literal = _Record(raised.group("msg"), None, record.index)
-    hit = _match(literal, ("fatal",))
+    hit = _match(literal, ("fatal",), table)
     return (
-        _Hit(Rule(hit.rule.kind, hit.rule.patterns, "hint", remedy=hit.rule.remedy), literal, hit.match)
+        _Hit(Rule(hit.rule.kind, hit.rule.patterns, "hint", remedy=hit.rule.remedy), literal, hit.match,
+             hit.wrapper)
         if hit
         else None
-    )
+    )  # fmt: skip
 
 
-def classify_line(line: str) -> str | None:
+def classify_line(line: str, table: RuleTable) -> str | None:
     """The failure kind when this ONE line is a fatal root-cause line (or an INFO line that makes the
     failure certain, such as `# GPU blocks: 0`), else None. Warnings and wrappers give None."""
     for body, level in _line_records(_plain(line)):
-        hit = _match(_Record(body, level, 0), ("fatal", "certain"))
+        hit = _match(_Record(body, level, 0), ("fatal", "certain"), table)
         if hit is not None:
             return hit.rule.kind
     return None
@@ -638,90 +415,26 @@ def _hit_evidence(hit: _Hit) -> str:
 # --------------------------------------------------------------------------------------------------
 
 # fact -> patterns in order of preference; the last occurrence of the first pattern found wins.
-FACTS: dict[str, tuple[re.Pattern[str], ...]] = {
-    "vllm_version": tuple(
-        _rx(p)
-        for p in (
-            r"vLLM API server version v?(\d+\.\d+\S*)",
-            r"vLLM server version v?(\d+\.\d+[^,\s]*)",
-            r"vLLM gRPC server version v?(\d+\.\d+\S*)",
-            r"█ version v?(\d+\.\d+\S*)",  # the logo (>= 0.17)
-            r"Initializing an? (?:V[01] )?LLM engine \(v(\d+\.\d+[^)\s]*)\)",
-            r"Launching vLLM \(v(\d+\.\d+[^)\s]*)\)",
-        )
-    ),
-    "kv_cache_tokens": (
-        _rx(rf"(?:GPU|CPU|XPU|TPU|HPU|NPU)(?: \+ host)? KV cache size: ({_N}) tokens"),
-        # V0's error names the KV capacity in tokens itself
-        _rx(rf"maximum number of tokens that can be stored in KV cache \(({_N})\)"),
-    ),
-    "max_concurrency": (_rx(rf"Maximum concurrency for {_N} tokens per request: ({_F})x"),),
-    "gpu_blocks": (
-        _rx(rf"#?\s*(?:GPU|cuda|CUDA|TPU|HPU|XPU|NPU) blocks: ({_N})"),
-        _rx(rf"num_gpu_blocks is: ({_N})"),
-        re.compile(rf"\bnum_gpu_blocks=({_N})\b"),
-    ),
-    "estimated_max_model_len": (
-        _rx(rf"estimated maximum model length is ({_N})"),
-        _rx(rf"maximum number of tokens that can be stored in KV cache \(({_N})\)"),
-        _rx(rf"Auto-fit max_model_len: reduced from {_N} to ({_N})"),
-    ),
-    "available_kv_gib": (
-        _rx(rf"Available KV cache memory: ({_F}) ?GiB"),
-        _rx(rf"available KV cache memory \(({_F}) GiB\)"),
-        _rx(rf"the rest of the memory reserved for KV Cache is ({_F}) ?GiB"),
-        _rx(rf"reserved ({_F}) GiB memory for KV Cache as specified by kv_cache_memory_bytes"),
-        _rx(rf"fit in available KV cache memory \(({_F}) GiB"),
-        _rx(rf"\bkv_cache_size=({_F}) ?GiB"),
-        _rx(rf"\(({_F})/{_F}\) GiB for KV cache on node"),  # CPU backend
-    ),
-    "weights_gib": (
-        _rx(rf"Model loading took ({_F}) ?Gi?B"),  # "GB" in 0.8.x dev builds
-        _rx(rf"Loading model weights took ({_F}) ?Gi?B"),
-        _rx(rf"model weights take ({_F}) ?GiB"),
-    ),
-    "max_model_len": (
-        _rx(rf"Maximum concurrency for ({_N}) tokens per request"),
-        _rx(rf"max seq len \(({_N})\)"),
-        _rx(rf"Auto-fit max_model_len: reduced from {_N} to ({_N})"),
-        re.compile(rf"\bmax_seq_len=({_N})\b"),
-        _rx(rf"Using max model len ({_N})"),
-        _rx(rf"User-specified max_model_len \(({_N})\)"),
-        re.compile(rf"'max_model_len': ({_N})\b|\bmax_model_len=({_N})\b"),
-    ),
-}
-_INT_FACTS = {"kv_cache_tokens", "gpu_blocks", "estimated_max_model_len", "max_model_len"}
-_FLOAT_FACTS = {"max_concurrency", "available_kv_gib", "weights_gib"}
-
-# Launch settings that only feed the remedy text (first pattern that matches anywhere wins).
-_CONTEXT: dict[str, tuple[re.Pattern[str], ...]] = {
-    "gpu_memory_utilization": (re.compile(rf"gpu_memory_utilization(?:'?: |=| \()({_F})"),),
-    "port": (re.compile(r"(?:'port': |\bport=)(\d+)"),),
-    "model": (
-        re.compile(r"(?:'model': |\bmodel=)'([^']+)'"),
-        re.compile(r"huggingface\.co/([\w.-]+/[\w.-]+)/resolve/"),
-    ),
-}
 
 
-def _number(raw: str, fact: str) -> int | float | str:
-    if fact in _INT_FACTS:
+def _number(raw: str, fact: str, table: RuleTable) -> int | float | str:
+    if fact in table.int_facts:
         return int(raw.replace(",", ""))
-    if fact in _FLOAT_FACTS:
+    if fact in table.float_facts:
         return float(raw)
     return raw.rstrip(".,;")
 
 
-def _facts(records: list[_Record]) -> dict[str, object]:
+def _facts(records: list[_Record], table: RuleTable) -> dict[str, object]:
     # one search per pattern over all records (no pattern crosses a newline, so none spans two records)
     joined = "\n".join(r.text for r in records)
     facts: dict[str, object] = {}
-    for fact, patterns in FACTS.items():
+    for fact, patterns in table.facts.items():
         facts[fact] = None
         for rx in patterns:
             found = [g for m in rx.finditer(joined) for g in m.groups() if g is not None]
-            values = [_number(v, fact) for v in found]
-            if fact in _INT_FACTS and fact != "gpu_blocks":
+            values = [_number(v, fact, table) for v in found]
+            if fact in table.int_facts and fact not in table.counts_zero:
                 values = [v for v in values if v > 0]  # e.g. max_seq_len=-1 (auto) is no length
             if values:
                 facts[fact] = values[-1]
@@ -733,88 +446,6 @@ def _facts(records: list[_Record]) -> dict[str, object]:
 # Remedies
 # --------------------------------------------------------------------------------------------------
 
-# kind (or kind/variant) -> templates, first usable one wins. {field} must be known for the template to be
-# used; a [bracketed part] is dropped when a field in it is unknown.
-REMEDIES: dict[str, tuple[str, ...]] = {
-    "kv_cache_insufficient": (
-        "lower --max-model-len to <= {estimated_max_model_len} or raise --gpu-memory-utilization /"
-        " --kv-cache-memory-bytes[ (requested {max_model_len}, KV cache has {available_kv_gib} GiB)]",
-        "lower --max-model-len below {max_model_len} or raise --gpu-memory-utilization /"
-        " --kv-cache-memory-bytes[ (KV cache has {available_kv_gib} GiB[, needs {needed_kv_gib} GiB])]",
-        "lower --max-model-len or raise --gpu-memory-utilization / --kv-cache-memory-bytes",
-    ),
-    "no_kv_memory": (
-        "raise --gpu-memory-utilization[ (now {gpu_memory_utilization})] or set --kv-cache-memory-bytes: no"
-        " memory is left for the KV cache after the weights[ ({weights_gib} GiB)] and activations (or lower"
-        " --max-num-batched-tokens / --max-num-seqs, add --enforce-eager, use a smaller model)",
-    ),
-    "no_kv_memory/cpu": (
-        "raise --gpu-memory-utilization[ above {min_util}] (a fraction of node RAM on the CPU backend) or set"
-        " --kv-cache-memory-bytes / VLLM_CPU_KVCACHE_SPACE",
-    ),
-    "gpu_mem_util_unavailable": (
-        "lower --gpu-memory-utilization to <= {max_util} (only {free_gib}/{total_gib} GiB free at start,"
-        " {util} asks for {requested_gib} GiB) or free the GPU memory held by other processes",
-        "lower --gpu-memory-utilization or free the GPU memory held by other processes",
-    ),
-    "gpu_mem_util_unavailable/cpu": (
-        "set --kv-cache-memory-bytes (or VLLM_CPU_KVCACHE_SPACE) or lower --gpu-memory-utilization to <="
-        " {max_util} (a fraction of node RAM on the CPU backend: only {free_gib}/{total_gib} GiB available)",
-    ),
-    "gpu_mem_util_unavailable/cpu_kv": (
-        "lower --kv-cache-memory-bytes / VLLM_CPU_KVCACHE_SPACE (or --gpu-memory-utilization) so the KV cache"
-        " fits in the {free_gib} GiB available (asked for {requested_gib} GiB), or free memory on the node",
-    ),
-    "quantization_mismatch/no_config": (
-        "drop --quantization {arg_quant}: this checkpoint has no {arg_quant} quantization config (its weights"
-        " are not {arg_quant}-quantized); pass the flag only with a checkpoint quantized that way",
-    ),
-    "quantization_mismatch": (
-        "drop --quantization {arg_quant} (the checkpoint's config.json says {config_quant}; vLLM picks the"
-        " kernel itself) or pass --quantization {config_quant}",
-    ),
-    "quantization_unsupported_gpu": (
-        "{quant} needs compute capability >= {min_cc} but this GPU has {cur_cc}: use a checkpoint this GPU"
-        " can run (e.g. GGUF, or fp16 weights with --dtype half) or a newer GPU",
-        "this quantization method needs a newer GPU: use a checkpoint this GPU can run (e.g. GGUF, or fp16"
-        " weights with --dtype half) or a newer GPU",
-    ),
-    "dtype_unsupported_gpu": (
-        "pass --dtype half (float16): the {gpu_name} GPU[ (compute capability {gpu_cc})] has no bfloat16",
-        "pass --dtype half (float16): this GPU has no bfloat16",
-    ),
-    "dtype_unsupported_gpu/quant": ("pass --dtype half: {quant} supports only {supported}, not {dtype}",),
-    "gpu_unsupported": (
-        "this vLLM build has no kernels for this GPU[ ({gpu_name})][ ({sm})]: use a vLLM build compiled for its"
-        " architecture (TORCH_CUDA_ARCH_LIST) or a GPU that vLLM supports (compute capability >= 7.0)",
-    ),
-    "gpu_unsupported/v1": (
-        "unset VLLM_USE_V1 (the V1 engine of this vLLM needs compute capability >= 8.0) or use vLLM >= 0.10.2",
-    ),
-    "cuda_oom": (
-        "lower --max-num-seqs / --max-num-batched-tokens or add --enforce-eager (no CUDA graphs); lower"
-        " --gpu-memory-utilization if other processes share the GPU[ (tried to allocate {alloc})]",
-    ),
-    "cuda_oom/sampler": (
-        "lower --max-num-seqs (the sampler warm-up with {num_reqs} requests ran out of memory) or"
-        " --gpu-memory-utilization",
-    ),
-    "cuda_oom/load": (
-        "the weights do not fit: lower --gpu-memory-utilization, raise --tensor-parallel-size, or use"
-        " --quantization / a smaller model",
-    ),
-    "max_len_exceeds_model": (
-        "lower --max-model-len to <= {derived_len} (the model's {len_key}); set VLLM_ALLOW_LONG_MAX_MODEL_LEN=1"
-        " only if the model really supports {requested_len} tokens",
-        "lower --max-model-len to the model's limit (config.json) or set VLLM_ALLOW_LONG_MAX_MODEL_LEN=1",
-    ),
-    "port_in_use": ("choose a free --port[ (port {port} is taken)] or stop the process that holds it",),
-    "model_not_found": (
-        "fix --model[ '{model}']: a local path must hold config.json and the weights, a Hugging Face repo id"
-        " must exist (set HF_TOKEN for gated repos, HF_HUB_OFFLINE=1 needs it cached)",
-    ),
-    "other": ("no known cause matched: read the evidence line and the traceback above it",),
-}
 
 _FIELD = re.compile(r"\{(\w+)\}")
 
@@ -842,9 +473,11 @@ def _fmt(v: object) -> str:
     return str(v)
 
 
-def _remedy(hit: _Hit | None, kind: str, facts: dict[str, object], records: list[_Record]) -> str:
+def _remedy(
+    hit: _Hit | None, kind: str, facts: dict[str, object], records: list[_Record], table: RuleTable
+) -> str:
     ctx: dict[str, object] = {k: v for k, v in facts.items() if v is not None}
-    for name, patterns in _CONTEXT.items():
+    for name, patterns in table.context.items():
         found = (m.group(1) for rx in patterns for r in records if (m := rx.search(r.text)))
         value = next(found, None)
         if value is not None:
@@ -857,24 +490,14 @@ def _remedy(hit: _Hit | None, kind: str, facts: dict[str, object], records: list
                 if v
             }
         )
-    if "free_gib" in ctx and "total_gib" in ctx:
-        free, total = float(str(ctx["free_gib"])), float(str(ctx["total_gib"]))
-        if total > 0:
-            ctx["max_util"] = f"{math.floor(free / total * 100) / 100:.2f}"
-    if {"kv_gib", "reserved_gib", "total_gib"} <= ctx.keys():
-        # CPU backend: the worker already uses reserved - kv; the reservation must exceed that
-        used = float(str(ctx["reserved_gib"])) - float(str(ctx["kv_gib"]))
-        ctx.setdefault("min_util", f"{math.ceil(used / float(str(ctx['total_gib'])) * 100) / 100:.2f}")
-    for cap in ("min_cap", "cur_cap"):
-        if str(ctx.get(cap, "")).lstrip("-").isdigit():
-            n = int(str(ctx[cap]))
-            ctx[cap.replace("cap", "cc")] = f"{n // 10}.{n % 10}" if n >= 0 else "unknown"
+    if table.derive is not None:
+        table.derive(ctx)
     key = hit.rule.remedy if hit is not None and hit.rule.remedy else kind
-    for template in REMEDIES.get(key, ()) + REMEDIES[kind]:
+    for template in table.remedies.get(key, ()) + table.remedies[kind]:
         text = _fill(template, ctx)
         if text is not None:
             return text
-    return REMEDIES["other"][0]
+    return table.remedies["other"][0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -882,40 +505,14 @@ def _remedy(hit: _Hit | None, kind: str, facts: dict[str, object], records: list
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class LogScan:
-    """One scanned log. The JSON keys are exactly these fields (the `scan-log --json` contract)."""
-
-    failure: str | None = None
-    evidence: str | None = None
-    remedy: str | None = None
-    vllm_version: str | None = None
-    kv_cache_tokens: int | None = None
-    max_concurrency: float | None = None
-    gpu_blocks: int | None = None
-    estimated_max_model_len: int | None = None
-    available_kv_gib: float | None = None
-    weights_gib: float | None = None
-    max_model_len: int | None = None
-    ready: bool = False
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-
-# A GPU that this build cannot run at all is the cause of complaints about what that GPU lacks (bf16, a
-# quantization kernel): fixing those would only reach the next wall. Torch's warning counts (a hint).
-_DOMINATES = {"gpu_unsupported": ("dtype_unsupported_gpu", "quantization_unsupported_gpu")}
-
-
-def _root_cause(records: list[_Record], start: int) -> _Hit | None:
+def _root_cause(records: list[_Record], start: int, table: RuleTable) -> _Hit | None:
     """Earliest fatal or certain line from `start`; among lines of its kind, the best-ranked non-wrapper."""
-    hits = [h for r in records[start:] if (h := _match(r, ("fatal", "certain")) or _hint(r))]
+    hits = [h for r in records[start:] if (h := _match(r, ("fatal", "certain"), table) or _hint(r, table))]
     strong = [h for h in hits if h.rule.grade != "hint"]
     if not strong:
         return None
     kind = strong[0].rule.kind
-    for dominant, kinds in _DOMINATES.items():
+    for dominant, kinds in table.dominates.items():
         if kind in kinds and any(h.rule.kind == dominant for h in hits):
             kind = dominant
             break
@@ -924,13 +521,13 @@ def _root_cause(records: list[_Record], start: int) -> _Hit | None:
     return min(same, key=lambda h: (h.wrapper, h.rule.rank, h.record.index))
 
 
-def _crashed(records: list[_Record], start: int, after_ready: bool) -> bool:
+def _crashed(records: list[_Record], start: int, after_ready: bool, table: RuleTable) -> bool:
     for r in records[start:]:
         if after_ready:
-            if _ENGINE_DEATH.search(r.text):
+            if table.engine_death.search(r.text):
                 return True
         elif (
-            WRAPPERS.search(r.text)
+            table.wrappers.search(r.text)
             or _TRACEBACK.match(r.text)
             or (_EXCEPTION_LINE.match(r.text) and not _BENIGN_EXCEPTION.match(r.text))
             or r.level in ("ERROR", "CRITICAL")
@@ -939,13 +536,13 @@ def _crashed(records: list[_Record], start: int, after_ready: bool) -> bool:
     return False
 
 
-def _other_evidence(records: list[_Record], start: int) -> str | None:
+def _other_evidence(records: list[_Record], start: int, table: RuleTable) -> str | None:
     """The last exception line that is not a wrapper; else the last ERROR line outside a traceback."""
     tail = records[start:]
     for r in reversed(tail):
         if (
             _EXCEPTION_LINE.match(r.text)
-            and not WRAPPERS.search(r.text)
+            and not table.wrappers.search(r.text)
             and not _BENIGN_EXCEPTION.match(r.text)
         ):
             if re.match(r"^(?:[\w.]*\.)?ValidationError: \d+ validation error", r.text):
@@ -963,45 +560,46 @@ def _other_evidence(records: list[_Record], start: int) -> str | None:
         elif (
             not in_traceback
             and r.level in ("ERROR", "CRITICAL")
-            and not WRAPPERS.search(r.text)
+            and not table.wrappers.search(r.text)
             and not _CODE.search(r.text)
         ):
             candidate = r
     return _evidence(candidate.text) if candidate is not None else None
 
 
-def scan_log(text: str) -> LogScan:
-    """Classify one vLLM log (any version 0.6-0.33) and pull its capacity facts."""
+def scan_log(text: str, table: RuleTable):
+    """Classify one log by the engine's table and pull its capacity facts: a `table.result`."""
     records = _records(text)
-    facts = _facts(records)
-    ready_at = max((r.index for r in records if READY_MARKER in r.text), default=None)
+    facts = _facts(records, table)
+    ready_at = max((r.index for r in records if table.ready_marker in r.text), default=None)
     start = 0 if ready_at is None else ready_at + 1
 
-    hit = _root_cause(records, start)
+    hit = _root_cause(records, start, table)
     kind = hit.rule.kind if hit else None
-    if kind is None and _crashed(records, start, after_ready=ready_at is not None):
-        hints = [h for r in records[start:] if (h := _hint(r))]
+    if kind is None and _crashed(records, start, ready_at is not None, table):
+        hints = [h for r in records[start:] if (h := _hint(r, table))]
         hit = hints[0] if hints else None
         kind = hit.rule.kind if hit else "other"
 
-    scan = LogScan(**facts, ready=ready_at is not None and kind is None)
+    scan = table.result(**facts, ready=ready_at is not None and kind is None)
     if kind is None:
         return scan
     scan.failure = kind
     if hit is not None:
         scan.evidence = _hit_evidence(hit)
     else:
-        scan.evidence = _other_evidence(records, start)
-    scan.remedy = _remedy(hit, kind, facts, records)
+        scan.evidence = _other_evidence(records, start, table)
+    scan.remedy = _remedy(hit, kind, facts, records, table)
     return scan
 
 
-def scan_file(path: str | Path) -> LogScan:
+def scan_file(path: str | Path, table: RuleTable):
     """scan_log over a file; undecodable bytes are replaced rather than fatal."""
-    return scan_log(Path(path).read_bytes().decode("utf-8", errors="replace"))
+    return scan_log(Path(path).read_bytes().decode("utf-8", errors="replace"), table)
 
 
-def _human(scan: LogScan) -> str:
+def human(scan) -> str:
+    """A scan as aligned `name  value` rows: failure, evidence, remedy, then every fact."""
     rows = [
         ("failure", scan.failure or ("none (clean start)" if scan.ready else "none found")),
         ("evidence", scan.evidence or "-"),
@@ -1013,22 +611,3 @@ def _human(scan: LogScan) -> str:
     rows += [(k, "-" if v is None else str(v)) for k, v in facts.items()]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
-
-
-def cli_scan_log(args) -> int:
-    """`vllm-lab scan-log PATH [--json]`: exit 0 when the log was read, 2 (one stderr line) when not."""
-    try:
-        if args.path == "-":
-            text = sys.stdin.buffer.read().decode("utf-8", errors="replace")
-        else:
-            text = Path(args.path).read_bytes().decode("utf-8", errors="replace")
-    except OSError as e:
-        reason = e.strerror or type(e).__name__
-        print(f"vllm-lab scan-log: cannot read {args.path}: {reason}", file=sys.stderr)
-        return 2
-    scan = scan_log(text)
-    if getattr(args, "json", False):
-        print(json.dumps(scan.to_json()))
-    else:
-        print(_human(scan))
-    return 0

@@ -7,24 +7,38 @@ loopback server (never through HTTP(S)_PROXY).
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import platform
-import re
 import sys
 import time
 import uuid
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import httpx
 
-from vllm_lab import record
+from vllm_lab import engines, record
+from vllm_lab.http_client import (
+    LongRequest,
+    StreamState,
+    body_message,
+    client,
+    error_message,
+    loopback,
+    parse_metrics,
+    read_metrics,
+    sse_data,
+    token_prompt,
+)
 from vllm_lab.launcher import LaunchResult, VllmServer
+from vllm_lab.load import LoadSpec, run_load
 from vllm_lab.memory import predicted_kv_tokens
-from vllm_lab.spec import DEFAULT_VLLM_CMD, Trial, load_option
+from vllm_lab.spec import DEFAULT_VLLM_CMD, SpecError, Trial, load_option
+
+# Their old home (tests, benchmarks and notebooks import them from probe); they live in http_client now.
+__all__ = ["LongRequest", "StreamState", "error_message", "loopback", "parse_metrics", "read_metrics",
+           "sse_data", "token_prompt"]  # fmt: skip
+_loopback, _StreamState = loopback, StreamState
 
 LONG_REQUEST_OUTPUT_TOKENS = 4
 
@@ -41,52 +55,18 @@ def _model_config(model: str) -> dict:
         return {}
 
 
-def _client(base_url: str, api_key: str | None, timeout: float) -> httpx.Client:
-    """A client for the trial's server: its key as a Bearer token; no proxy for a loopback address."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    return httpx.Client(headers=headers, timeout=timeout, trust_env=not _loopback(base_url))
-
-
-def _loopback(url: str) -> bool:
-    host = urlsplit(url).hostname or ""
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def error_message(body) -> str | None:
-    """The message of a vLLM error body: {"error": {"message": ..}} (>= 0.11), {"message": ..}, {"error": ".."}."""
-    if not isinstance(body, dict):
-        return None
-    err = body.get("error")
-    if isinstance(err, dict):
-        return str(err.get("message") or err)
-    if err:
-        return str(err)
-    return str(body["message"]) if body.get("object") == "error" and body.get("message") else None
+def _body_message(r: httpx.Response) -> str:
+    return body_message(r.read())
 
 
 def chat_ok(base_url: str, model: str, timeout: float, *, api_key: str | None = None) -> bool:
     body = {"model": model, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 4}
     try:
-        with _client(base_url, api_key, timeout) as c:
+        with client(base_url, api_key, timeout) as c:
             r = c.post(f"{base_url}/v1/chat/completions", json=body)
         return r.status_code == 200 and bool(r.json().get("choices"))
     except (httpx.HTTPError, ValueError):
         return False
-
-
-@dataclass
-class LongRequest:
-    """One full-length request: ok only with HTTP 200, no error chunk, every output token, and [DONE]."""
-
-    ok: bool
-    tokens: int  # prompt + output tokens asked for
-    ttft_s: float | None = None  # to the first chunk that carries a token
-    output_tokens: int | None = None  # from the usage chunk, else one per chunk with a choice
-    error: str | None = None  # why not ok, as the end of "a request of N tokens ..."
-    refused: bool = False  # an HTTP 4xx: the request never ran (key, model name)
 
 
 def long_request(
@@ -104,10 +84,10 @@ def long_request(
     body = {"model": model, "prompt": prompt, "max_tokens": out_n, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}, "ignore_eos": True}  # fmt: skip
     t0 = time.monotonic()
-    s = _StreamState()
+    s = StreamState()
     try:
         with (
-            _client(base_url, api_key, timeout) as c,
+            client(base_url, api_key, timeout) as c,
             c.stream("POST", f"{base_url}/v1/completions", json=body) as r,
         ):
             if r.status_code != 200:
@@ -134,93 +114,6 @@ def long_request(
     except ValueError as e:
         s.error = s.error or f"sent a chunk that is not JSON ({e})"
     return s.result(total, out_n, timeout)
-
-
-def token_prompt(n: int, vocab: int, start: int = 0) -> list[int]:
-    """n token ids cycling through the ordinary vocabulary (avoid 0..2, often special tokens); another
-    `start` gives another first block, so concurrent prompts never share a prefix-cache hit."""
-    span = max(1, min(vocab, 50000) - 3)
-    return [3 + ((start + i) % span) for i in range(n)]
-
-
-def sse_data(line: str) -> str | None:
-    """The payload of one server-sent-events line (`data: ...`), else None."""
-    return line.strip()[5:].strip() if line.startswith("data:") else None
-
-
-class _StreamState:
-    """What the chunks of one completion stream said: first token, tokens counted, error, [DONE]."""
-
-    def __init__(self) -> None:
-        self.ttft: float | None = None
-        self.times: list[float] = []  # when each chunk with a token arrived (load.py's inter-token gaps)
-        self.chunks = 0
-        self.usage: int | None = None
-        self.error: str | None = None
-        self.done = False
-
-    def take(self, chunk: dict, t: float) -> None:
-        msg = error_message(chunk)
-        if msg is not None:
-            self.error = self.error or f"ended with an error chunk: {msg}"
-            return
-        if isinstance(chunk.get("usage"), dict) and chunk["usage"].get("completion_tokens") is not None:
-            self.usage = int(chunk["usage"]["completion_tokens"])
-        if chunk.get("choices"):  # vLLM sends no empty chunks: each one with a choice carries a token
-            self.chunks += 1
-            self.ttft = t if self.ttft is None else self.ttft
-            self.times.append(t)
-
-    def result(self, total: int, expected: int, timeout: float) -> LongRequest:
-        got = self.usage if self.usage is not None else self.chunks
-        error = self.error
-        if error is None and not self.done:
-            error = f"did not complete within {timeout:.0f} s (no [DONE])"
-        if error is None and got != expected:
-            error = f"returned {got} of {expected} output tokens"
-        return LongRequest(error is None, total, self.ttft if error is None else None, got, error)
-
-
-def _body_message(r: httpx.Response) -> str:
-    return body_message(r.read())
-
-
-def body_message(raw: bytes) -> str:
-    """What an error response's body says: vLLM's message where it is JSON, else its first 300 characters."""
-    try:
-        return error_message(json.loads(raw)) or raw.decode(errors="replace")[:300]
-    except ValueError:
-        return raw.decode(errors="replace")[:300]
-
-
-_METRIC = re.compile(r"^(vllm:[a-z_]+)(?:\{[^}]*\})?\s+([0-9.eE+-]+)$")
-
-
-def read_metrics(base_url: str, *, api_key: str | None = None) -> dict:
-    """The few vLLM metrics a report needs (kv usage, running/waiting, preemptions)."""
-    try:
-        with _client(base_url, api_key, 5) as c:
-            text = c.get(f"{base_url}/metrics").text
-    except httpx.HTTPError:
-        return {}
-    return parse_metrics(text)
-
-
-def parse_metrics(text: str) -> dict:
-    """Those metrics from a Prometheus text page (/metrics), the last value of each name."""
-    keep = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "vllm:num_requests_running",
-            "vllm:num_requests_waiting", "vllm:num_preemptions_total")  # fmt: skip
-    out = {}
-    for line in text.splitlines():
-        m = _METRIC.match(line.strip())
-        if m and m.group(1) in keep:
-            out[m.group(1)] = float(m.group(2))
-        if m and m.group(1) == "vllm:cache_config_info":  # the KV pool as vLLM sized it (search's +1 proof)
-            for k, v in re.findall(
-                r'[{,](num_gpu_blocks|block_size|kv_cache_max_concurrency)="([0-9.]+)"', line
-            ):
-                out[f"vllm:cache_config_info:{k}"] = float(v)
-    return out
 
 
 def _gpu_facts(trial: Trial) -> dict:
@@ -252,7 +145,8 @@ def to_record(trial: Trial, res: LaunchResult, *, run_id: str, started_at: str, 
         max_concurrency=s.get("max_concurrency"), gpu_blocks=s.get("gpu_blocks"), estimated_max_model_len=s.get("estimated_max_model_len"),
         available_kv_gib=s.get("available_kv_gib"), weights_gib=s.get("weights_gib"), log_path=res.log_path,
         served_max_model_len=res.served_max_model_len, exit_code=res.exit_code, exit_signal=res.exit_signal,
-        install=trial.install,
+        install=trial.install, engine=trial.engine, engine_version=s.get("engine_version") or s.get("vllm_version"),
+        memory_limit=trial.memory_limit_bytes,
         **extra,
     )  # fmt: skip
 
@@ -261,9 +155,18 @@ def _flag_value(argv: list[str]) -> str | None:
     return argv[argv.index("--quantization") + 1] if "--quantization" in argv else None
 
 
+def validate(trial: Trial) -> Trial:
+    """The trial and its load phase, checked before any launch (SpecError, one line). The load is checked
+    here, not in spec: its fields belong to load.py, which sits above the trial."""
+    trial.validate()
+    if trial.load is not None:
+        LoadSpec.from_params(trial.load, where="load")
+    return trial
+
+
 def run_trial(trial: Trial, run_dir: str | Path, *, run_id: str | None = None, long: bool = True) -> dict:
     """Launch, exercise and stop one server; append and return its record."""
-    trial.validate()
+    validate(trial)
     run_dir = Path(run_dir)
     run_id = run_id or run_dir.name
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -312,12 +215,10 @@ def run_trial(trial: Trial, run_dir: str | Path, *, run_id: str | None = None, l
     timeline = getattr(sampler, "timeline", None)
     extra["gpu_memory_timeline"] = _timeline(timeline)
     if res.outcome == "unstable":
-        _explain_unstable(res, chat=extra.get("chat_ok"))
+        _explain_unstable(res, chat=extra.get("chat_ok"), engine=trial.engine)
     if res.outcome != "ready" and res.outcome != "unstable":
         # A failed launch: re-read the full log now the tree is down (the fail-fast read may be partial).
-        from vllm_lab import logscan
-
-        facts = logscan.scan_file(res.log_path).to_json()
+        facts = _scan_log_file(trial.engine, res.log_path).to_json()
         res.scan = facts
         if res.outcome == "failed":
             res.failure = facts.get("failure") or res.failure or "other"
@@ -335,9 +236,6 @@ def _load_phase(trial: Trial, res: LaunchResult, server: VllmServer, model: str,
     The best level is the fastest one that served every request cleanly (None where none did). A Ctrl-C
     of the load records nothing (the server is stopped on the way out; a resume runs the trial again).
     """
-    from vllm_lab.load import LoadSpec, run_load
-    from vllm_lab.spec import SpecError
-
     spec = LoadSpec.from_params(trial.load, where="load")
     try:
         out = run_load(res.base_url, model, spec, api_key=key, log_path=server.live_log, server_alive=server.alive,
@@ -359,16 +257,20 @@ def _levels(load: dict) -> str:
     return ", ".join(str(c) for c in load.get("concurrency") or [])
 
 
-def _explain_unstable(res: LaunchResult, *, chat: bool | None) -> None:
+def _scan_log_file(engine: str | None, path: str):
+    """The engine's scan of a server's (complete) log."""
+    return engines.get(engine).scan(Path(path).read_bytes().decode("utf-8", errors="replace"))
+
+
+def _explain_unstable(res: LaunchResult, *, chat: bool | None, engine: str | None = None) -> None:
     """A start that could not serve: the engine's own cause after ready, read from the full log (the tree is
     down now, so the log is complete), beside what the request saw.
 
     When even the short chat request failed, no max_model_len fixes it (a kernel this build lacks, a model
     it cannot run): the remedy says so, and the search treats it as independent of the length.
     """
-    from vllm_lab import logscan
-
-    scan = logscan.scan_file(res.log_path)  # counts an engine that died after ready, not a refused request
+    # the scan counts an engine that died after ready, not a refused request
+    scan = _scan_log_file(engine, res.log_path)
     if scan.evidence:
         res.evidence = f"{res.evidence}; the engine's log: {scan.evidence}"
     if scan.failure and scan.failure != "other":
@@ -431,7 +333,7 @@ def trial_from_args(args, *, step: str) -> Trial:
 
 
 def cli_launch(args) -> int:
-    trial = trial_from_args(args, step="launch").validate()
+    trial = validate(trial_from_args(args, step="launch"))
     from vllm_lab.hub import prefetch_trial
 
     prefetch_trial(trial)  # a hub model: downloaded once, before the launch and outside its timeout

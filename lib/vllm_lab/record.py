@@ -29,6 +29,8 @@ FIELDS = (
     "install",  # the plan's install name (installs.py); vllm_version is what that server itself reported
     # the trial's load phase (Trial.load): load.LoadResult.to_dict(), its verdict, and the best level
     "load", "load_stable", "load_reason", "knee_concurrency", "load_output_tokens_per_s", "load_concurrency",
+    "engine", "engine_version",  # which server (Trial.engine: vllm | llamacpp ...) and its own version
+    "memory_limit",  # Trial.memory_limit_bytes: the address-space limit the server ran under (None: none)
 )  # fmt: skip
 
 OUTCOMES = ("ready", "failed", "timeout", "unstable")

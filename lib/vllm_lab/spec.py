@@ -34,7 +34,7 @@ LOAD_EXAMPLE = "'{concurrency: [1, 2, 4], requests: 8, prompt_tokens: 128, outpu
 
 def load_option(text: str | None) -> dict | None:
     """`--load YAML` (launch, search, bisect-versions): the plan's LOAD mapping; its fields are checked with
-    the trial (Trial.validate), before any launch. SpecError, one line, where it is not a YAML mapping."""
+    the trial (probe.validate), before any launch. SpecError, one line, where it is not a YAML mapping."""
     if text is None:
         return None
     import yaml
@@ -176,10 +176,10 @@ class Trial:
         if lim is not None and (isinstance(lim, bool) or not isinstance(lim, int) or lim <= 0):
             raise SpecError(f"memory_limit_bytes: {lim!r} must be a positive integer number of bytes")
         engine.validate(self)  # the model's shape, flags of another engine
-        if self.load is not None:
-            from vllm_lab.load import LoadSpec  # load imports spec: import here
-
-            LoadSpec.from_params(self.load, where="load")
+        if self.load is not None and not isinstance(self.load, dict):  # its fields: probe.validate (load.py)
+            raise SpecError(
+                f"load: expected a mapping like {{concurrency: [1, 2, 4], requests: 8}}, got {self.load!r}"
+            )
         if check_command:
             check_vllm_cmd(self.vllm_cmd, self.engine)
         return self

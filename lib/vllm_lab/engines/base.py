@@ -10,19 +10,30 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from vllm_lab import commands
 from vllm_lab.errors import SpecError
 
 if TYPE_CHECKING:
-    from vllm_lab.logscan import LogScan
     from vllm_lab.spec import Trial
+
+
+class ScanResult(Protocol):
+    """What an engine's scan of a log hands up; to_json() is the `scan-log --json` object and feeds the record
+    (vLLM's: engines.vllm_log.LogScan)."""
+
+    failure: str | None
+    evidence: str | None
+    remedy: str | None
+    ready: bool
+
+    def to_json(self) -> dict: ...
 
 
 # Our names for the /metrics series a load and a record read, the same for every engine. An engine maps
 # each to its own series names, in order of preference (an older name last); () where it has none.
-METRIC_NAMES = ("running", "waiting", "kv_usage", "preemptions", "cache_config_info")
+METRIC_NAMES = ("running", "waiting", "kv_usage", "preemptions", "prefix_cache_hits", "cache_config_info")
 
 
 class Engine:
@@ -64,7 +75,11 @@ class Engine:
         """The failure kind of a log line that ends the start wait at once; None for any other line."""
         return None
 
-    def scan(self, text: str) -> LogScan:
+    def detect(self, text: str) -> bool:
+        """This engine wrote the log (scan-log picks the engine by it; vLLM is the fallback)."""
+        return False
+
+    def scan(self, text: str) -> ScanResult:
         """The whole log: failure kind, evidence, remedy, capacity facts."""
         raise NotImplementedError
 

