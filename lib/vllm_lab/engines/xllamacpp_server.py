@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--ctx-size", type=int, default=0, help="context (KV cells); 0 = from the model")
     p.add_argument("-np", "--parallel", type=int, default=-1, help="slots; -1 = auto (4, unified KV)")
     p.add_argument("-kvu", "--kv-unified", action="store_true", help="one KV buffer shared by all slots")
-    p.add_argument("-ngl", "--gpu-layers", "--n-gpu-layers", type=_gpu_layers, default=-1, help="N|auto|all")
+    p.add_argument(
+        "-ngl", "--gpu-layers", "--n-gpu-layers", type=_gpu_layers, default=-1, help="N, auto or all"
+    )
     p.add_argument("-fit", "--fit", type=_on_off, default="on", help="on|off: fit params to device memory")
     p.add_argument("-fa", "--flash-attn", type=_on_off, default="auto", help="on|off|auto")
     p.add_argument("-ctk", "--cache-type-k", choices=CACHE_TYPES, default="f16")
@@ -117,10 +119,14 @@ def main(argv: list[str] | None = None) -> int:
             f"built with {xl.BUILD_INFO.get('compiler', '?')} for {xl.BUILD_INFO.get('build_target', '?')}",
             file=sys.stderr,
         )
+        # the backends compiled in (CPU : AVX2 ..., CUDA : ARCHS ... in a CUDA wheel): what runs the model
+        print(f"system_info: {xl.get_system_info().strip()}", file=sys.stderr)
         return 0
     if not a.model:
         print("llama-server: error: -m/--model is required", file=sys.stderr)
         return 2
+    # older llama-servers' first line; this wheel's build_info says b0, its version carries the build
+    print(f"build: {llama_build(xl.__version__)} (xllamacpp {xl.__version__})", file=sys.stderr, flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
