@@ -575,8 +575,13 @@ def test_the_urls_users_paste_work(fake_model, run_dir, capsys):
             )
         rc = cli.main(["load", "--url", f"{server.base_url}/v1/completions", "--model", str(fake_model)])
         err = capsys.readouterr().err
+        tls = cli.main(
+            ["load", "--url", server.base_url.replace("http", "https"), "--model", str(fake_model)]
+        )
+        err_tls = capsys.readouterr().err
     assert rc == 2 and "give the server's root" in err and f"--url {server.base_url}" in err, err
     assert len(err.strip().splitlines()) == 1
+    assert tls == 2 and f"give --url {server.base_url}" in err_tls, err_tls
 
 
 def test_a_self_signed_https_server_is_named_as_such(fake_model, tmp_path, capsys):

@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypedDict
 from urllib.parse import urlsplit
@@ -39,7 +39,10 @@ import aiohttp
 import numpy as np
 
 from vllm_lab.engines import vllm_log as logscan  # vLLM's fatal lines (the load knows no engine yet)
-from vllm_lab.probe import _loopback, _StreamState, body_message, sse_data, token_prompt
+from vllm_lab.http_client import StreamState as _StreamState
+from vllm_lab.http_client import body_message, sse_data, token_prompt
+from vllm_lab.http_client import loopback as _loopback
+from vllm_lab.load_spec import MAX_CONCURRENCY, MAX_LEVELS, MAX_REQUESTS, LoadSpec  # noqa: F401
 from vllm_lab.spec import SpecError
 
 SCHEMA_VERSION = 2  # of `vllm-lab load --json` (2: schema_version, failure kinds, per-level problems)
@@ -48,116 +51,13 @@ KNEE_GROWTH = 0.10  # per doubling of users: less output tok/s growth than this 
 KNEE_ELASTICITY = math.log2(1 + KNEE_GROWTH)
 NOT_CHECKABLE = "not checkable"  # health_after where /health answers 404 (Ollama, llama.cpp, proxies)
 DEFAULT_VOCAB = 1000  # prompt ids stay below it where neither the caller nor the model's config.json says
-PROMPT_NUMBERS = (
-    2**40
-)  # distinct prompt heads; a run sends at most MAX_LEVELS x MAX_REQUESTS + 1 (3.2 million)
+# distinct prompt heads; a run sends at most MAX_LEVELS x MAX_REQUESTS + 1 prompts (3.2 million)
+PROMPT_NUMBERS = 2**40
 METRICS_INTERVAL_S = 0.5
-MAX_LEVELS = 32
-MAX_CONCURRENCY = 4096
-MAX_REQUESTS = 100_000  # per level; with --duration too, so every loop has a count
 HTTP_TIMEOUT_S = 10.0  # /health, /metrics, /v1/models; the streams have their own deadline (asyncio.wait_for)
 HTTP_TIMEOUT = aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)
 DRAIN_S = 1.0  # for what follows [DONE] (the end of the chunked body); past it the connection is dropped
 MAX_LOG_READ = 64 * 2**20  # of the server's log written during the load
-
-
-@dataclass(frozen=True)
-class LoadSpec:
-    concurrency: tuple[int, ...] = (1, 2, 4)
-    requests: int | None = 8  # per level (None when duration_s is given)
-    duration_s: float | None = None  # per level: no new request after it, those in flight finish
-    prompt_tokens: int = 128
-    output_tokens: int = 32
-    slo_ttft_ms: float | None = None  # TTFT p90 above it ends the useful range (knee)
-    request_timeout_s: float = 120.0  # per request deadline (a stream that stops)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "concurrency", tuple(self.concurrency))
-        if self.duration_s is not None and self.requests == LoadSpec.requests:
-            object.__setattr__(self, "requests", None)  # LoadSpec(duration_s=30): requests was the default
-
-    @classmethod
-    def from_params(cls, value: dict, where: str = "LOAD") -> LoadSpec:
-        """A plan/notebook LOAD mapping (or the CLI's options) -> a validated spec; SpecError names the field."""
-        if not isinstance(value, dict):
-            raise SpecError(
-                f"{where}: expected a mapping like {{concurrency: [1, 2, 4], requests: 8}}, got {value!r}"
-            )
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise SpecError(f"{where}: unknown key(s) {', '.join(unknown)}; use {', '.join(sorted(known))}")
-        kw = dict(value)
-        if kw.get("duration_s") is not None and kw.get("requests") is not None:
-            raise SpecError(f"{where}: both requests and duration_s given; give one of them")
-        if "concurrency" in kw:
-            kw["concurrency"] = _int_list(kw["concurrency"], f"{where}.concurrency")
-        if kw.get("duration_s") is not None:
-            kw["requests"] = None
-        elif "requests" not in kw and all(_whole(x) for x in kw.get("concurrency") or ()):
-            # no count given: each level gets at least as many requests as its users
-            kw["requests"] = max(cls.requests, *kw.get("concurrency") or (0,))
-        return cls(**kw).validate(where)
-
-    def validate(self, where: str = "LOAD") -> LoadSpec:
-        c = self.concurrency
-        if not c or not all(
-            isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= MAX_CONCURRENCY for x in c
-        ):
-            raise SpecError(
-                f"{where}.concurrency: {list(c)}; give 1 to {MAX_LEVELS} whole numbers in 1..{MAX_CONCURRENCY}, e.g. [1, 2, 4]"
-            )
-        if len(c) > MAX_LEVELS or list(c) != sorted(set(c)):
-            raise SpecError(
-                f"{where}.concurrency: {list(c)}; give at most {MAX_LEVELS} levels, increasing, each once"
-            )
-        if (self.requests is None) == (self.duration_s is None):
-            raise SpecError(f"{where}: give exactly one of requests (per level) or duration_s")
-        if self.requests is not None and not (_whole(self.requests) and 1 <= self.requests <= MAX_REQUESTS):
-            raise SpecError(f"{where}.requests: {self.requests!r}; give a whole number in 1..{MAX_REQUESTS}")
-        if self.requests is not None and self.requests < max(c):  # that level would claim users it never had
-            raise SpecError(f"{where}.requests: {self.requests} per level never puts {max(c)} streams in flight; give "
-                            f"requests per level at least the highest concurrency ({max(c)})")  # fmt: skip
-        if self.duration_s is not None and not (_number(self.duration_s) and 0 < self.duration_s <= 86400):
-            raise SpecError(f"{where}.duration_s: {self.duration_s!r}; give seconds per level, > 0")
-        for name in ("prompt_tokens", "output_tokens"):
-            v = getattr(self, name)
-            if not (_whole(v) and 1 <= v <= 10_000_000):
-                raise SpecError(f"{where}.{name}: {v!r}; give a whole number of tokens >= 1")
-        if self.slo_ttft_ms is not None and not (_number(self.slo_ttft_ms) and self.slo_ttft_ms > 0):
-            raise SpecError(
-                f"{where}.slo_ttft_ms: {self.slo_ttft_ms!r}; give milliseconds > 0, or leave it out"
-            )
-        if not (_number(self.request_timeout_s) and self.request_timeout_s > 0):
-            raise SpecError(f"{where}.request_timeout_s: {self.request_timeout_s!r}; give seconds > 0")
-        return self
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["concurrency"] = list(self.concurrency)
-        return d
-
-
-def _whole(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _number(v) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _int_list(v, where: str) -> tuple[int, ...]:
-    """[1, 2, 4], (1, 2, 4), 4, or the CLI's "1,2,4"."""
-    if isinstance(v, str):
-        try:
-            return tuple(int(x) for x in v.split(",") if x.strip())
-        except ValueError:
-            raise SpecError(f"{where}: {v!r}; give whole numbers separated by commas, e.g. 1,2,4") from None
-    if _whole(v):
-        return (v,)
-    if isinstance(v, list | tuple):
-        return tuple(v)
-    raise SpecError(f"{where}: {v!r}; give a list of whole numbers, e.g. [1, 2, 4]")
 
 
 class Problem(TypedDict):
@@ -405,7 +305,7 @@ def _level_summary(conc: int, planned: int | None, done: list[_Request], wall: f
 
 def unique_prompt(n: int, vocab: int, number: int) -> list[int]:
     """n token ids below vocab whose first ones spell `number` (< PROMPT_NUMBERS) in base vocab - 3, lowest
-    digit first: another number, another first token block. The rest as probe.token_prompt fills it."""
+    digit first: another number, another first token block. The rest as token_prompt fills it."""
     span = max(2, min(vocab, 50000) - 3)  # ids 0..2 are often special tokens
     digits = math.ceil(math.log(PROMPT_NUMBERS) / math.log(span))
     head = []
@@ -450,18 +350,22 @@ class _Load:
             raise SpecError(f"{self.base_url} answers https with a certificate this machine does not trust (a "
                             f"self-signed one, or one for another host name: {e.certificate_error}); put its "
                             "certificate in SSL_CERT_FILE, or serve plain http") from None  # fmt: skip
-        except aiohttp.ClientSSLError:
+        except aiohttp.ClientSSLError as e:
             http = self.base_url.replace("https://", "http://", 1)
-            raise SpecError(f"{self.base_url} does not speak TLS; give --url {http}") from None
+            raise SpecError(f"the TLS handshake with {self.base_url} failed ({e}); if it serves plain http, give "
+                            f"--url {http}") from None  # fmt: skip
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             why = f"{type(e).__name__}: {e}" if str(e) else f"no answer within {HTTP_TIMEOUT_S:g} s"
-            # connected, then hung up or reset: what a TLS server does with a plain request
-            hung_up = isinstance(
-                e, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError
-            ) and not isinstance(e, aiohttp.ClientConnectorError)
-            if hung_up and self.base_url.startswith("http://"):
-                raise SpecError(f"{self.base_url} hung up without an answer ({why}); if it serves https "
-                                f"(--ssl-certfile), give --url https://{self.base_url[7:]}") from None  # fmt: skip
+            # connected, then hung up or reset: a TLS server given a plain request, or the other way round
+            reset = isinstance(getattr(e, "os_error", None), ConnectionResetError)
+            hung_up = reset or (isinstance(e, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError)
+                                and not isinstance(e, aiohttp.ClientConnectorError))  # fmt: skip
+            scheme, rest = self.base_url.split("://", 1)
+            if hung_up:
+                other = "https" if scheme == "http" else "http"
+                raise SpecError(f"{self.base_url} hung up without an answer ({why}); if it serves {other} "
+                                f"({'--ssl-certfile' if other == 'https' else 'no TLS'}), give --url "
+                                f"{other}://{rest}") from None  # fmt: skip
             raise SpecError(f"cannot reach {self.base_url} ({why}); start the server or fix --url") from None
         if status == 401:
             raise SpecError(
@@ -508,7 +412,7 @@ class _Load:
         if r.kind == "error_chunk" and "out of vocabulary" in err:
             raise SpecError(f"prompt token ids go up to {min(self.vocab, 50000) - 1}, outside this model's "
                             f"vocabulary ({err}); give --vocab-size (the model's vocab_size)")  # fmt: skip
-        if r.kind == "short":  # stopped early, no error
+        if r.kind == "short" and r.output_tokens < spec.output_tokens:  # stopped early, no error
             raise SpecError(f"the first request got {r.output_tokens} of {spec.output_tokens} output tokens and no "
                             f"error: the server cuts requests short (its max_model_len, or a max_tokens cap); "
                             "lower --prompt-tokens or --output-tokens")  # fmt: skip
@@ -557,6 +461,11 @@ class _Load:
         deltas = {k: m[k] - before[k] for k in ("vllm:num_preemptions_total", "vllm:prefix_cache_hits_total")
                   if k in m and k in before}  # fmt: skip
         health = await self.health(client)
+        # nothing answers: a server that is exiting closes its sockets before its parent can see it end
+        for _ in range(20 if health is None and self.server_alive is not None else 0):
+            if not self._alive():
+                break
+            await asyncio.sleep(0.1)
         self.current = None
         return _level_summary(conc, spec.requests, done, wall, scraper, deltas, health)
 
