@@ -1,0 +1,175 @@
+"""Ollama as an engine, over real HTTP against the stand-in (testing/fake_ollama.py) through probe.run_trial:
+one test per trap (a context lowered silently, part of the model on the CPU, a prompt cut silently, a runner
+that dies), the tree stopped with its runner, and bad input as one line before any launch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+from vllm_lab import engines
+from vllm_lab.engines import ollama
+from vllm_lab.errors import SpecError
+from vllm_lab.probe import run_trial
+from vllm_lab.spec import Trial
+
+FAKE_OLLAMA = f"{sys.executable} -m vllm_lab.testing.fake_ollama serve"
+MODEL = "qwen3:8b-q4_K_M"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    """A model store as `ollama pull qwen3:8b-q4_K_M` leaves it (the manifest is what counts)."""
+    root = tmp_path / "ollama-models"
+    m = root / "manifests" / "registry.ollama.ai" / "library" / "qwen3" / "8b-q4_K_M"
+    m.parent.mkdir(parents=True)
+    layer = {"mediaType": "application/vnd.ollama.image.model", "digest": "sha256:ab", "size": 5_027_783_488}
+    m.write_text(json.dumps({"schemaVersion": 2, "layers": [layer]}))
+    return root
+
+
+def ollama_trial(store: Path, ctx: int = 2048, extra_args=(), **knobs: str) -> Trial:
+    env = {"OLLAMA_MODELS": str(store), **knobs}
+    return Trial(model=MODEL, engine="ollama", vllm_cmd=FAKE_OLLAMA, max_model_len=ctx, env=env,
+                 extra_args=list(extra_args), startup_timeout_s=60, request_timeout_s=60)  # fmt: skip
+
+
+def log_text(rec: dict) -> str:
+    return Path(rec["log_path"]).read_text()
+
+
+# ------------------------------------------------------------------------------------------------ it works
+
+
+def test_a_fitting_context_is_ready_with_what_ollama_reports(store, run_dir, tmp_path):
+    pidfile = tmp_path / "runner.pid"
+    rec = run_trial(ollama_trial(store, FAKE_OLLAMA_RUNNER_PIDFILE=str(pidfile)), run_dir)
+    assert rec["outcome"] == "ready", rec
+    assert (rec["engine"], rec["backend"], rec["engine_version"]) == ("ollama", "fake", "0.31.2")
+    assert rec["context_used"] == 2048 and rec["long_request_ok"] is True
+    assert rec["prompt_tokens_counted"] == rec["prompt_tokens_sent"] > 1900
+    assert any(a.startswith("OLLAMA_HOST=127.0.0.1:") for a in rec["argv"])
+    assert "OLLAMA_CONTEXT_LENGTH:2048" in log_text(rec)  # the context reached the server as its env
+    assert "-c 2048" in log_text(rec)  # and the runner (num_ctx on the native load request)
+    assert not psutil.pid_exists(int(pidfile.read_text()))  # the runner child went with the server
+
+
+def test_knobs_reach_the_server_from_env_and_extra_args(store, run_dir):
+    t = ollama_trial(store, extra_args=["OLLAMA_NUM_PARALLEL=2"], OLLAMA_KV_CACHE_TYPE="q8_0")
+    rec = run_trial(t, run_dir, long=False)
+    text = log_text(rec)
+    assert rec["outcome"] == "ready"
+    assert "-c 4096 -np 2" in text  # num_ctx x parallel, as Ollama starts llama-server
+    assert "quantized kv cache requested but flash attention disabled" in text
+
+
+# ------------------------------------------------------------------------------------------------ traps
+
+
+def test_a_context_lowered_silently_is_context_reduced(store, run_dir):
+    rec = run_trial(ollama_trial(store, FAKE_OLLAMA_FIT_CTX="1024"), run_dir)
+    assert (rec["outcome"], rec["failure"]) == ("failed", "context_reduced"), rec
+    assert rec["context_used"] == 1024 and rec["max_model_len"] == 2048
+    assert "1024" in rec["evidence"] and "2048" in rec["evidence"]
+    assert rec["long_request_ok"] is not True
+
+
+def test_part_of_the_model_on_the_cpu_is_recorded_and_said(store, run_dir):
+    t = ollama_trial(store, FAKE_OLLAMA_VRAM_MIB="24576", FAKE_OLLAMA_VRAM_FRACTION="0.6")
+    rec = run_trial(t, run_dir)
+    assert rec["outcome"] == "ready"
+    assert rec["offload_fraction"] == pytest.approx(0.6, abs=0.01)
+    assert rec["model_vram_bytes"] < rec["model_size_bytes"]
+    assert "part of the model on the CPU" in (rec["note"] or "")
+
+
+def test_a_prompt_cut_silently_is_context_truncated_never_long_request_ok(store, run_dir):
+    rec = run_trial(ollama_trial(store, FAKE_OLLAMA_TRUNCATE_AT="1000"), run_dir)
+    assert (rec["outcome"], rec["failure"]) == ("unstable", "context_truncated"), rec
+    assert rec["long_request_ok"] is False
+    assert rec["prompt_tokens_counted"] < rec["prompt_tokens_sent"]
+    assert "truncating input prompt" in log_text(rec)
+
+
+def test_a_runner_that_dies_loading_is_failed_with_llamacpps_cause(store, run_dir):
+    rec = run_trial(ollama_trial(store, FAKE_OLLAMA_RUNNER_DIES="load"), run_dir)
+    assert (rec["outcome"], rec["failure"]) == ("failed", "kv_cache_oom"), rec
+    assert "kv cache" in rec["evidence"]
+
+
+def test_a_runner_that_dies_serving_is_unstable_with_its_cause(store, run_dir):
+    rec = run_trial(ollama_trial(store, FAKE_OLLAMA_RUNNER_DIES="request"), run_dir)
+    assert (rec["outcome"], rec["failure"]) == ("unstable", "cuda_oom"), rec
+    assert rec["long_request_ok"] is False
+
+
+def test_a_runner_that_ignores_sigterm_is_ended_with_the_tree(store, run_dir, tmp_path):
+    pidfile = tmp_path / "runner.pid"
+    t = ollama_trial(store, FAKE_OLLAMA_RUNNER_ORPHAN="1", FAKE_OLLAMA_RUNNER_PIDFILE=str(pidfile))
+    rec = run_trial(t, run_dir, long=False)
+    assert rec["outcome"] == "ready"
+    assert not psutil.pid_exists(int(pidfile.read_text()))
+    assert "survived" not in (rec["note"] or "")
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+def one_line(trial: Trial) -> str:
+    with pytest.raises(SpecError) as e:
+        trial.validate()
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_a_model_not_in_the_store_says_ollama_pull(store):
+    t = ollama_trial(store)
+    t.model = "llama3.1:8b"
+    assert "`ollama pull llama3.1:8b`" in one_line(t)
+
+
+def test_ollama_not_installed_says_how_to_install(store):
+    if shutil.which("ollama"):
+        pytest.skip("an ollama binary is on PATH here")
+    t = Trial(model=MODEL, engine="ollama", max_model_len=2048, env={"OLLAMA_MODELS": str(store)})
+    assert t.vllm_cmd == "ollama serve"
+    msg = one_line(t)
+    assert "ollama not found" in msg and "ollama.com/install.sh" in msg
+
+
+def test_a_vllm_flag_is_refused_with_ollamas_knob(store):
+    msg = one_line(ollama_trial(store, extra_args=["--max-model-len", "4096"]))
+    assert "--max-model-len is not Ollama's" in msg and "OLLAMA_CONTEXT_LENGTH" in msg
+
+
+def test_a_gguf_file_says_how_to_make_it_an_ollama_model(store, tmp_path):
+    f = tmp_path / "Qwen3-8B-Q4_K_M.gguf"
+    f.write_bytes(b"GGUF")
+    t = ollama_trial(store)
+    t.model = str(f)
+    msg = one_line(t)
+    assert "ollama create" in msg and f"FROM {f}" in msg
+
+
+def test_the_context_knob_is_the_trials_not_the_env(store):
+    assert "max_model_len" in one_line(ollama_trial(store, OLLAMA_CONTEXT_LENGTH="8192"))
+
+
+# ------------------------------------------------------------------------------------------------ seam
+
+
+def test_registered_with_the_servers_own_readiness_and_environment(store):
+    e = engines.get("ollama")
+    assert e is ollama.ENGINE and e.health_path == "/"
+    t = ollama_trial(store, extra_args=["OLLAMA_FLASH_ATTENTION=1"])
+    assert e.env(t) == {
+        "OLLAMA_MODELS": str(store),
+        "OLLAMA_CONTEXT_LENGTH": "2048",
+        "OLLAMA_FLASH_ATTENTION": "1",
+    }
+    assert e.argv(t, 5555, "127.0.0.1")[:2] == ["env", "OLLAMA_HOST=127.0.0.1:5555"]
