@@ -43,7 +43,7 @@ def test_the_run_ends_with_its_verdict_then_where_the_reports_are(tmp_path, caps
     assert lines[0] == "Verdict (p40_factorial, 12 s):"
     assert lines[1].startswith("  Works: launcher head, max_model_len 20480, util 0.85")
     assert "  Largest stable max_model_len:" in lines
-    assert "    head, util 0.85: 20480" in lines and "    legacy, util 0.85: none stable" in lines
+    assert "    head, util 0.85: 20480" in lines and "    none stable at the 3 other settings" in lines
     assert "  Hypotheses. Supported: H2, H3. Refuted: H1, H4. Not tested: none." in lines
     reports = lines.index(f"Reports in {run}/:")
     assert reports > lines.index("  Hypotheses. Supported: H2, H3. Refuted: H1, H4. Not tested: none.")

@@ -280,12 +280,17 @@ def verdict_lines(df: pd.DataFrame) -> list[str]:
     largest = v["largest_stable"]
     if not largest.empty:
         plain.append("Largest stable max_model_len:")
+        lines = []
         for r in largest.to_dict("records"):
             head = ", ".join(str(r[c]) for c in largest.columns[: list(largest.columns).index("launcher")])
-            plain.append(
-                f"  {head + ', ' if head else ''}{r['launcher']}, {r['memory']}: "
-                f"{fmt_value(r['largest stable max_model_len'])}"
+            n = r["largest stable max_model_len"]
+            lines.append(
+                (n, f"  {head + ', ' if head else ''}{r['launcher']}, {r['memory']}: {fmt_value(n)}")
             )
+        found = [line for n, line in lines if n != "none stable"]
+        none = [line for n, line in lines if n == "none stable"]
+        # a factorial's many settings where nothing was stable: one line, the report lists them
+        plain += found + (none if len(none) <= 2 else [f"  none stable at the {len(none)} other settings"])
     hyp = v["hypotheses"]
     if not hyp.empty and not hyp["verdict"].eq("not tested").all():
         plain.append(_plain(v["hypothesis_summary"]))
