@@ -323,7 +323,7 @@ class VllmServer:
         self.engine = engines.get(trial.engine)
         self.run_dir = Path(run_dir)
         self.proc: subprocess.Popen | None = None
-        self._warden: subprocess.Popen | None = None
+        self._warden: warden.Warden | None = None
         self.pidfile: Path | None = None
         self.tmp: Path | None = None
         self.port = trial.port or free_port(trial.host)

@@ -1,58 +1,80 @@
 """A server's warden: ends the server's whole session when the process that launched it dies.
 
 PR_SET_PDEATHSIG reaches only the server itself, with one SIGTERM: vLLM can ignore it mid-start, and the
-children of a server that dies on it (EngineCore, workers, a fake's engine) are re-parented to init and
-keep running. That is what a killed Ray worker, kernel or batch left behind (issue 22, point 16).
+children of a server that dies (EngineCore, workers, a fake's engine) are re-parented to init and keep running.
+A Ray worker that exits also SIGKILLs its direct children (RAY_kill_child_processes_on_worker_exit, on by
+default), the server among them, which leaves the server's own children behind: that is what a killed driver
+left in the two-node test (issue 22, point 16).
 
-So the launcher starts one warden per server, in a session of its own (a kill of the launcher's process
-group does not reach it), reading a pipe whose write end only the launcher holds. The launcher writes
-`released` once it has stopped the server itself; an end of the pipe without it means the launcher died,
-and the warden stops the server's session: terminate, a grace period, kill. While it waits it uses no CPU.
+So the launcher starts one warden per server: a daemon (double fork, so no parent kills it as its child), in a
+session of its own, reading a pipe whose write end only the launcher holds. The launcher writes `released` once
+it has stopped the server itself; an end of the pipe without it means the launcher died, and the warden stops
+the server's session (terminate, a grace period, kill). While it waits it uses no CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
+from typing import IO
+
+import psutil
 
 RELEASED = b"released"
 
 
-def start(server_pid: int, grace_s: float, env: dict[str, str] | None = None) -> subprocess.Popen:
+@dataclass
+class Warden:
+    pid: int  # the daemon's, found by pid (it is nobody's child)
+    pipe: IO[bytes]  # the write end: closed by the launcher's exit, whatever ends it
+
+    def alive(self) -> bool:
+        try:
+            return psutil.Process(self.pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+
+def start(server_pid: int, grace_s: float) -> Warden:
     """The warden of the server whose session is `server_pid` (every server leads its own session)."""
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "vllm_lab.warden", str(server_pid), str(grace_s)],
         stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
-        env=env,
     )
+    pid = int(proc.stdout.readline())  # the daemon says its pid, then the intermediate exits
+    proc.stdout.close()
+    proc.wait()
+    return Warden(pid=pid, pipe=proc.stdin)
 
 
-def release(warden: subprocess.Popen | None) -> None:
+def release(warden: Warden | None) -> None:
     """The launcher stopped its server: the warden exits without touching anything."""
-    if warden is None or warden.stdin is None:
+    if warden is None:
         return
-    try:
-        warden.stdin.write(RELEASED)
-        warden.stdin.close()
-    except (BrokenPipeError, OSError, ValueError):
-        pass
-    try:
-        warden.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        warden.kill()
-        warden.wait()
+    with contextlib.suppress(OSError, ValueError):
+        warden.pipe.write(RELEASED)
+        warden.pipe.close()
+    with contextlib.suppress(psutil.Error):
+        psutil.Process(warden.pid).wait(timeout=5)
 
 
 def main(argv: list[str]) -> int:
     server_pid, grace_s = int(argv[0]), float(argv[1])
+    if os.fork() > 0:
+        os._exit(0)  # the intermediate: its child is re-parented away from the launcher
+    print(os.getpid(), flush=True)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)  # the launcher stops reading after the pid line
     said = sys.stdin.buffer.read()  # blocks until the launcher writes and closes, or dies
     if said.startswith(RELEASED):
         return 0
-    from vllm_lab.proctree import stop_tree  # only now: the warden waits with nothing loaded
+    from vllm_lab.launcher import stop_tree  # only now: the warden waits with little loaded
 
     stop_tree(server_pid, grace_s=grace_s)
     return 0
