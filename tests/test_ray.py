@@ -133,3 +133,118 @@ def test_a_cluster_with_token_auth_is_one_line_that_says_how(monkeypatch):
     msg = str(e.value)
     assert len(msg.splitlines()) == 1 and "10.0.0.5:6379" in msg and "RAY_AUTH_MODE=token" in msg, msg
     assert "the token is missing" in msg
+
+
+# ---- what a trial asks of the cluster (issue 22, points 12 and 14) --------------------------------------
+
+
+@pytest.mark.unit
+def test_run_ray_without_ray_is_one_line_naming_the_extra(tmp_path, fake_model):
+    shim = tmp_path / "no-ray"  # first on the path: `import ray` fails as it does where the extra is missing
+    shim.mkdir()
+    (shim / "ray.py").write_text("raise ModuleNotFoundError(\"No module named 'ray'\", name='ray')\n")
+    import os
+
+    env = {**os.environ, "PYTHONPATH": f"{shim}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    out = subprocess.run([sys.executable, "-m", "vllm_lab.cli", "run", str(_plan(tmp_path, fake_model)), "--ray",
+                          "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()]  # one line, no traceback
+    assert "pip install 'vllm-lab[ray]'" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "o").exists()  # before any run folder or launch
+
+
+def _cluster(monkeypatch, nodes: list[dict]):
+    """A stand-in for the cluster ray_exec reads (ray.cluster_resources and ray.nodes): what Ray reports."""
+    import ray
+
+    total: dict = {}
+    for n in nodes:
+        for k, v in n.items():
+            total[k] = total.get(k, 0) + v
+    monkeypatch.setattr(ray, "cluster_resources", lambda: total)
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "NodeID": f"n{i}", "Resources": n}
+                                               for i, n in enumerate(nodes)])  # fmt: skip
+
+
+@pytest.mark.unit
+def test_gpus_asked_are_tensor_x_pipeline_x_data_parallel(monkeypatch, fake_model):
+    from conftest import fake_trial
+    from vllm_lab import ray_exec
+
+    trial = fake_trial(
+        fake_model, extra_args=["--tensor-parallel-size", "2", "-pp", "2", "--data-parallel-size=2"]
+    )
+    assert ray_exec.tensor_parallel_size(trial) == 8
+    assert ray_exec.tensor_parallel_size(fake_trial(fake_model, extra_args=["-dp", "2"])) == 2
+    assert ray_exec.tensor_parallel_size(fake_trial(fake_model)) == 1
+    _cluster(monkeypatch, [{"CPU": 16, "GPU": 8}])
+    assert ray_exec._options(trial, None)["num_gpus"] == 8
+    _cluster(monkeypatch, [{"CPU": 16, "GPU": 4}, {"CPU": 16, "GPU": 4}])
+    with pytest.raises(
+        SpecError, match=r"no node of the Ray cluster has 8 GPU\(s\) for tensor x pipeline x data"
+    ):
+        ray_exec._options(trial, None)
+
+
+@pytest.mark.unit
+def test_cpu_build_trials_spread_and_take_a_node_slot(monkeypatch, fake_model):
+    from conftest import fake_trial
+    from vllm_lab import ray_exec
+
+    _cluster(monkeypatch, [{"CPU": 2}, {"CPU": 2}])
+    opts = ray_exec._options(fake_trial(fake_model), None)
+    assert (opts["num_gpus"], opts["scheduling_strategy"]) == (0, "SPREAD")
+
+
+@pytest.mark.unit
+def test_one_cpu_trial_per_node_at_a_time(tmp_path, monkeypatch):
+    """The node's slot is a lock file: a second CPU-build trial on the node waits for the first to end."""
+    import os
+    import tempfile
+
+    from vllm_lab import ray_exec
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom vllm_lab import ray_exec\n"
+         "with ray_exec.cpu_slot(1):\n    print('held', flush=True)\n    time.sleep(2)\n"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(tmp_path)},
+    )  # fmt: skip
+    assert holder.stdout.readline().strip() == "held"
+    t0 = time.monotonic()
+    with ray_exec.cpu_slot(1):
+        waited = time.monotonic() - t0
+    holder.wait(10)
+    assert waited >= 1.0, waited
+    t0 = time.monotonic()
+    with ray_exec.cpu_slot(2), ray_exec.cpu_slot(2):  # cpu_trials_per_node: 2 lets two run at once
+        assert time.monotonic() - t0 < 1.0
+
+
+@pytest.mark.unit
+def test_a_cuda_build_on_a_cluster_without_gpus_is_refused_before_any_task(tmp_path, monkeypatch, fake_model):
+    from vllm_lab import launcher, ray_exec
+    from vllm_lab.batch import run_plan
+
+    _cluster(monkeypatch, [{"CPU": 4}, {"CPU": 4}])
+    monkeypatch.setattr(ray_exec, "connect", lambda address: "10.0.0.5:6379")
+    monkeypatch.setattr(launcher, "backend_of_command", lambda cmd, env=None, engine=None: "vllm-cuda")
+    submitted = []
+    monkeypatch.setattr(ray_exec, "submit", lambda *a, **k: submitted.append(a))
+    monkeypatch.setenv("VLLM_LAB_LOCK_DIR", str(tmp_path))
+    with pytest.raises(SpecError) as e:
+        run_plan(str(_plan(tmp_path, fake_model)), out=str(tmp_path / "o"), ray="10.0.0.5:6379")
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and "CUDA build" in msg and "no GPU resources" in msg, msg
+    assert not submitted and not list((tmp_path / "o").glob("*/notebooks/*.ipynb"))
+    plan = load_plan_for(tmp_path, fake_model)
+    assert plan.cpu_trials_per_node == 1
+    monkeypatch.setattr(launcher, "backend_of_command", lambda cmd, env=None, engine=None: "vllm-cpu")
+    ray_exec.refuse_cuda_without_gpus([(FAKE_CMD, {})], "10.0.0.5:6379")  # the CPU build: fine
+
+
+def load_plan_for(tmp_path, model):
+    from vllm_lab.plan import load_plan
+
+    return load_plan(_plan(tmp_path, model, "cpu_trials_per_node: 1\n"))

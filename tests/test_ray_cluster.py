@@ -181,6 +181,30 @@ class TestLocalCluster:
         server.stop()
 
 
+    def test_the_local_cluster_listens_on_loopback_only(self):
+        """`--ray local` needs no network: older Ray heads have no auth (issue 22, point 15)."""
+        assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+        assert {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]} == {"127.0.0.1"}
+        facts = ray.get(ray.remote(num_cpus=1)(ray_exec.node_facts).remote())  # a worker up: it listens too
+        assert "(127.0.0.1, " in facts["node"]
+        assert _listening_elsewhere([psutil.Process(), *map(psutil.Process, _ray_processes())]) == []
+
+
+def _listening_elsewhere(procs: list[psutil.Process]) -> list[str]:
+    """Listening sockets of these processes on any address but loopback."""
+    out = []
+    for p in procs:
+        try:
+            conns = p.net_connections(kind="inet")
+        except (psutil.Error, OSError):
+            continue
+        for c in conns:
+            ip = c.laddr.ip.removeprefix("::ffff:") if c.laddr else ""
+            if c.status == psutil.CONN_LISTEN and not (ip.startswith("127.") or ip == "::1"):
+                out.append(f"{p.pid} {p.name()} {c.laddr.ip}:{c.laddr.port}")
+    return out
+
+
 # ---- two nodes on 127.0.0.1, two GPU types ---------------------------------------------------------------
 
 

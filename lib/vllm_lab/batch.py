@@ -279,7 +279,7 @@ def _start_ray(address: str, plan: Plan, steps: list, run_dir: Path, *, resumed:
     pins: dict[str, str] = {}
     if plan.per_gpu_type:
         steps, pins = ray_exec.per_gpu_type_steps(steps, ray_exec.gpu_types())
-    ray_exec.start_session(address, run_dir, pins=pins, retries=plan.retries)
+    ray_exec.start_session(address, run_dir, pins=pins, retries=plan.retries, plan=plan, steps=steps)
     return steps
 
 

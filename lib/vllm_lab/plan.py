@@ -19,6 +19,7 @@ from vllm_lab.spec import ENGINE_ENV, LAUNCHERS, SpecError, Trial, check_vllm_cm
 
 PLAN_KEYS = {"name", "description", "model", "vllm_cmd", "gpu", "vllm_version", "defaults", "steps"}
 PLAN_KEYS |= {"per_gpu_type", "retries"}  # `run --ray`: the steps once per GPU type; reruns of lost trials
+PLAN_KEYS |= {"cpu_trials_per_node"}  # `run --ray`: CPU-build trials at once on one node (0: no limit)
 DEFAULT_KEYS = {"extra_args", "env", "startup_timeout_s", "request_timeout_s", "launcher", "quantization",
                 "step_timeout_s"}  # fmt: skip
 STEP_KEYS = {"name", "notebook", "parameters", "timeout_s", "model"}
@@ -61,6 +62,7 @@ class Plan:
     vllm_version: str | None = None
     per_gpu_type: bool = False  # `run --ray`: run the steps on each GPU type of the cluster
     retries: int = 0  # `run --ray`: how often a trial whose worker or node died runs again
+    cpu_trials_per_node: int = 1  # `run --ray`: each CPU-build server sizes itself for the whole machine
     installs: dict = field(default_factory=dict)  # name -> installs.Install
 
     def notebook_parameters(self, step: Step, run_dir: Path) -> dict:
@@ -190,6 +192,9 @@ def load_plan(path: str | Path, *, check_command: bool = True) -> Plan:
     plan.retries = _expect("retries", raw.get("retries", 0), int, "1 (reruns of a trial lost with its node)")
     if plan.retries < 0:
         raise SpecError(f"retries: {plan.retries} must be 0 or more")
+    plan.cpu_trials_per_node = _expect("cpu_trials_per_node", raw.get("cpu_trials_per_node", 1), int, "2 (0: no limit)")
+    if plan.cpu_trials_per_node < 0:
+        raise SpecError(f"cpu_trials_per_node: {plan.cpu_trials_per_node} must be 0 (no limit) or more")
     from vllm_lab.installs import attach
 
     attach(plan, raw, path.parent, check_command=check_command)  # installs: and each step's install:

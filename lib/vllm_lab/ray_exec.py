@@ -1,9 +1,13 @@
 """Trials as Ray tasks (`vllm-lab run --ray`): the only module that imports ray, and only when asked.
 
 Each step's notebook still runs through papermill on the driver; where it would launch a trial, steps.py hands
-the trial here. Each trial becomes one Ray task asking `num_gpus` = its tensor-parallel size (Ray sets
-CUDA_VISIBLE_DEVICES), so the trials of one run_trials call run at once and a search's launches, one call each,
-stay in order. The task runs probe.run_trial in a scratch folder on its node and sends back the record and the
+the trial here. Each trial becomes one Ray task asking `num_gpus` = the GPUs vLLM will use (tensor x pipeline x
+data parallel sizes; Ray sets CUDA_VISIBLE_DEVICES), so the trials of one run_trials call run at once and a
+search's launches, one call each, stay in order. A CPU-build trial sizes its threads and KV space for the whole
+machine: one runs per node at a time (a lock file on the node; the plan's `cpu_trials_per_node` changes it),
+and a CUDA build is refused in one line on a cluster without GPUs. `--ray local` starts a cluster that
+listens on 127.0.0.1 only (GCS, raylet, workers): older Ray heads have no auth, and a local run needs no
+network. The task runs probe.run_trial in a scratch folder on its node and sends back the record and the
 redacted log; only the driver side writes the run folder (logs/, then the record, appended and fsynced).
 
 A task that dies with its worker or node is an infrastructure failure, recorded with its node (failure
@@ -15,12 +19,15 @@ SIGTERM from the kernel (PR_SET_PDEATHSIG); whatever is left is found by `vllm-l
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -36,6 +43,13 @@ GPU_TYPE_PREFIX = "accelerator_type:"  # Ray's own resource naming for a node's 
 INFRA = "infrastructure"  # the failure of a trial whose worker or node died: not a vLLM failure kind
 OBJECT_STORE_BYTES = 200 * 2**20  # records and logs are small; the default takes 30% of RAM
 PIN_AMOUNT = 0.001  # a task pinned to a GPU type asks for this much of the type's resource
+LOOPBACK = "127.0.0.1"
+# Ray's own switch for a node that stays on loopback (its default on macOS and Windows): without it Ray turns
+# 127.0.0.1 into the machine's network address, and its GCS and raylet listen on every interface.
+_RAY_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+PARALLEL_FLAGS = (("--tensor-parallel-size", "-tp"), ("--pipeline-parallel-size", "-pp"),
+                  ("--data-parallel-size", "-dp"))  # fmt: skip
+INSTALL_HINT = "pip install 'vllm-lab[ray]'"
 _append_lock = threading.Lock()
 
 
@@ -47,9 +61,39 @@ def scratch_root(run_name: str) -> Path:
 # ---- the cluster ------------------------------------------------------------------------------------------
 
 
+def require_ray():
+    """The ray module, or one line saying how to install it (the `ray` extra is optional)."""
+    try:
+        import ray
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] != "ray":
+            raise
+        raise SpecError(
+            f"--ray: Ray is not installed in this Python ({sys.executable}); install it with {INSTALL_HINT}"
+        ) from None
+    return ray
+
+
+@contextlib.contextmanager
+def _loopback_only():
+    """While a local cluster starts: Ray keeps 127.0.0.1 as the node's address (its processes inherit it)."""
+    from ray._private import ray_constants
+
+    before_env, before = os.environ.get(_RAY_CLUSTER_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_RAY_CLUSTER_ENV], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
+        if before_env is None:
+            os.environ.pop(_RAY_CLUSTER_ENV, None)
+        else:
+            os.environ[_RAY_CLUSTER_ENV] = before_env
+
+
 def connect(address: str | None) -> str:
     """Join a cluster ("auto" or HOST:PORT) or start a small local one ("local"/None); return its address."""
-    import ray
+    ray = require_ray()
 
     if not ray.is_initialized():
         common = {"namespace": NAMESPACE, "log_to_driver": False}
@@ -59,7 +103,8 @@ def connect(address: str | None) -> str:
             # Ray's wait for a starting node is fixed (30 s): once more, then give up
             for attempt in (1, 2):
                 try:
-                    ray.init(address="local", **common, **local)  # never a stale cluster Ray remembers
+                    with _loopback_only():  # never a stale cluster Ray remembers; loopback only
+                        ray.init(address="local", _node_ip_address=LOOPBACK, **common, **local)
                     break
                 except Exception as e:
                     if "timed out during startup" not in str(e):
@@ -126,12 +171,18 @@ def per_gpu_type_steps(steps: list, types: list[str]) -> tuple[list, dict[str, s
     return out, pins
 
 
-def start_session(address: str | None, run_dir: Path, *, pins: dict[str, str], retries: int) -> Path:
-    """Connect, write the session file the kernels read, and point RAY_ENV at it (kernels inherit it)."""
+def start_session(address: str | None, run_dir: Path, *, pins: dict[str, str], retries: int, plan=None,
+                  steps: list | None = None) -> Path:  # fmt: skip
+    """Connect, write the session file the kernels read, and point RAY_ENV at it (kernels inherit it).
+
+    With the plan and its steps, a CUDA build on a cluster without GPUs is refused here, before any task."""
     gcs = connect(address)
+    if plan is not None:
+        refuse_cuda_without_gpus(plan_commands(plan, steps or plan.steps, run_dir), gcs)
+    per_node = getattr(plan, "cpu_trials_per_node", 1) if plan is not None else 1
     path = Path(run_dir) / SESSION_FILE
     path.write_text(json.dumps({"address": gcs, "run_name": Path(run_dir).name, "pins": pins,
-                                "retries": retries}, indent=1))  # fmt: skip
+                                "retries": retries, "cpu_trials_per_node": per_node}, indent=1))  # fmt: skip
     os.environ[RAY_ENV] = str(path)
     return path
 
@@ -149,15 +200,76 @@ def _session() -> dict:
     return json.loads(Path(os.environ[RAY_ENV]).read_text())
 
 
+def plan_commands(plan, steps: list, run_dir: Path) -> list[tuple[str, dict]]:
+    """Every (vllm_cmd, env) the steps will launch: the step's own, and each of its INSTALLS."""
+    out = []
+    for step in steps:
+        params = plan.notebook_parameters(step, run_dir)
+        out.append((params.get("VLLM_CMD"), params.get("ENV") or {}))
+        for inst in (params.get("INSTALLS") or {}).values():
+            out.append((inst.get("vllm_cmd"), {**(params.get("ENV") or {}), **(inst.get("env") or {})}))
+    return [(c, e) for c, e in out if c]
+
+
+def refuse_cuda_without_gpus(cmds: list[tuple], address: str) -> None:
+    """A CUDA build on a cluster whose nodes offer no GPU resource would fail every trial: one line first."""
+    import ray
+
+    if ray.cluster_resources().get("GPU"):
+        return
+    from vllm_lab.launcher import backend_of_command
+
+    for cmd, env in dict.fromkeys((c if isinstance(c, str) else " ".join(c), tuple(sorted((e or {}).items())))
+                                  for c, e in cmds):  # fmt: skip
+        if backend_of_command(cmd, dict(env)).endswith("-cuda"):
+            raise SpecError(
+                f"--ray: {cmd!r} runs a CUDA build of vLLM, and the Ray cluster at {address} has no GPU "
+                "resources; start its nodes on GPUs (`ray start --num-gpus N`), or run the CPU build"
+            )
+
+
 # ---- the task (runs on a worker) --------------------------------------------------------------------------
 
 
 def tensor_parallel_size(trial: Trial) -> int:
-    for flag in ("--tensor-parallel-size", "-tp"):
-        values = flag_values(trial.extra_args, flag)
-        if values and values[0].isdigit():
-            return max(1, int(values[0]))
-    return 1
+    """The GPUs vLLM will use: tensor x pipeline x data parallel sizes (each 1 where not given)."""
+    total = 1
+    for names in PARALLEL_FLAGS:
+        for flag in names:
+            values = flag_values(trial.extra_args, flag)
+            if values and values[0].isdigit():
+                total *= max(1, int(values[0]))
+                break
+    return total
+
+
+@contextlib.contextmanager
+def cpu_slot(slots: int):
+    """One of `slots` CPU-trial slots of this node (a lock file each; 0: no limit). A CPU-build server sizes
+    its threads and KV space for the whole machine, so two at once on one node would measure each other.
+    The lock ends with the worker's process, however it ends."""
+    if slots <= 0:
+        yield
+        return
+    root = Path(tempfile.gettempdir()) / "vllm-lab-ray"
+    root.mkdir(parents=True, exist_ok=True)
+    fds = [os.open(root / f"cpu-slot-{i}.lock", os.O_RDWR | os.O_CREAT, 0o644) for i in range(slots)]
+    held = None
+    try:
+        while held is None:
+            for fd in fds:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    held = fd
+                    break
+                except BlockingIOError:
+                    continue
+            else:
+                time.sleep(0.5)
+        yield
+    finally:
+        for fd in fds:
+            os.close(fd)  # closing releases the lock
 
 
 def node_facts() -> dict:
@@ -177,8 +289,10 @@ def node_facts() -> dict:
     }
 
 
-def trial_task(trial: Trial, run_name: str):
-    """A generator task: first where it runs (so a death later is pinned to a node), then what it measured."""
+def trial_task(trial: Trial, run_name: str, cpu_slots: int = 0):
+    """A generator task: first where it runs (so a death later is pinned to a node), then what it measured.
+
+    cpu_slots > 0 (a CPU-build trial): it waits for one of the node's CPU-trial slots first."""
     from vllm_lab.launcher import reap_all
     from vllm_lab.probe import run_trial
 
@@ -187,7 +301,8 @@ def trial_task(trial: Trial, run_name: str):
     scratch = scratch_root(run_name) / f"{trial.trial_id}-{uuid.uuid4().hex[:6]}"
     scratch.mkdir(parents=True)
     try:
-        rec = run_trial(trial, scratch, run_id=run_name)  # its VllmServer ends the tree, cancelled or not
+        with cpu_slot(cpu_slots):
+            rec = run_trial(trial, scratch, run_id=run_name)  # its VllmServer ends the tree, cancelled or not
         logs = {p.name: p.read_text(errors="replace") for p in sorted((scratch / "logs").glob("*.log"))}
         yield {"record": rec, "logs": logs, **facts}
     finally:
@@ -217,6 +332,8 @@ def _options(trial: Trial, pin: str | None) -> dict:
     total = ray.cluster_resources()
     gpus = tensor_parallel_size(trial) if total.get("GPU") else 0  # a CPU-only cluster: the CPU build
     opts: dict = {"num_gpus": gpus, "num_cpus": 0 if gpus else 1, "max_retries": 0}
+    if not gpus:
+        opts["scheduling_strategy"] = "SPREAD"  # one per node at a time (cpu_slot): spread them first
     if pin:
         opts["resources"] = {GPU_TYPE_PREFIX + pin: PIN_AMOUNT}
     fits = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("GPU", 0) >= gpus
@@ -224,18 +341,20 @@ def _options(trial: Trial, pin: str | None) -> dict:
     if not fits:
         where = f" of type {pin}" if pin else ""
         raise SpecError(
-            f"{trial.trial_id}: no node of the Ray cluster has {gpus} GPU(s){where} for tensor-parallel size "
-            f"{gpus}; lower --tensor-parallel-size or add such a node"
+            f"{trial.trial_id}: no node of the Ray cluster has {gpus} GPU(s){where} for tensor x pipeline x data "
+            f"parallel size {gpus}; lower --tensor-parallel-size (or -pp, -dp) or add such a node"
         )
     return opts
 
 
-def submit(trial: Trial, run_name: str, pin: str | None = None):
+def submit(trial: Trial, run_name: str, pin: str | None = None, cpu_trials_per_node: int = 1):
     """One trial as a Ray task; returns its generator (first item: node facts, second: the payload)."""
     import ray
 
     task = ray.remote(trial_task)  # by reference: workers import vllm_lab.ray_exec
-    return task.options(**_options(trial, pin)).remote(trial, run_name)
+    opts = _options(trial, pin)
+    slots = cpu_trials_per_node if not opts["num_gpus"] else 0
+    return task.options(**opts).remote(trial, run_name, slots)
 
 
 def _infra_record(trial: Trial, run_dir: Path, n: int, facts: dict, err: Exception) -> dict:
@@ -286,8 +405,9 @@ def _run_one(trial: Trial, run_dir: Path, session: dict) -> dict:
 
     pin = session.get("pins", {}).get(trial.step)
     retries = int(session.get("retries") or 0)
+    per_node = int(session.get("cpu_trials_per_node", 1))
     for attempt in range(retries + 1):
-        gen = submit(trial, session["run_name"], pin)
+        gen = submit(trial, session["run_name"], pin, per_node)
         facts: dict = {}
         try:
             facts = ray.get(next(gen))
@@ -323,6 +443,7 @@ def run_remote(trials: list[Trial], run_dir: str | Path) -> list[dict]:
     """Run trials as Ray tasks at once; a trial already recorded is reused. Records in the trials' order."""
     session = _session()
     connect(session["address"])
+    refuse_cuda_without_gpus([(t.vllm_cmd, t.env) for t in trials], session["address"])
     run_dir = Path(run_dir)
     done = {r.get("trial_id"): r for r in record.read_records(run_dir).rows}
     todo = [t for t in dict.fromkeys(t.trial_id for t in trials) if t not in done]
