@@ -60,6 +60,10 @@ def _search(args) -> int:
 
 
 def _run(args) -> int:
+    if args.ray is not None:  # the optional `ray` extra: one line naming how to install it, before anything
+        from vllm_lab.ray_exec import require_ray
+
+        require_ray()
     from vllm_lab.batch import cli_run
 
     return cli_run(args)
