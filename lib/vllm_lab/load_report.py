@@ -170,7 +170,7 @@ def throughput_figure(df: pd.DataFrame) -> Figure | None:
                 )
     ax.plot([], [], "*", color="#555555", markersize=12, label="knee (--max-num-seqs hint)")
     if any(not _clean(lv) for *_, levels in _series(df) for lv in levels):
-        ax.plot([], [], "X", color="#d1372c", markersize=9, label="level with failed requests")
+        ax.plot([], [], "X", color="#d1372c", markersize=9, label="level not served cleanly")
     if fake_suffix(rows):
         ax.plot([], [], "x:", color="#777777", label=FAKE_LABEL)
     ax.set_xscale("log", base=2)
@@ -273,7 +273,8 @@ def load_blocks(df: pd.DataFrame, plot_paths: dict[str, Path | None]) -> list[tu
     fake = " **These figures come from the fake backend (a test double): none of them is a measurement.**"
     intro = (
         f"{len(rows)} trial(s) ran a load after the full-length request; {stable} stable under it (every "
-        "request completed with status 200, no error chunk in a stream, every output token, /health 200 after, "
+        "request completed with status 200, no error chunk in a stream, every output token, /health 200 after "
+        "(or not checkable: the server has no /health), "
         "no fatal log line, the same server process)." + (fake if rows["backend"].eq(FAKE).all() else "")
     )
     missing = "No load figure was written (no run folder to write it into)."
