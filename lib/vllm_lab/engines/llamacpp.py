@@ -24,6 +24,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
+import httpx
+
 from vllm_lab import commands
 from vllm_lab.engines import llamacpp_log
 from vllm_lab.engines.base import Engine
@@ -66,13 +68,12 @@ VLLM_FLAGS = {
     "--enable-prefix-caching": None,
     "--cpu-offload-gb": "-ngl N (layers on the GPU)",
     "--tokenizer": None,
-    "--model": "the trial's model",
 }
 # llama.cpp's flags, for the other direction (vLLM's validate): a vLLM server would refuse them.
 LLAMACPP_FLAGS = (
-    "-c", "--ctx-size", "-np", "--parallel", "-ngl", "--gpu-layers", "--n-gpu-layers", "--fit", "-fa",
-    "--flash-attn", "-ctk", "-ctv", "--cache-type-k", "--cache-type-v", "-kvu", "--kv-unified", "-lv",
-    "--log-verbosity", "-a", "--alias", "--metrics", "-m",
+    "--ctx-size", "-np", "--parallel", "-ngl", "--gpu-layers", "--n-gpu-layers", "--fit", "-fa", "--flash-attn",
+    "-ctk", "-ctv", "--cache-type-k", "--cache-type-v", "-kvu", "--kv-unified", "-lv", "--log-verbosity",
+    "--alias", "--metrics",
 )  # fmt: skip
 
 
@@ -142,6 +143,17 @@ def version(cmd: str | list[str] | tuple[str, ...], env: Mapping[str, str] | Non
     if not words:
         return None
     return parse_version(_run((*words, "--version"), (env or os.environ).get("PYTHONPATH", "")))
+
+
+def server_props(base_url: str, api_key: str | None = None, timeout: float = 10.0) -> dict:
+    """llama-server's /props ({} when it does not answer): total_slots, default_generation_settings.n_ctx
+    (per slot), build_info, model_path."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    try:  # our own loopback server: never through HTTP(S)_PROXY
+        r = httpx.get(f"{base_url}/props", headers=headers, timeout=timeout, trust_env=False)
+        return r.json() if r.status_code == 200 else {}
+    except (httpx.HTTPError, ValueError):
+        return {}
 
 
 class LlamaCppEngine(Engine):
@@ -245,6 +257,13 @@ class LlamaCppEngine(Engine):
         # core), so under a limit the arenas, not llama.cpp's buffers, would decide. One arena: the limit
         # meets llama.cpp's own allocations (KV, compute, weights), which are what it stands in for.
         return {"MALLOC_ARENA_MAX": "1"} if trial.memory_limit_bytes is not None else {}
+
+    def after_ready(self, trial: Trial, base_url: str, *, long: bool = True) -> dict:
+        """What the server says it serves (/props): a slot's context is what one request can fill (the
+        context asked, padded, and split across slots without -kvu)."""
+        props = server_props(base_url, trial.api_key())
+        slot = (props.get("default_generation_settings") or {}).get("n_ctx")
+        return {"served_max_model_len": int(slot)} if isinstance(slot, int) and slot > 0 else {}
 
     def fatal(self, line: str) -> str | None:
         return llamacpp_log.classify_line(line)

@@ -20,6 +20,7 @@ from vllm_lab import commands
 from vllm_lab.compat import legacy_quantization_flag  # the older launcher: flag from the model NAME
 from vllm_lab.engines import vllm_log
 from vllm_lab.engines.base import Engine
+from vllm_lab.engines.llamacpp import LLAMACPP_FLAGS
 from vllm_lab.errors import SpecError
 
 if TYPE_CHECKING:
@@ -87,6 +88,15 @@ class VllmEngine(Engine):
     })  # fmt: skip
 
     def validate(self, trial: Trial) -> None:
+        if trial.model.endswith(".gguf"):
+            raise SpecError(
+                f"model: {trial.model} is a GGUF file; vLLM serves a model folder: use engine: llamacpp"
+            )
+        for flag in (a.split("=", 1)[0] for a in trial.extra_args):
+            if flag in LLAMACPP_FLAGS:
+                raise SpecError(
+                    f"extra_args: {flag} is llama.cpp's, vLLM refuses it (for llama.cpp: engine: llamacpp)"
+                )
         # A path (./x, /x, ~/x) must be a model folder; anything else may be a hub id (Qwen/Qwen3-8B-AWQ).
         looks_local = trial.model.startswith((".", "/", "~")) or Path(trial.model).is_dir()
         if looks_local and not (Path(trial.model).expanduser() / "config.json").is_file():
