@@ -352,3 +352,24 @@ def test_a_real_trial_with_a_load_through_notebook_02(tmp_path):
     assert all(lv["output_tokens_per_s"] > 0 and lv["ttft_ms"]["p50"] > 0 for lv in levels)
     assert all(lv["kv_cache_usage_max"] is not None for lv in levels)  # scraped from the real /metrics
     assert rec["load_output_tokens_per_s"] > 0
+
+
+@pytest.mark.unit
+def test_the_frontier_of_an_older_record_agrees_with_its_verdict():
+    """Records from before each level carried its problems: /health 503 after a level, requests it did not
+    finish, or the last level of a load that was not stable (a fatal log line) are not served cleanly."""
+    one, two, four = _level(1, 100.0), _level(2, 180.0), _level(4, 190.0)
+    spec = {"requests": 8}
+    assert load_report.clean_levels({"levels": [one, two, four], "stable": True, "spec": spec}) == [
+        one,
+        two,
+        four,
+    ]
+    sick = {**two, "health_after": 503}
+    assert load_report.clean_levels({"levels": [one, sick], "stable": False, "spec": spec}) == [one]
+    short = {**two, "requests": 6, "completed": 6}  # 2 of 8 never finished within the level's deadline
+    assert load_report.clean_levels({"levels": [one, short], "stable": False, "spec": spec}) == [one]
+    # every count clean, yet the verdict says not stable (the server's log): its last level is not clean
+    assert load_report.clean_levels({"levels": [one, two], "stable": False, "spec": spec}) == [one]
+    no_health = {**two, "health_after": "not checkable"}  # a server without /health, every request served
+    assert load_report.clean_levels({"levels": [one, no_health], "stable": True, "spec": spec}) == [one, no_health]
