@@ -372,4 +372,7 @@ def test_the_frontier_of_an_older_record_agrees_with_its_verdict():
     # every count clean, yet the verdict says not stable (the server's log): its last level is not clean
     assert load_report.clean_levels({"levels": [one, two], "stable": False, "spec": spec}) == [one]
     no_health = {**two, "health_after": "not checkable"}  # a server without /health, every request served
-    assert load_report.clean_levels({"levels": [one, no_health], "stable": True, "spec": spec}) == [one, no_health]
+    assert load_report.clean_levels({"levels": [one, no_health], "stable": True, "spec": spec}) == [
+        one,
+        no_health,
+    ]
