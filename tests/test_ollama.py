@@ -173,3 +173,40 @@ def test_registered_with_the_servers_own_readiness_and_environment(store):
         "OLLAMA_FLASH_ATTENTION": "1",
     }
     assert e.argv(t, 5555, "127.0.0.1")[:2] == ["env", "OLLAMA_HOST=127.0.0.1:5555"]
+
+
+# ------------------------------------------------------------------------------------------------ preflight
+
+
+def test_ollamas_default_context_by_total_vram():
+    from vllm_lab.compat import ollama_default_context
+
+    assert ollama_default_context(22919) == 4096  # a P40 with ECC on reports about 22.4 GiB
+    assert ollama_default_context(24576) == 32768
+    assert ollama_default_context(48 * 1024) == 262144
+
+
+def test_ollama_facts_for_a_p40_by_version():
+    from vllm_lab.compat import ollama_facts
+
+    old = ollama_facts(cc=61, total_mib=24576, ecc_total_mib=22919, ollama_version="0.31.1")
+    assert old["default_context"] == 32768 and old["default_context_ecc"] == 4096
+    assert old["min_driver"] == 570 and old["flash_attention"] is False and old["kv_q8_0"] is False
+    new = ollama_facts(cc=61, total_mib=24576, ollama_version="0.31.2")
+    assert new["flash_attention"] is True and new["kv_q8_0"] is True
+    unknown = ollama_facts(cc=61, total_mib=24576)  # no version: both eras said
+    assert unknown["flash_attention"] is None and "0.31.2" in " ".join(unknown["lines"])
+    assert ollama_facts(cc=86, total_mib=24576)["min_driver"] is None
+
+
+def test_preflight_states_ollamas_facts_for_the_card(tmp_path):
+    from vllm_lab.predict import format_preflight, preflight
+
+    model = tmp_path / "Qwen3-8B"
+    model.mkdir()
+    cfg = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 4096,
+           "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+           "max_position_embeddings": 40960, "vocab_size": 151936, "torch_dtype": "bfloat16"}  # fmt: skip
+    (model / "config.json").write_text(json.dumps(cfg))
+    text = format_preflight(preflight(str(model), "p40"))
+    assert "Ollama" in text and "4096" in text and "driver 570" in text and "0.31.2" in text

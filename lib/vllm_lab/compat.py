@@ -365,3 +365,58 @@ def awq_path_exists(cc: int | str | None, vllm_version=None) -> bool:
     need = min(v for k, v in (MIN_CAPABILITY_033 if _v(vllm_version) >= NEW_QUANT_NAMES_FROM
                               else MIN_CAPABILITY_OLD).items() if "awq" in k)  # fmt: skip
     return c >= need and c >= vllm_min_capability(vllm_version)
+
+
+# ------------------------------------------------------------------------------------------------ Ollama
+# reference/gguf-facts.md section 5. Ollama picks the context of a model loaded without num_ctx or
+# OLLAMA_CONTEXT_LENGTH by total VRAM (since 0.15.5); since 0.30 it runs llama-server itself, needs driver 570+
+# on Pascal, and gates flash attention (so a q8_0 KV cache, which needs it) off below cc 7.0 until 0.31.2.
+OLLAMA_CONTEXT_BY_VRAM = ((47, 262144), (23, 32768), (0, 4096))  # (total GiB at least, context)
+OLLAMA_PASCAL_DRIVER = 570
+OLLAMA_DRIVER_FROM = (0, 30, 0)
+OLLAMA_FA_GATED = ((0, 30, 0), (0, 31, 1))  # cc < 7: flash attention off in these versions, both included
+
+
+def ollama_default_context(total_mib: float) -> int:
+    gib = total_mib / 1024
+    return next(ctx for floor, ctx in OLLAMA_CONTEXT_BY_VRAM if gib >= floor)
+
+
+def ollama_facts(cc: int | str | None, total_mib: float, ecc_total_mib: float | None = None,
+                 ollama_version: str | None = None) -> dict:  # fmt: skip
+    """What Ollama does on this card: its default context (and with ECC on, where the card reports less),
+    the driver Pascal needs, whether flash attention and a q8_0 KV cache are available (None: depends on
+    the version, which was not given). `lines` says it in words."""
+    c = cc_int(cc)
+    v = parse_vllm_version(ollama_version) if ollama_version else None
+    default = ollama_default_context(total_mib)
+    ecc = ollama_default_context(ecc_total_mib) if ecc_total_mib else None
+    old_gpu = c is not None and c < 70
+    driver = OLLAMA_PASCAL_DRIVER if old_gpu and (v is None or v >= OLLAMA_DRIVER_FROM) else None
+    lo, hi = OLLAMA_FA_GATED
+    if not old_gpu:
+        fa = True
+    elif v is None:
+        fa = None
+    else:
+        fa = not (lo <= v <= hi)
+    with_ecc = (
+        f"; {ecc} with ECC on (the card reports {ecc_total_mib / 1024:.1f} GiB)"
+        if ecc and ecc != default
+        else ""
+    )
+    lines = [
+        f"default context without num_ctx / OLLAMA_CONTEXT_LENGTH: {default} ({total_mib / 1024:.1f} GiB total)"
+        f"{with_ecc}: a trial pins its own (OLLAMA_CONTEXT_LENGTH and num_ctx)"
+    ]
+    if driver:
+        lines.append(
+            f"compute capability {cc_str(c)} needs NVIDIA driver {driver} or newer since Ollama 0.30"
+        )
+    if old_gpu:
+        era = "off in Ollama 0.30.0-0.31.1 on cc < 7.0, back from 0.31.2"
+        if fa is not None:
+            era = f"{'on' if fa else 'OFF'} in Ollama {ollama_version} ({era})"
+        lines.append(f"flash attention, and with it a q8_0 KV cache (OLLAMA_KV_CACHE_TYPE): {era}")
+    return {"default_context": default, "default_context_ecc": ecc, "min_driver": driver,
+            "flash_attention": fa, "kv_q8_0": fa, "lines": lines}  # fmt: skip

@@ -239,6 +239,8 @@ class Preflight:
     suspects: list[dict] = field(default_factory=list)
     # llama.cpp with a GGUF of this model on this card: predicted rows (llamacpp_rows), marked as predictions
     llamacpp: list[dict] = field(default_factory=list)
+    # what Ollama does on this card (compat.ollama_facts): default context, driver, flash attention by version
+    ollama: dict = field(default_factory=dict)
 
     @property
     def any_can_start(self) -> bool:
@@ -252,6 +254,10 @@ class Preflight:
     def table_rows(self) -> list[dict]:
         """Rows as plain dicts (for a pandas DataFrame)."""
         return [asdict(r) for r in self.rows]
+
+
+# What a card reports with ECC on, where that is less than its profile (GDDR cards give up memory to ECC)
+OLLAMA_ECC_TOTAL_MIB = {"Tesla P40": 22919}
 
 
 def _quant_candidates(facts: memory.ModelFacts) -> list[str]:
@@ -303,6 +309,7 @@ def preflight(
     if pf.any_can_start:  # where nothing starts the card itself is the cause
         pf.suspects = _suspects(facts, prof, vllm_version, max(utilizations))
     pf.llamacpp = llamacpp_rows(facts, prof)
+    pf.ollama = compat.ollama_facts(prof.cc_int, prof.total_mib, OLLAMA_ECC_TOTAL_MIB.get(prof.name))
     return pf
 
 
@@ -444,6 +451,8 @@ def format_preflight(pf: Preflight) -> str:
         out += ["", *suspect_lines(pf)]
     if pf.llamacpp:
         out += ["", *llamacpp_lines(pf.llamacpp, g["name"])]
+    if pf.ollama:
+        out += ["", f"Ollama on {g['name']}:", *(f"- {line}" for line in pf.ollama["lines"])]
     return "\n".join(out)
 
 
