@@ -100,6 +100,7 @@ def test_commands_and_errors_sit_at_the_bottom():
     assert GRAPH["errors"] == set()
     assert GRAPH["commands"] <= {"errors"}
     assert GRAPH["logscan"] == set()  # the scanning machinery knows no engine and no trial
+    assert GRAPH["load_spec"] <= {"errors"}  # a load's parameters: spec checks them with the trial
 
 
 def test_load_never_calls_back_into_probe():

@@ -155,18 +155,9 @@ def _flag_value(argv: list[str]) -> str | None:
     return argv[argv.index("--quantization") + 1] if "--quantization" in argv else None
 
 
-def validate(trial: Trial) -> Trial:
-    """The trial and its load phase, checked before any launch (SpecError, one line). The load is checked
-    here, not in spec: its fields belong to load.py, which sits above the trial."""
-    trial.validate()
-    if trial.load is not None:
-        LoadSpec.from_params(trial.load, where="load")
-    return trial
-
-
 def run_trial(trial: Trial, run_dir: str | Path, *, run_id: str | None = None, long: bool = True) -> dict:
     """Launch, exercise and stop one server; append and return its record."""
-    validate(trial)
+    trial.validate()
     run_dir = Path(run_dir)
     run_id = run_id or run_dir.name
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -182,8 +173,12 @@ def run_trial(trial: Trial, run_dir: str | Path, *, run_id: str | None = None, l
         if res.outcome == "ready":
             served = res.served_max_model_len or trial.max_model_len
             name, key = trial.served_model_name(), trial.api_key()
+            checked = engines.get(trial.engine).after_ready(trial, res.base_url, long=long)  # Ollama: /api/ps
+            for k in ("outcome", "failure", "evidence", "remedy"):  # the engine's verdict, where it has one
+                setattr(res, k, checked.pop(k, getattr(res, k)))
+            extra.update(checked)
             extra["chat_ok"] = chat_ok(res.base_url, name, trial.request_timeout_s, api_key=key)
-            if long and served:
+            if long and served and "long_request_ok" not in extra:  # not where the engine ran its own
                 lr = long_request(res.base_url, name, served, int(cfg.get("vocab_size") or 1000),
                                   trial.request_timeout_s, api_key=key)  # fmt: skip
                 extra.update(long_request_ok=lr.ok, long_request_tokens=lr.tokens,
@@ -210,6 +205,7 @@ def run_trial(trial: Trial, run_dir: str | Path, *, run_id: str | None = None, l
     notes += [f"processes survived the stop: {server.survivors}"] if server.survivors else []
     notes += [server.gpu_note] if server.gpu_note else []
     notes += [server.stop_note] if server.stop_note else []
+    notes += [extra.pop("engine_note")] if extra.get("engine_note") else []  # e.g. part of it on the CPU
     extra["note"] = "; ".join(notes) or None
     extra["peak_gpu_mib"] = getattr(sampler, "peak_mib", None)
     timeline = getattr(sampler, "timeline", None)
@@ -329,11 +325,13 @@ def trial_from_args(args, *, step: str) -> Trial:
         startup_timeout_s=args.timeout,
         load=load_option(getattr(args, "load", None)),
         step=step,
+        engine=getattr(args, "engine", None) or engines.DEFAULT,
+        memory_limit_bytes=getattr(args, "memory_limit", None),
     )
 
 
 def cli_launch(args) -> int:
-    trial = validate(trial_from_args(args, step="launch"))
+    trial = trial_from_args(args, step="launch").validate()
     from vllm_lab.hub import prefetch_trial
 
     prefetch_trial(trial)  # a hub model: downloaded once, before the launch and outside its timeout

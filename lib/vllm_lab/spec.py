@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from vllm_lab import commands, engines
 from vllm_lab.commands import flag_values, split_cmd
 from vllm_lab.errors import SpecError
+from vllm_lab.load_spec import LoadSpec
 
 __all__ = ["DEFAULT_VLLM_CMD", "ENGINE_ENV", "INSTALL_ENV", "LAUNCHERS", "SpecError", "Trial", "check_vllm_cmd",
            "flag_values", "load_option", "split_cmd"]  # fmt: skip
@@ -34,7 +35,7 @@ LOAD_EXAMPLE = "'{concurrency: [1, 2, 4], requests: 8, prompt_tokens: 128, outpu
 
 def load_option(text: str | None) -> dict | None:
     """`--load YAML` (launch, search, bisect-versions): the plan's LOAD mapping; its fields are checked with
-    the trial (probe.validate), before any launch. SpecError, one line, where it is not a YAML mapping."""
+    the trial (Trial.validate), before any launch. SpecError, one line, where it is not a YAML mapping."""
     if text is None:
         return None
     import yaml
@@ -176,10 +177,8 @@ class Trial:
         if lim is not None and (isinstance(lim, bool) or not isinstance(lim, int) or lim <= 0):
             raise SpecError(f"memory_limit_bytes: {lim!r} must be a positive integer number of bytes")
         engine.validate(self)  # the model's shape, flags of another engine
-        if self.load is not None and not isinstance(self.load, dict):  # its fields: probe.validate (load.py)
-            raise SpecError(
-                f"load: expected a mapping like {{concurrency: [1, 2, 4], requests: 8}}, got {self.load!r}"
-            )
+        if self.load is not None:
+            LoadSpec.from_params(self.load, where="load")
         if check_command:
             check_vllm_cmd(self.vllm_cmd, self.engine)
         return self

@@ -74,7 +74,7 @@ def main(argv: list[str]) -> int:
     said = sys.stdin.buffer.read()  # blocks until the launcher writes and closes, or dies
     if said.startswith(RELEASED):
         return 0
-    from vllm_lab.launcher import stop_tree  # only now: the warden waits with little loaded
+    from vllm_lab.proctree import stop_tree  # only now: the warden waits with little loaded
 
     stop_tree(server_pid, grace_s=grace_s)
     return 0
