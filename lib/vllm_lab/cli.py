@@ -14,7 +14,7 @@ from vllm_lab.spec import SpecError
 
 
 def _scan_log(args) -> int:
-    from vllm_lab.logscan import cli_scan_log
+    from vllm_lab.engines import cli_scan_log
 
     return cli_scan_log(args)
 
