@@ -162,3 +162,12 @@ def test_a_limit_too_small_to_serve_ends_the_trial_not_the_launcher(fake_model, 
     # 32 MiB: the fake gets as far as listening, then cannot start a thread to answer /health
     rec = run_trial(fake_trial(fake_model, memory_limit_bytes=32 * 2**20, startup_timeout_s=5), run_dir)
     assert rec["outcome"] in ("failed", "timeout") and rec["memory_limit"] == 32 * 2**20
+
+
+def test_the_load_reads_every_engines_metric_names():
+    from vllm_lab import load
+
+    llama = load.combined_metrics("# HELP x\nllamacpp:requests_processing 3\nllamacpp:requests_deferred 1\n")
+    assert (engines.metric(llama, "running"), engines.metric(llama, "waiting")) == (3.0, 1.0)
+    two_engines = 'vllm:num_requests_running{engine="0"} 2\nvllm:num_requests_running{engine="1"} 5\n'
+    assert engines.metric(load.combined_metrics(two_engines), "running") == 7.0  # summed, as before

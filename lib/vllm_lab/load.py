@@ -38,6 +38,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import numpy as np
 
+from vllm_lab import engines
 from vllm_lab.engines import vllm_log as logscan  # vLLM's fatal lines (the load knows no engine yet)
 from vllm_lab.http_client import StreamState as _StreamState
 from vllm_lab.http_client import body_message, sse_data, token_prompt
@@ -56,6 +57,7 @@ PROMPT_NUMBERS = 2**40
 METRICS_INTERVAL_S = 0.5
 HTTP_TIMEOUT_S = 10.0  # /health, /metrics, /v1/models; the streams have their own deadline (asyncio.wait_for)
 HTTP_TIMEOUT = aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)
+STALE_RETRIES = 2  # a request that met a connection the server had closed is sent again
 DRAIN_S = 1.0  # for what follows [DONE] (the end of the chunked body); past it the connection is dropped
 MAX_LOG_READ = 64 * 2**20  # of the server's log written during the load
 
@@ -149,8 +151,17 @@ async def _one_request(
     s = _Stream()
     t0 = time.perf_counter()
 
+    async def post() -> aiohttp.ClientResponse:
+        # A server may close its keep-alive connection after a streamed response (llama.cpp's does, though
+        # it says Keep-Alive) and the pool hand it out before the close is seen: ServerDisconnectedError
+        # before any response. Sent again, it takes the next connection (the stale one is dropped).
+        for _ in range(STALE_RETRIES):
+            with contextlib.suppress(aiohttp.ServerDisconnectedError):
+                return await client.post(url, json=body)
+        return await client.post(url, json=body)
+
     async def stream() -> tuple[int, str] | None:
-        async with client.post(url, json=body) as r:
+        async with await post() as r:
             if r.status != 200:
                 return r.status, f"HTTP {r.status}: {body_message(await r.read())}"
             async for line in _lines(r):
@@ -218,11 +229,10 @@ class _Scraper:
             return {}
 
     def note(self, m: dict) -> None:
-        # vllm:gpu_cache_usage_perc is the older name (V0 and V1 up to about 0.11)
-        kv = m.get("vllm:kv_cache_usage_perc", m.get("vllm:gpu_cache_usage_perc"))
-        self.kv_max = _peak(self.kv_max, kv)
-        self.waiting_max = _peak(self.waiting_max, m.get("vllm:num_requests_waiting"))
-        self.running_max = _peak(self.running_max, m.get("vllm:num_requests_running"))
+        # each engine's own series names (vLLM's older KV name too): engines/*.py `metrics`
+        self.kv_max = _peak(self.kv_max, engines.metric(m, "kv_usage"))
+        self.waiting_max = _peak(self.waiting_max, engines.metric(m, "waiting"))
+        self.running_max = _peak(self.running_max, engines.metric(m, "running"))
 
     async def run(self, deadline: float) -> None:
         # the level's own read came just before; none while the first prefills arrive (on a CPU build the
@@ -234,10 +244,11 @@ class _Scraper:
 
 # With --data-parallel-size N vLLM exports each series once per engine ({engine="0"}, ...): the server's load
 # is the sum of the engines' counters and queues; its KV pressure is the fullest engine's cache.
-SUMMED = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:num_preemptions_total",
-          "vllm:prefix_cache_hits_total")  # fmt: skip
-MAXED = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")  # the second: V0 and V1 up to about 0.11
-_SERIES = re.compile(r"^(vllm:[a-z_]+)(?:\{[^}]*\})?\s+([0-9.eE+-]+|NaN)$")
+# The series names are every engine's (engines/*.py `metrics`; a page holds one engine's).
+SUMMED = tuple(sorted(engines.metric_series(("running", "waiting", "preemptions", "prefix_cache_hits"))))
+MAXED = tuple(sorted(engines.metric_series(("kv_usage",))))
+_SERIES = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{[^}]*\})?\s+([0-9.eE+-]+|NaN)$")
+COUNTED = ("preemptions", "prefix_cache_hits")  # counters: a level's figure is the difference
 
 
 def combined_metrics(text: str) -> dict:
@@ -294,8 +305,8 @@ def _level_summary(conc: int, planned: int | None, done: list[_Request], wall: f
         "output_tokens_per_s": round(tokens / wall, 2) if wall > 0 else None,
         "requests_per_s": round(len(ok) / wall, 3) if wall > 0 else None,
         "seconds": round(wall, 3),
-        "preemptions": deltas.get("vllm:num_preemptions_total"),
-        "prefix_cache_hits": deltas.get("vllm:prefix_cache_hits_total"),  # tokens; 0 where no prompt repeats
+        "preemptions": deltas.get("preemptions"),
+        "prefix_cache_hits": deltas.get("prefix_cache_hits"),  # tokens; 0 where no prompt repeats
         "kv_cache_usage_max": round(scraper.kv_max, 4) if scraper.kv_max is not None else None,
         "waiting_max": scraper.waiting_max,
         "running_max": scraper.running_max,
@@ -458,8 +469,8 @@ class _Load:
             raise bugs[0]
         m = await scraper.read()
         scraper.note(m)
-        deltas = {k: m[k] - before[k] for k in ("vllm:num_preemptions_total", "vllm:prefix_cache_hits_total")
-                  if k in m and k in before}  # fmt: skip
+        deltas = {k: engines.metric(m, k) - engines.metric(before, k) for k in COUNTED
+                  if engines.metric(m, k) is not None and engines.metric(before, k) is not None}  # fmt: skip
         health = await self.health(client)
         # nothing answers: a server that is exiting closes its sockets before its parent can see it end
         for _ in range(20 if health is None and self.server_alive is not None else 0):
