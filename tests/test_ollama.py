@@ -210,3 +210,28 @@ def test_preflight_states_ollamas_facts_for_the_card(tmp_path):
     (model / "config.json").write_text(json.dumps(cfg))
     text = format_preflight(preflight(str(model), "p40"))
     assert "Ollama" in text and "4096" in text and "driver 570" in text and "0.31.2" in text
+
+
+# ------------------------------------------------------------------------------------------------ its log
+
+FIXTURES = Path(__file__).parent / "fixtures" / "logs" / "llamacpp"
+
+
+def test_real_ollama_logs_are_read_as_ollamas_with_llamacpps_rules():
+    from vllm_lab.engines import llamacpp_log
+
+    logs = sorted(FIXTURES.glob("*/ollama-*.log"))
+    assert len(logs) >= 8
+    for path in logs:
+        text = path.read_text()
+        assert engines.of_log(text) is ollama.ENGINE, path.name
+        scan = ollama.ENGINE.scan(text)
+        assert scan.engine == "ollama" and scan.failure == llamacpp_log.scan_log(text).failure, path.name
+
+
+def test_the_version_is_ollamas_not_its_runners_llamacpp_build():
+    text = (
+        'time=2026-08-01T07:02:30Z level=INFO source=routes.go:1384 msg="Listening on 127.0.0.1:11434 '
+        '(version 0.30.5)"\nbuild: 8153 (abc1234) with GNU 12.2.0 for x86_64-linux-gnu\n'
+    )
+    assert ollama.ENGINE.scan(text).engine_version == "0.30.5"
