@@ -78,6 +78,12 @@ def test_a_context_lowered_silently_is_context_reduced(store, run_dir):
     assert rec["long_request_ok"] is not True
 
 
+def test_a_context_over_the_models_own_is_context_reduced_too(store, run_dir):
+    rec = run_trial(ollama_trial(store, FAKE_OLLAMA_CTX_TRAIN="1024"), run_dir, long=False)
+    assert (rec["outcome"], rec["failure"], rec["context_used"]) == ("failed", "context_reduced", 1024)
+    assert "requested context size too large for model" in log_text(rec)
+
+
 def test_part_of_the_model_on_the_cpu_is_recorded_and_said(store, run_dir):
     t = ollama_trial(store, FAKE_OLLAMA_VRAM_MIB="24576", FAKE_OLLAMA_VRAM_FRACTION="0.6")
     rec = run_trial(t, run_dir)

@@ -297,7 +297,8 @@ class OllamaCheck:
                 "(/api/ps context_length): it lowered the context silently",
                 "the context does not fit at these settings: lower max_model_len, or quantize the KV cache "
                 "(OLLAMA_KV_CACHE_TYPE=q8_0 with OLLAMA_FLASH_ATTENTION=1), or use a smaller quantization; "
-                "OLLAMA_NUM_PARALLEL=N needs N times the context",
+                "OLLAMA_NUM_PARALLEL=N needs N times the context; where the log says \"requested context size "
+                "too large for model\", the model's own trained context is the limit",
             )  # fmt: skip
             return False
         return True
