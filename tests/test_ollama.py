@@ -241,3 +241,17 @@ def test_the_version_is_ollamas_not_its_runners_llamacpp_build():
         '(version 0.30.5)"\nbuild: 8153 (abc1234) with GNU 12.2.0 for x86_64-linux-gnu\n'
     )
     assert ollama.ENGINE.scan(text).engine_version == "0.30.5"
+
+
+def test_backend_from_the_install_layout(tmp_path):
+    """Ollama's Linux tarball: bin/ollama beside lib/ollama (CPU) and lib/ollama/cuda_v12 (CUDA runners)."""
+    exe = tmp_path / "bin" / "ollama"
+    exe.parent.mkdir()
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    assert ollama.ENGINE.backend(f"{exe} serve") == "unknown"
+    (tmp_path / "lib" / "ollama").mkdir(parents=True)
+    assert ollama.ENGINE.backend(f"{exe} serve") == "ollama-cpu"
+    (tmp_path / "lib" / "ollama" / "cuda_v12").mkdir()
+    assert ollama.ENGINE.backend(f"{exe} serve") == "ollama-cuda"
+    assert ollama.ENGINE.backend(FAKE_OLLAMA) == "fake"
