@@ -83,6 +83,11 @@ class Engine:
         """The whole log: failure kind, evidence, remedy, capacity facts."""
         raise NotImplementedError
 
+    def after_ready(self, trial: Trial, base_url: str, *, long: bool = True) -> dict:
+        """Engine-specific checks once the server answers (Ollama: load the model, /api/ps, its own long
+        request): record fields; `outcome`/`failure`/`evidence`/`remedy` set the verdict, `engine_note` the note."""
+        return {}
+
     def backend(self, cmd: str | list[str] | tuple[str, ...], env: Mapping[str, str] | None = None) -> str:
         """Which build the command runs (e.g. vllm-cpu, llamacpp-cuda, fake, unknown); never raises."""
         return "unknown"
