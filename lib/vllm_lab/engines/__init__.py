@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from vllm_lab import logscan
-from vllm_lab.engines import vllm
+from vllm_lab.engines import ollama, vllm
 from vllm_lab.engines.base import METRIC_NAMES, Engine
 from vllm_lab.errors import SpecError
 
@@ -85,3 +85,4 @@ def cli_scan_log(args) -> int:
 
 
 register(vllm.ENGINE)
+register(ollama.ENGINE)
