@@ -232,9 +232,10 @@ class LlamaCppEngine(Engine):
         if trial.max_model_len is not None:
             argv += ["-c", str(trial.max_model_len)]
         fit = modern or "--fit" in help_text  # `-ngl all` came with --fit (late 2025); before: a count
-        if self._gpu_visible(trial) and not flags & {"-ngl", "--gpu-layers", "--n-gpu-layers"}:
-            argv += ["-ngl", "all" if fit else "999"]
-            if fit and not flags & {"--fit", "-fit"}:
+        if self._gpu_visible(trial):
+            if not flags & {"-ngl", "--gpu-layers", "--n-gpu-layers"}:
+                argv += ["-ngl", "all" if fit else "999"]
+            if fit and not flags & {"--fit", "-fit"}:  # also under the trial's own -ngl: fail, never move
                 argv += ["--fit", "off"]
         if "--metrics" not in flags:
             argv.append("--metrics")
