@@ -766,7 +766,15 @@ def cli_load(args) -> int:
 
 def _config_vocab(model: str) -> int | None:
     """vocab_size from config.json where `model` is the model's folder (vLLM's default served name, and its
-    model card's root); None for a hub id."""
+    model card's root), or the GGUF file's header (llama-server's default served name is its -m path); None
+    for a hub id."""
+    if model.endswith(".gguf"):
+        from vllm_lab.memory_gguf import read_gguf
+
+        try:
+            return read_gguf(model).n_vocab
+        except (OSError, ValueError, KeyError):
+            return None
     try:
         return int(json.loads((Path(model) / "config.json").read_text())["vocab_size"])
     except (OSError, ValueError, KeyError, TypeError):

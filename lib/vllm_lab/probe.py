@@ -48,6 +48,13 @@ def new_run_id() -> str:
 
 
 def _model_config(model: str) -> dict:
+    if model.endswith(".gguf"):  # llama.cpp: the GGUF header's vocabulary (token-id prompts stay in it)
+        from vllm_lab.memory_gguf import read_gguf
+
+        try:
+            return {"vocab_size": read_gguf(model).n_vocab}
+        except (OSError, ValueError, KeyError):
+            return {}
     path = Path(model) / "config.json"
     try:
         return json.loads(path.read_text())
@@ -147,8 +154,12 @@ def to_record(trial: Trial, res: LaunchResult, *, run_id: str, started_at: str, 
         served_max_model_len=res.served_max_model_len, exit_code=res.exit_code, exit_signal=res.exit_signal,
         install=trial.install, engine=trial.engine, engine_version=s.get("engine_version") or s.get("vllm_version"),
         memory_limit=trial.memory_limit_bytes,
+        **{k: s[k] for k in ENGINE_FACTS if k in s},  # llama.cpp's log: the context used, slots, KV size
         **extra,
     )  # fmt: skip
+
+
+ENGINE_FACTS = ("n_ctx", "n_ctx_slot", "n_slots", "kv_cache_mib")
 
 
 def _flag_value(argv: list[str]) -> str | None:
@@ -171,11 +182,12 @@ def run_trial(trial: Trial, run_dir: str | Path, *, run_id: str | None = None, l
     with VllmServer(trial, run_dir) as server, sampler:
         res = server.start()
         if res.outcome == "ready":
-            served = res.served_max_model_len or trial.max_model_len
             name, key = trial.served_model_name(), trial.api_key()
             checked = engines.get(trial.engine).after_ready(trial, res.base_url, long=long)  # Ollama: /api/ps
-            for k in ("outcome", "failure", "evidence", "remedy"):  # the engine's verdict, where it has one
+            # the engine's verdict, where it has one; llama.cpp: a slot's context is what it serves
+            for k in ("outcome", "failure", "evidence", "remedy", "served_max_model_len"):
                 setattr(res, k, checked.pop(k, getattr(res, k)))
+            served = res.served_max_model_len or trial.max_model_len
             extra.update(checked)
             extra["chat_ok"] = chat_ok(res.base_url, name, trial.request_timeout_s, api_key=key)
             if long and served and "long_request_ok" not in extra:  # not where the engine ran its own

@@ -31,6 +31,9 @@ FIELDS = (
     "load", "load_stable", "load_reason", "knee_concurrency", "load_output_tokens_per_s", "load_concurrency",
     "engine", "engine_version",  # which server (Trial.engine: vllm | llamacpp ...) and its own version
     "memory_limit",  # Trial.memory_limit_bytes: the address-space limit the server ran under (None: none)
+    # llama.cpp's log: the context used (-c padded; max_model_len is the one asked), a slot's share, the slots,
+    # the KV cache's total MiB
+    "n_ctx", "n_ctx_slot", "n_slots", "kv_cache_mib",
     # what the engine really did (Ollama's /api/ps): the context used (max_model_len is the one asked), the
     # model's bytes and those on the GPU (offload_fraction < 1: part on the CPU), the long prompt's tokens as
     # sent and as the server counted them (fewer: it was cut)

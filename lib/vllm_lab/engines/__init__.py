@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from vllm_lab import logscan
-from vllm_lab.engines import ollama, vllm
+from vllm_lab.engines import llamacpp, ollama, vllm
 from vllm_lab.engines.base import METRIC_NAMES, Engine
 from vllm_lab.errors import SpecError
 
@@ -85,4 +85,5 @@ def cli_scan_log(args) -> int:
 
 
 register(vllm.ENGINE)
+register(llamacpp.ENGINE)
 register(ollama.ENGINE)
