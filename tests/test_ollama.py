@@ -178,7 +178,20 @@ def test_registered_with_the_servers_own_readiness_and_environment(store):
         "OLLAMA_CONTEXT_LENGTH": "2048",
         "OLLAMA_FLASH_ATTENTION": "1",
     }
-    assert e.argv(t, 5555, "127.0.0.1")[:2] == ["env", "OLLAMA_HOST=127.0.0.1:5555"]
+    argv = e.argv(t, 5555, "127.0.0.1")
+    assert argv[:4] == [
+        "env",
+        "OLLAMA_HOST=127.0.0.1:5555",
+        "OLLAMA_CONTEXT_LENGTH=2048",
+        "OLLAMA_FLASH_ATTENTION=1",
+    ]
+    assert argv[-1] == "serve" and not any(str(store) in a for a in argv)  # no local path in the argv
+
+
+def test_a_load_phase_is_refused_for_ollama(store):
+    t = ollama_trial(store)
+    t.load = {"concurrency": [1, 2]}
+    assert "token-id prompts" in one_line(t)
 
 
 # ------------------------------------------------------------------------------------------------ preflight

@@ -133,6 +133,11 @@ class OllamaEngine(Engine):
                 f"extra_args: {flag} is not Ollama's; `ollama serve` takes no flags"
                 + (f": for Ollama use {instead}" if instead else ": Ollama sizes its own memory")
             )
+        if trial.load is not None:
+            raise SpecError(
+                "load: not with Ollama yet: the load sends token-id prompts, which Ollama's /v1/completions "
+                "refuses (it takes text); measure Ollama without load:"
+            )
         for k in OWN_ENV:
             if k in trial.env:
                 raise SpecError(f"env: {k} is set from the trial's {OWN_ENV[k]}; set that instead")
@@ -156,8 +161,10 @@ class OllamaEngine(Engine):
                 w for n in names for w in ("-e", n if n != "OLLAMA_HOST" else f"OLLAMA_HOST={host}:{port}")
             ]
             return [*cmd[: c.run_at + 1], *opts, *cmd[c.run_at + 1 :]]
-        # OLLAMA_HOST depends on the port, which env() is not given: `env` sets it and execs the server
-        return ["env", f"OLLAMA_HOST={host}:{port}", *cmd]
+        # OLLAMA_HOST depends on the port, which env() is not given: `env` sets it and execs the server; the
+        # context and knobs are said there too, so the record's argv shows them (env() sets them as well)
+        shown = [f"{k}={v}" for k, v in self.env(trial).items() if k != "OLLAMA_MODELS"]
+        return ["env", f"OLLAMA_HOST={host}:{port}", *shown, *cmd]
 
     def env(self, trial: Trial) -> dict[str, str]:
         out = {"OLLAMA_MODELS": str(store(trial.env))}
