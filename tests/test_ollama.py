@@ -268,3 +268,13 @@ def test_backend_from_the_install_layout(tmp_path):
     (tmp_path / "lib" / "ollama" / "cuda_v12").mkdir()
     assert ollama.ENGINE.backend(f"{exe} serve") == "ollama-cuda"
     assert ollama.ENGINE.backend(FAKE_OLLAMA) == "fake"
+
+
+def test_a_model_wholly_on_the_cpu_beside_a_visible_gpu_is_said(store, monkeypatch):
+    monkeypatch.setattr(ollama, "_gpu_visible", lambda trial: True)
+    check = ollama.OllamaCheck(ollama_trial(store), "http://127.0.0.1:9", long=False)
+    assert check._context({"context_length": 2048, "size": 6 << 30, "size_vram": 0})
+    assert check.out["offload_fraction"] == 0 and "the whole model on the CPU" in check.notes[0]
+    monkeypatch.setattr(ollama, "_gpu_visible", lambda trial: False)  # a CPU-only box: nothing to say
+    check = ollama.OllamaCheck(ollama_trial(store), "http://127.0.0.1:9", long=False)
+    assert check._context({"context_length": 2048, "size": 6 << 30, "size_vram": 0}) and not check.notes

@@ -288,10 +288,16 @@ class OllamaCheck:
         if isinstance(size, int) and size > 0 and isinstance(vram, int):
             frac = round(vram / size, 3)
             self.out["offload_fraction"] = frac
-            if frac < 1 and (frac > 0 or _gpu_visible(self.trial)):
+            if 0 < frac < 1:
                 self.notes.append(
                     f"part of the model on the CPU: size_vram {vram / 2**30:.1f} of {size / 2**30:.1f} GiB "
                     f"({frac:.0%} on the GPU); it runs at a fraction of the speed, not a fit"
+                )
+            elif frac == 0 and _gpu_visible(self.trial):  # Ollama falls back to the CPU without an error
+                self.notes.append(
+                    "the whole model on the CPU (size_vram 0) though a GPU is visible: Ollama found no usable "
+                    "GPU (on Pascal a driver older than 570, or a build without its compute capability: see "
+                    "the log's GPU discovery lines)"
                 )
         if used is None:
             self.notes.append("this Ollama's /api/ps has no context_length (before 0.9.7): the context used "
