@@ -102,10 +102,13 @@ def test_argv_asks_gpu_layers_only_where_a_gpu_is_visible(monkeypatch):
 
 
 @pytest.mark.unit
-def test_memory_limit_runs_with_one_malloc_arena():
+def test_memory_limit_runs_with_one_malloc_arena_and_no_gdb():
     eng = engines.get("llamacpp")
     assert eng.env(gguf_trial()) == {}
-    assert eng.env(gguf_trial(memory_limit_bytes=LIMIT)) == {"MALLOC_ARENA_MAX": "1"}
+    assert eng.env(gguf_trial(memory_limit_bytes=LIMIT)) == {
+        "MALLOC_ARENA_MAX": "1",
+        "GGML_NO_BACKTRACE": "1",
+    }
 
 
 # ---------------------------------------------------------------- the real llama-server

@@ -257,7 +257,11 @@ class LlamaCppEngine(Engine):
         # RLIMIT_AS counts address space reserved, not used: glibc reserves 64 MiB per thread arena (8 per
         # core), so under a limit the arenas, not llama.cpp's buffers, would decide. One arena: the limit
         # meets llama.cpp's own allocations (KV, compute, weights), which are what it stands in for.
-        return {"MALLOC_ARENA_MAX": "1"} if trial.memory_limit_bytes is not None else {}
+        # An abort prints its backtrace through gdb, which under the limit runs out of memory itself and
+        # hangs asking whether to dump a core (seen at 170 MiB): the abort line is the evidence, skip gdb.
+        if trial.memory_limit_bytes is None:
+            return {}
+        return {"MALLOC_ARENA_MAX": "1", "GGML_NO_BACKTRACE": "1"}
 
     def after_ready(self, trial: Trial, base_url: str, *, long: bool = True) -> dict:
         """What the server says it serves (/props): a slot's context is what one request can fill (the
