@@ -6,6 +6,7 @@ missing install is a failure here, never a skip. A start takes about a second on
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import httpx
@@ -99,6 +100,25 @@ def test_argv_asks_gpu_layers_only_where_a_gpu_is_visible(monkeypatch):
     assert gpu[gpu.index("-ngl") + 1] == "all" and gpu[gpu.index("--fit") + 1] == "off"
     own = eng.argv(gguf_trial(extra_args=["-ngl", "20"]), 8080, "127.0.0.1")
     assert own.count("-ngl") == 1 and "--fit" in own  # the trial's -ngl wins, fit still off
+
+
+@pytest.mark.unit
+def test_backend_and_build_from_the_command(tmp_path):
+    eng = engines.get("llamacpp")
+    assert eng.backend("docker run --gpus all ghcr.io/ggml-org/llama.cpp:server-cuda") == "llamacpp-cuda"
+    assert eng.backend("docker run ghcr.io/ggml-org/llama.cpp:server") == "llamacpp-cpu"
+    assert eng.backend("podman run ghcr.io/ggml-org/llama.cpp:server-vulkan") == "unknown"
+    assert eng.backend(f"{sys.executable} -m vllm_lab.testing.fake_vllm") == "fake"
+    assert eng.backend("/nonexistent/llama-server") == "unknown"
+    # a CUDA build of llama-server says so before its version (today's semver format)
+    cuda = tmp_path / "llama-server"
+    cuda.write_text(
+        "#!/bin/sh\necho 'ggml_cuda_init: found 1 CUDA devices:' >&2\n"
+        "echo 'version: 0.1.1-dev (build 10470, commit abc1234)' >&2\n"
+    )
+    cuda.chmod(0o755)
+    assert eng.backend(str(cuda)) == "llamacpp-cuda"
+    assert llamacpp.version(str(cuda)) == "10470"
 
 
 @pytest.mark.unit
