@@ -278,3 +278,11 @@ def test_a_model_wholly_on_the_cpu_beside_a_visible_gpu_is_said(store, monkeypat
     monkeypatch.setattr(ollama, "_gpu_visible", lambda trial: False)  # a CPU-only box: nothing to say
     check = ollama.OllamaCheck(ollama_trial(store), "http://127.0.0.1:9", long=False)
     assert check._context({"context_length": 2048, "size": 6 << 30, "size_vram": 0}) and not check.notes
+
+
+def test_an_ollama_model_is_never_fetched_from_the_hugging_face_hub(store, monkeypatch):
+    from vllm_lab import hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub, "_download", lambda *a, **k: pytest.fail("asked the hub for an Ollama model"))
+    assert hub.prefetch_trial(ollama_trial(store)) is None

@@ -107,4 +107,8 @@ def prefetch(
 
 def prefetch_trial(trial: Trial, *, out: TextIO | None = None) -> str | None:
     """prefetch() for a trial's model, command, env and extra args."""
+    from vllm_lab import engines
+
+    if not engines.get(trial.engine).hub_models:  # e.g. Ollama: a name in its own store, checked by validate
+        return None
     return prefetch(trial.model, trial.vllm_cmd, trial.env, trial.extra_args, out=out)

@@ -45,6 +45,7 @@ class Engine:
     ready_marker: str | None = None  # a log line that says the server listens (then /health is asked at once)
     install_hint: str = ""  # the fix when the command is not found
     cmd_example: str = ""  # what an empty command should say instead
+    hub_models: bool = True  # a model that is not a local path is a Hugging Face hub id (prefetched once)
     # METRIC_NAMES -> the engine's /metrics series names
     metrics: Mapping[str, tuple[str, ...]] = MappingProxyType({})
 

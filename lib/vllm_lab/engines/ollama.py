@@ -98,6 +98,7 @@ class OllamaEngine(Engine):
     ready_marker = "Listening on"  # routes.go: msg="Listening on 127.0.0.1:11434 (version 0.31.2)"
     install_hint = INSTALL_HINT
     cmd_example = "`ollama serve`"
+    hub_models = False  # names in Ollama's own store (OLLAMA_MODELS), never Hugging Face hub ids
     metrics = MappingProxyType(dict.fromkeys(METRIC_NAMES, ()))  # Ollama serves no /metrics
 
     # ---------------------------------------------------------------- bad input
