@@ -243,6 +243,7 @@ def test_a_timeout_is_retried_with_a_longer_timeout_then_undecided_never_first_b
                                         log=said.append)  # fmt: skip
     tested = {t.version: t for t in b.tested}
     assert tested["0.21.0"].result() == ("failed", "kv_cache_insufficient")
+    assert tested["0.21.0"].note == "the second launch, at 8 s (the first: timeout at 4 s)"
     assert (
         tested["0.20.0"].outcome == versions.UNDECIDED
         and "timeout at 4 s, then timeout at 8 s" in tested["0.20.0"].note

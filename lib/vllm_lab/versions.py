@@ -331,6 +331,8 @@ def run_bisection(template, package: str, good: str, bad: str, run_dir: str | Pa
                          f"first start is cold: launching once more with the timeout raised to {t2:g} s")  # fmt: skip
         second = launch(version, with_timeout_id(replace(trial, startup_timeout_s=t2, trial_id="")))
         if second.outcome not in RETRY:
+            retried = f"the second launch, at {t2:g} s (the first: {first.outcome} at {t1:g} s)"
+            second.note = f"{second.note}; {retried}" if second.note else retried
             return second
         return ReleaseResult(version, UNDECIDED, None,
                              f"could not decide: {first.outcome} at {t1:g} s, then {second.outcome} at {t2:g} s; "
