@@ -5,6 +5,7 @@ that dies), the tree stopped with its runner, and bad input as one line before a
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -286,3 +287,42 @@ def test_an_ollama_model_is_never_fetched_from_the_hugging_face_hub(store, monke
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(hub, "_download", lambda *a, **k: pytest.fail("asked the hub for an Ollama model"))
     assert hub.prefetch_trial(ollama_trial(store)) is None
+
+
+# ------------------------------------------------------------------------------------------------ the CLI
+
+VLLM_LAB = [sys.executable, "-m", "vllm_lab.cli"]
+
+
+def test_vllm_lab_launch_engine_ollama_through_the_cli(store, run_dir):
+    import subprocess
+
+    env = {**os.environ, "OLLAMA_MODELS": str(store)}
+    env.pop("HF_HUB_OFFLINE", None)  # an Ollama name must not go to the hub either way
+    args = ["launch", "--engine", "ollama", "--model", MODEL, "--max-model-len", "2048", "--vllm-cmd", FAKE_OLLAMA,
+            "--extra-args", "OLLAMA_NUM_PARALLEL=2", "--out", str(run_dir), "--json"]  # fmt: skip
+    out = subprocess.run([*VLLM_LAB, *args], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    rec = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (rec["engine"], rec["outcome"], rec["context_used"]) == ("ollama", "ready", 2048)
+    assert "OLLAMA_NUM_PARALLEL=2" in rec["argv"]
+
+
+def test_vllm_lab_launch_a_model_not_pulled_is_one_line_exit_2(store, run_dir):
+    import subprocess
+
+    env = {**os.environ, "OLLAMA_MODELS": str(store)}
+    args = [
+        "launch",
+        "--engine",
+        "ollama",
+        "--model",
+        "llama3.1:8b",
+        "--max-model-len",
+        "2048",
+        "--out",
+        str(run_dir),
+    ]
+    out = subprocess.run([*VLLM_LAB, *args], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert "`ollama pull llama3.1:8b`" in out.stderr and not (run_dir / "trials.jsonl").exists()
