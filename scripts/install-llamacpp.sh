@@ -61,9 +61,11 @@ fi
 install_entry_point
 
 log "verifying"
-if ! installed_ok || ! "$VENV/bin/llama-server" --version 2>&1 | grep -q '^version: '; then
-    log "ERROR: $VENV/bin/llama-server --version does not run" >&2
+# read the whole output first: `| grep -q` would stop reading at the match and, under pipefail, fail the check
+version=$("$VENV/bin/llama-server" --version 2>&1 || true)
+if ! installed_ok || [[ "$version" != *"version: "* ]]; then
+    log "ERROR: $VENV/bin/llama-server --version does not run: ${version:0:300}" >&2
     exit 1
 fi
-"$VENV/bin/llama-server" --version 2>&1 | head -1
+echo "${version%%$'\n'*}"
 log "done in $(($(date +%s) - START)) s; launch with: $VENV/bin/llama-server -m MODEL.gguf -c 4096 --port 8080"
