@@ -214,11 +214,20 @@ def _free_port() -> int:
     return free_port()
 
 
+# `ray start` turns --node-ip-address 127.0.0.1 into the machine's network address (and its GCS and raylet
+# then listen on every interface); kept as given, the test nodes listen on loopback only (issue 22, point 15).
+RAY_START_LOOPBACK = (
+    "import sys\nimport ray._private.services as s\ns.resolve_ip_for_localhost = lambda host: host\n"
+    "from ray.scripts.scripts import main\nsys.argv[0] = 'ray'\nsys.exit(main())\n"
+)
+LOOPBACK_CLIENT = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # a client keeps 127.0.0.1 too (ray_exec does)
+
+
 def _start_node(args: list[str], env: dict, log: Path) -> subprocess.Popen:
     """`ray start --block` in its own session: ending that session ends the node (never `ray stop`, which
     would end every Ray on this machine)."""
     return subprocess.Popen(
-        [str(RAY_BIN), "start", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "1",
+        [sys.executable, "-c", RAY_START_LOOPBACK, "start", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "1",
          "--object-store-memory", str(100 * 2**20), "--disable-usage-stats", *args],
         env={**os.environ, **env}, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
@@ -251,7 +260,8 @@ def _cluster_up(address: str, nodes: int, timeout: float = 90) -> bool:
         f"sys.exit(0 if len([n for n in ray.nodes() if n['Alive']]) >= {nodes} else 1)\n"
     )
     try:
-        return subprocess.run([sys.executable, "-c", code], timeout=timeout + 60).returncode == 0
+        return subprocess.run([sys.executable, "-c", code], timeout=timeout + 60,
+                              env={**os.environ, **LOOPBACK_CLIENT}).returncode == 0  # fmt: skip
     except subprocess.TimeoutExpired:
         return False
 
@@ -280,6 +290,8 @@ def test_two_nodes_two_gpu_types_driver_killed_then_resumed(tmp_path, monkeypatc
              "--resources", json.dumps({"accelerator_type:FAKE-BIG": 1})],
             {"FAKE_VLLM_GPU_MIB": "24576", "FAKE_VLLM_START_DELAY": "3"}, tmp_path / "worker.log"))  # fmt: skip
         assert _cluster_up(address, 2), (tmp_path / "worker.log").read_text()[-2000:]
+        node_procs = [psutil.Process(pid) for proc in nodes for pid in _session_alive(proc.pid)]
+        assert _listening_elsewhere(node_procs) == []
 
         cmd = [str(Path(sys.executable).parent / "vllm-lab"), "run", str(plan), "--ray", address,
                "--out", str(tmp_path / "out")]  # fmt: skip

@@ -91,6 +91,11 @@ def _loopback_only():
             os.environ[_RAY_CLUSTER_ENV] = before_env
 
 
+def _is_loopback(address: str) -> bool:
+    host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 def connect(address: str | None) -> str:
     """Join a cluster ("auto" or HOST:PORT) or start a small local one ("local"/None); return its address."""
     ray = require_ray()
@@ -118,7 +123,10 @@ def connect(address: str | None) -> str:
                         ) from None
         else:
             try:
-                ray.init(address=address, **common)
+                # a node on loopback (a test cluster, a `--ray local`-like head): Ray would otherwise rewrite
+                # 127.0.0.1 into the machine's network address, where such a node does not listen
+                with _loopback_only() if _is_loopback(address) else contextlib.nullcontext():
+                    ray.init(address=address, **common)
             except ray.exceptions.AuthenticationError as e:  # a cluster with token auth (Ray >= 2.52)
                 raise SpecError(
                     f"--ray: the Ray cluster at {address} refused this client ({e.message}); it uses token "
