@@ -30,7 +30,6 @@ from vllm_lab.launcher import OWNER_ENV
 
 pytestmark = pytest.mark.fake
 
-RAY_BIN = Path(sys.executable).parent / "ray"
 SMALL_MIB = 7860  # at util 0.9 the fake holds 17200 tokens: 16384 is stable there, 32768 is not
 TINY_CLUSTER = {"num_cpus": 2, "num_gpus": 2, "resources": {"accelerator_type:FAKE-A": 1},
                 "object_store_memory": 100 * 2**20}  # fmt: skip
