@@ -152,6 +152,12 @@ def test_run_ray_without_ray_is_one_line_naming_the_extra(tmp_path, fake_model):
     assert out.stderr.strip().splitlines() == [out.stderr.strip()]  # one line, no traceback
     assert "pip install 'vllm-lab[ray]'" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "o").exists()  # before any run folder or launch
+    (tmp_path / "run").mkdir()
+    out = subprocess.run([sys.executable, "-m", "vllm_lab.cli", "reap", str(tmp_path / "run"), "--ray", "auto"],
+                         capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    assert (
+        out.returncode == 2 and "pip install 'vllm-lab[ray]'" in out.stderr and "Traceback" not in out.stderr
+    )
 
 
 def _cluster(monkeypatch, nodes: list[dict]):

@@ -472,7 +472,7 @@ def run_remote(trials: list[Trial], run_dir: str | Path) -> list[dict]:
 
 def reap_nodes(run_dir: str | Path, address: str | None) -> list[dict]:
     """`vllm-lab reap RUN --ray ADDRESS`: one task per live node ends what this run's tasks left there."""
-    import ray
+    ray = require_ray()
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     connect(address)
