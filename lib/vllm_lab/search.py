@@ -163,6 +163,11 @@ V1_ONLY_FROM = (0, 11, 0)
 # On the memory axis: failures that mean too LITTLE memory (more would help).
 TOO_LITTLE_MEMORY = frozenset({"kv_cache_insufficient", "no_kv_memory"})
 MEMORY_UNRELATED = frozenset(UNRELATED_FAILURES - {"gpu_mem_util_unavailable"} | {"max_len_exceeds_model"})
+# llama.cpp (engines/llamacpp_log): the KV cache and the compute buffer grow with -c, and so does what is
+# left for anything allocated after them (an out-of-memory while serving, a thread's stack under an
+# address-space limit): proof. The weights, the file and the card are the same at every -c: the verdict.
+LLAMACPP_LENGTH_DEPENDENT = frozenset({"kv_cache_oom", "compute_oom", "context_exceeded", "cuda_oom"})
+LLAMACPP_UNRELATED = frozenset({"weights_oom", "bad_model_file", "gpu_unsupported", "port_in_use"})
 
 
 # ---- reading a record -----------------------------------------------------------------------------------
@@ -179,11 +184,17 @@ def failure_class(rec: dict) -> str:
         return "pass"
     if load_only_failure(rec):
         return "load"
+    if rec.get("outcome") == "unstable" and rec.get("engine") == "llamacpp" and rec.get("memory_limit"):
+        return "proof"  # under an address-space limit every request's memory comes out of what -c left
     if rec.get("outcome") == "unstable" and rec.get("chat_ok") is False:
         return "independent"  # even a short chat request failed: no length changes that
     if rec.get("outcome") == "unstable" or rec.get("failure") in LENGTH_DEPENDENT:
         return "proof"
     kind = failure_kind(rec)
+    if rec.get("engine") == "llamacpp":
+        if kind in LLAMACPP_LENGTH_DEPENDENT:
+            return "proof"
+        return "independent" if kind in LLAMACPP_UNRELATED else "retry"
     if kind in UNRELATED_FAILURES:
         return "independent"
     if kind == "cuda_oom" and (
@@ -385,6 +396,9 @@ class SearchResult:
     # launches it takes, and how many fewer the search made (None where no answer fixes bisection's path).
     bisection_launches: int | None = None
     launches_saved: int | None = None
+    engine: str = "vllm"
+    # the address-space limit on the server (RLIMIT_AS) that stood in for a card
+    memory_limit: int | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -441,7 +455,7 @@ class _LenSearch:
     """State of one search, in block units (k means max_model_len = k * block)."""
 
     def __init__(self, launch, low, high, block, first_guess, model_limit, max_launches, extra_launches=0,
-                 exact_first=False):  # fmt: skip
+                 exact_first=False, guess_report=False):  # fmt: skip
         if block <= 0:
             raise ValueError("block_size must be positive")
         self.launch_fn = launch
@@ -464,6 +478,10 @@ class _LenSearch:
         self.good_why = ""
         self.reports: list[Report] = []
         self.trust_reports = True
+        if guess_report and first_guess is not None:
+            # an engine whose failures name no capacity (llama.cpp): the memory model's guess guides the
+            # launches after the first (+1 block after a pass, -1 after a failure) and never proves anything
+            self.reports.append(Report(0, int(first_guess), "approx", "the memory model"))
         self.notes: list[str] = []
         self.stepdowns = 0
         self.proof: set[int] = set()  # launched k whose failure proves k and above fail (failure_class)
@@ -557,7 +575,8 @@ class _LenSearch:
         approx = [r for r in self.reports if not r.exact]
         if approx:
             r = approx[-1]
-            return r.tokens // self.b, f"about {r.tokens} tokens (from the GiB figures at {r.n})"
+            src = r.detail or f"from the GiB figures at {r.n}"
+            return r.tokens // self.b, f"about {r.tokens} tokens ({src})"
         return None
 
     def next_launch(self, bad: int | None) -> tuple[int, str] | None:
@@ -768,6 +787,7 @@ def search_max_model_len(
     exact_first: bool = False,
     first_why: str = "",
     first_case: str | None = None,
+    guess_report: bool = False,
 ) -> SearchResult:
     """The largest stable max_model_len in [low, high] (block multiples), guided by vLLM's capacity reports.
 
@@ -780,10 +800,12 @@ def search_max_model_len(
     the price of one launch more than bisection where reports mislead (see benchmarks/README.md).
     ``exact_first``: ``first_guess`` is the start limit to the block (``first_why`` says from what): the first
     launch goes there unmoved, and a wrong one may cost one launch beyond bisection's worst case.
+    ``guess_report``: the guess also guides the next launches as an approximate capacity (llama.cpp, whose
+    failures name no capacity): a guess right to the block costs two launches.
     """
     t0 = time.monotonic()
     s = _LenSearch(launch, low, high, block_size, first_guess, model_limit, max_launches, extra_launches,
-                   exact_first)  # fmt: skip
+                   exact_first, guess_report)  # fmt: skip
     ans, reason, plus_one, evidence = s.run()
     if s.notes:
         reason += " (" + "; ".join(dict.fromkeys(s.notes)) + ")"
@@ -1178,8 +1200,11 @@ def run_search(
     """search_max_model_len over real launches of ``template``; writes <run_dir>/search.json.
 
     The first launch: first_launch_plan (``exact=False``: never exact, today's bounded guess; ``install``:
-    what the vLLM command runs, else detect_install asks its python).
+    what the vLLM command runs, else detect_install asks its python). llama.cpp: search_llamacpp's block
+    (256), range (up to n_ctx_train) and memory-model guess.
     """
+    if template.engine == "llamacpp":
+        return _write(run_dir, _run_llamacpp(template, run_dir, low=low, high=high, run_trial=run_trial))
     if exact:
         guess, case, why = first_launch_plan(template, run_dir, install=install,
                                              predict_first_guess=predict_first_guess)  # fmt: skip
@@ -1191,11 +1216,36 @@ def run_search(
                                first_guess=guess, model_limit=model_max_position(template.model),
                                exact_first=case in ("exact_prediction", "v1_prediction"), first_why=why,
                                first_case=case or None)  # fmt: skip
+    return _write(run_dir, res)
+
+
+def _write(run_dir: str | Path, res: SearchResult) -> SearchResult:
     out = Path(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     from vllm_lab.redact import redact_obj
 
     (out / "search.json").write_text(json.dumps(redact_obj(res.to_dict()), default=str, indent=1) + "\n")
+    return res
+
+
+def _run_llamacpp(template: Trial, run_dir, *, low, high, run_trial) -> SearchResult:
+    """The largest stable -c: block 256, at most n_ctx_train, the memory model's guess first (a guess).
+
+    The guess then guides the launches one block at a time (its failures name no capacity to jump to);
+    ``extra_launches=1`` lets a guess a few blocks off be walked rather than moved away by the worst-case
+    clamp: a guess right to the block costs 2 launches, one or two blocks off 3, never more than plain
+    bisection's worst case + 2."""
+    from vllm_lab import search_llamacpp as lc
+
+    limit = lc.model_limit(template)
+    found = lc.first_guess(template)
+    guess, why = found if found else (None, "")
+    res = search_max_model_len(trial_launcher(template, run_dir, run_trial=run_trial), low=low or lc.BLOCK,
+                               high=high or limit, block_size=lc.BLOCK, first_guess=guess, model_limit=limit,
+                               exact_first=guess is not None, first_why=why, guess_report=True,
+                               first_case="memory_model" if guess is not None else None,
+                               extra_launches=1)  # fmt: skip
+    res.engine, res.memory_limit = "llamacpp", template.memory_limit_bytes
     return res
 
 
@@ -1207,12 +1257,16 @@ def cli_search(args) -> int:
         raise SpecError(f"--high: {args.high} must be a positive number of tokens, e.g. 40960")
     if args.low is not None and args.high is not None and args.high < args.low:
         raise SpecError(f"--high: {args.high} is below --low {args.low}; give a range low <= high")
+    engine = getattr(args, "engine", None) or "vllm"
+    if engine == "vllm" and args.gpu_memory_utilization is None and args.kv_cache_memory_bytes is None:
+        raise SpecError("give --gpu-memory-utilization or --kv-cache-memory-bytes (vLLM's memory setting)")
+    extra = {"engine": engine, "memory_limit_bytes": getattr(args, "memory_limit", None)}
     template = Trial(
         model=args.model, launcher=args.launcher, quantization=args.quantization,
         max_model_len=args.high or args.low, gpu_memory_utilization=args.gpu_memory_utilization,
         kv_cache_memory_bytes=args.kv_cache_memory_bytes, vllm_cmd=args.vllm_cmd or DEFAULT_VLLM_CMD,
         extra_args=shlex.split(args.extra_args or ""), startup_timeout_s=args.timeout, step=STEP,
-        load=load_option(args.load),
+        load=load_option(args.load), **extra,
     ).validate()  # fmt: skip
     from vllm_lab.hub import prefetch_trial
 
@@ -1261,12 +1315,15 @@ def format_result(res: SearchResult) -> str:
     if res.verdict == "stopped":
         best = f"; largest stable launch: {res.max_model_len} (a lower bound)" if res.max_model_len else ""
         head = f"search stopped on {res.failure or 'a limit'}{best}"
+    elif res.max_model_len is not None and res.engine == "llamacpp":
+        head = f"largest stable -c (llama.cpp, block {res.block_size}): {res.max_model_len}"
     elif res.max_model_len is not None:
         head = f"largest stable max_model_len: {res.max_model_len}"
     else:
         head = "no stable max_model_len in range"
     saved = "" if res.launches_saved is None else f"; plain bisection: {res.bisection_launches}"
-    lines = [f"{head} ({res.launches} launches, {res.seconds:.1f} s{saved})", f"  {res.reason}",
+    limit = "" if not res.memory_limit else f"; limit: {res.memory_limit} bytes of address space (RLIMIT_AS)"
+    lines = [f"{head} ({res.launches} launches, {res.seconds:.1f} s{saved}{limit})", f"  {res.reason}",
              f"  first launch: {res.first_launch}" + (f" ({res.first_launch_why})" if res.first_launch_why else "")]  # fmt: skip
     for s in res.steps:
         mark = "stable" if s["stable"] else (s["outcome"] + (f" {s['failure']}" if s["failure"] else ""))

@@ -174,6 +174,8 @@ RULES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
             r"ggml_backend_\w+_buffer_type_alloc_buffer: failed to allocate buffer of size (?P<bytes>\d+)",
             r"ggml_aligned_malloc: insufficient memory \(attempted to allocate (?P<alloc_mb>[\d.]+) MB\)",
             r"failed to allocate (?P<device>\S+) buffer of size (?P<bytes>\d+)",
+            # std::thread could not map its stack: under an address-space limit, the memory ran out
+            r"what\(\):\s+Resource temporarily unavailable",
         ),
     ),
     (
