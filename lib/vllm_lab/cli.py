@@ -187,7 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("search", help="the largest stable max_model_len, in as few launches as possible")
     s.add_argument("--model", required=True)
     s.add_argument("--vllm-cmd", default=None)
-    m = s.add_mutually_exclusive_group(required=True)
+    s.add_argument("--engine", choices=("vllm", "llamacpp"), default="vllm",
+                   help="llamacpp: the largest stable -c (block 256) of a .gguf")  # fmt: skip
+    s.add_argument("--memory-limit", type=int, metavar="BYTES", help="address-space limit on the server (CPU)")
+    m = s.add_mutually_exclusive_group(required=False)  # vLLM needs one (cli_search says so)
     m.add_argument("--gpu-memory-utilization", type=float)
     m.add_argument("--kv-cache-memory-bytes", type=int)
     s.add_argument("--low", type=int, default=None, help="smallest max_model_len of interest")
