@@ -12,6 +12,16 @@ import sys
 
 from vllm_lab.spec import SpecError
 
+DESCRIPTION = (
+    "Find out why a vLLM (or llama.cpp) server will not start on your GPU, and what does. vllm-lab launches the "
+    "real server for each setting of a plan (launcher, max_model_len, memory), tells why a start failed and how "
+    "to fix it, measures what it holds and how fast it serves, and writes one report (HTML, Markdown, a "
+    "version to paste into a GitHub issue). Start with `preflight`, then `run` a plan (params/*.yaml)."
+)
+# `--help` lists the subcommands in the order a user meets them, not the order they are added below.
+HELP_ORDER = ("preflight", "run", "report", "launch", "search", "load", "bisect-versions", "predict",
+              "installs", "scan-log", "gpus", "reap", "tiny-model")  # fmt: skip
+
 
 def _scan_log(args) -> int:
     from vllm_lab.engines import cli_scan_log
@@ -120,8 +130,8 @@ def _add_trial_flags(s: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vllm-lab", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
+    p = argparse.ArgumentParser(prog="vllm-lab", description=DESCRIPTION)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
 
     s = sub.add_parser("scan-log", help="classify a vLLM log: failure kind, evidence, remedy, capacity facts")
     s.add_argument("path", help="log file, or - for stdin")
@@ -275,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--awq", action="store_true", help="a variant whose config.json says AWQ")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_tiny_model)
+    listed = {a.dest: a for a in sub._choices_actions}  # argparse keeps the help entries in this list
+    sub._choices_actions[:] = [listed[n] for n in HELP_ORDER if n in listed] + [
+        a for n, a in listed.items() if n not in HELP_ORDER
+    ]
     return p
 
 
