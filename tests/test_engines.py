@@ -61,7 +61,7 @@ def test_registry_names_gets_and_rejects():
     assert "vllm" in engines.names()
     assert engines.get(None) is engines.get("vllm")
     assert engines.get("vllm").default_cmd == "vllm serve"
-    with pytest.raises(SpecError, match="^engine: 'nope' is not one of"):
+    with pytest.raises(SpecError, match=r"^engine: 'nope' is not one of"):
         engines.get("nope")
 
 
