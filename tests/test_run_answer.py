@@ -64,3 +64,23 @@ def test_the_answer_names_the_load_frontier(tmp_path, capsys):
         "Under load: head, KV 10 MiB, max_model_len 20352: 4 concurrent users served cleanly at 123 output tok/s"
         in lines
     )
+
+
+def test_dry_run_says_how_many_trials_a_run_launches(tmp_path, capsys):
+    import yaml
+    from conftest import FAKE_CMD, FAKE_MODEL_CONFIG
+    from vllm_lab.dryrun import print_dry_run
+    from vllm_lab.plan import load_plan
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(FAKE_MODEL_CONFIG))
+    plan = {"name": "p", "model": str(model), "vllm_cmd": FAKE_CMD, "steps": [
+        {"name": "02", "notebook": "02_context_budget",
+         "parameters": {"LAUNCHER": "head", "MAX_MODEL_LEN": 4096, "KV_CACHE_MEMORY_BYTES": 8 << 20}},
+        {"name": "03", "notebook": "03_max_context_search",
+         "parameters": {"KV_CACHE_MEMORY_BYTES": 8 << 20, "LOW": 1024, "HIGH": 8192}}]}  # fmt: skip
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan))
+    p = load_plan(str(tmp_path / "plan.yaml"), check_command=False)
+    print_dry_run(p, p.steps)
+    assert "a run launches 3 trial(s), counting 2 per search: a guess" in capsys.readouterr().out

@@ -17,6 +17,8 @@ def _trials(plan: Plan, step: Step):
 
 
 def expected_trial_count(plan: Plan, steps: list[Step]) -> int:
+    """The trials a run of these steps launches (the progress bar's total): each step's planned trials, a
+    search's launches guessed (it stops where vLLM's own figures say)."""
     n = 0
     for s in steps:
         if s.notebook == "00_preflight":
@@ -61,4 +63,10 @@ def print_dry_run(plan: Plan, steps: list[Step]) -> None:
             )
             if p.get("reason"):
                 print(f"      {p['reason']}")
-    print("\n(dry run: nothing was launched)")
+    n, searches = expected_trial_count(plan, steps), sum(_trials(plan, s) is None for s in steps)
+    guess = (
+        f", counting {SEARCH_LAUNCHES_GUESS} per search: a guess, a search stops where it knows"
+        if searches
+        else ""
+    )
+    print(f"\n(dry run: nothing was launched; a run launches {n} trial(s){guess})")
