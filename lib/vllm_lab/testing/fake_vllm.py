@@ -39,6 +39,8 @@ Under load (streamed /v1/completions, as `vllm-lab load` sends them; chunks shap
                              stream sends a few tokens, then nothing: a per-request deadline must end it)
                              | flaky_stream (the next stream alone ends in the error chunk; the rest are clean)
                              | unhealthy_after (streams stay clean, /health answers 503 from then on)
+    FAKE_VLLM_NEEDS_EAGER  1: a start without --enforce-eager dies capturing CUDA graphs (cuda_oom), as a
+                           release whose graph memory sat outside the budget (before 0.21) could
     FAKE_VLLM_HEALTH       the status /health answers (default 200; 404: a server without /health, as Ollama)
     FAKE_VLLM_ENGINES      data-parallel engines (default 1): each has its own KV cache and seats, streams go
                            round-robin, and /metrics gives each series once per engine ({engine="0"}, ...)
@@ -562,6 +564,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--kv-cache-memory-bytes", type=int)
     p.add_argument("--quantization")
+    p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--served-model-name", nargs="+")
     p.add_argument("--api-key", nargs="+")
@@ -659,6 +662,9 @@ def main(argv: list[str] | None = None) -> None:
             "kv_cache_insufficient",
             {**ctx, "tokens": tokens, "need_gib": max_len * bpt / GIB, "avail_gib": avail},
         )
+    if env.get("FAKE_VLLM_NEEDS_EAGER") == "1" and not args.enforce_eager:
+        log.engine("Capturing CUDA graphs (mixed prefill-decode, PIECEWISE)")
+        die(log, "cuda_oom", ctx)
     alloc = float(env.get("FAKE_VLLM_GPU_ALLOC") or 0)
     if alloc > 0:  # its child holds the memory until the tree is stopped
         hold_kv_cache(log, budget * alloc, scenario == "stubborn_child")
