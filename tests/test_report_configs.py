@@ -270,3 +270,9 @@ def test_gpu_types_side_by_side_keep_two_models_apart():
     ]  # merged, one cell read "failed (cuda_oom), stable"
     largest = gpu_axis.largest_by_gpu(hypotheses.prepare(rows))
     assert len(largest) == 4 and "model" in largest.columns
+
+
+def test_seconds_to_outcome_names_the_model_of_each_bar():
+    fig = plots.seconds_figure(hypotheses.prepare(two_models()))
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert labels[0].startswith("01_restore_launcher") and labels[0].endswith("(tiny-qwen2-awq)")

@@ -304,7 +304,10 @@ def seconds_figure(df: pd.DataFrame) -> Figure | None:
     )
     for bar, faked in zip(bars, fake, strict=True):
         bar.set_hatch("//" if faked else "")
-    ax.set_yticks(range(len(rows)), [str(t) for t in rows["trial_id"]], fontsize=8)
+    names = [
+        f"{t} ({v})" if v else str(t) for t, v in zip(rows["trial_id"], variant_labels(rows), strict=True)
+    ]
+    ax.set_yticks(range(len(rows)), names, fontsize=8)  # which model (install, ...) where the run has several
     ax.invert_yaxis()
     handles = [Patch(color=OUTCOME_COLORS[o], label=o) for o in OUTCOME_COLORS if o in set(rows["outcome"])]
     if fake.any():
