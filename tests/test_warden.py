@@ -105,3 +105,18 @@ def test_a_server_stopped_by_its_launcher_releases_the_warden(tmp_path, fake_mod
         assert warden.alive()  # waiting while the server runs
         assert warden.pid not in {c.pid for c in psutil.Process().children(recursive=True)}  # nobody's child
     assert not warden.alive()  # released: it exited at once, and touched nothing
+
+
+def test_a_warden_whose_server_was_reaped_by_someone_else_ends(tmp_path, fake_model):
+    """`vllm-lab reap` (or any stop of the session) while the launcher still lives: the warden goes too."""
+    from conftest import fake_trial
+    from vllm_lab.launcher import VllmServer
+    from vllm_lab.proctree import stop_tree
+
+    srv = VllmServer(fake_trial(fake_model), tmp_path)
+    try:
+        assert srv.start().outcome == "ready"
+        stop_tree(srv.proc.pid, grace_s=2)
+        assert wait_until(lambda: not srv._warden.alive(), timeout=15)
+    finally:
+        srv.stop()

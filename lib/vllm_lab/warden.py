@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from typing import IO
 import psutil
 
 RELEASED = b"released"
+CHECK_S = 2.0  # while the launcher lives: how often to see whether the session was ended by someone else
 
 
 @dataclass
@@ -71,13 +73,33 @@ def main(argv: list[str]) -> int:
     print(os.getpid(), flush=True)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)  # the launcher stops reading after the pid line
-    said = sys.stdin.buffer.read()  # blocks until the launcher writes and closes, or dies
-    if said.startswith(RELEASED):
-        return 0
+    said = b""
+    while True:
+        ready, _, _ = select.select([sys.stdin], [], [], CHECK_S)
+        if ready:
+            chunk = os.read(sys.stdin.fileno(), 64)
+            said += chunk
+            if said.startswith(RELEASED):
+                return 0
+            if not chunk:
+                break  # the launcher died without releasing: stop what it left
+        elif not _session_alive(server_pid):
+            return 0  # ended by someone else (`vllm-lab reap`, a stop of the session): nothing left to guard
     from vllm_lab.proctree import stop_tree  # only now: the warden waits with little loaded
 
     stop_tree(server_pid, grace_s=grace_s)
     return 0
+
+
+def _session_alive(sid: int) -> bool:
+    """Anything left of the server's session (the leader gone, its children re-parented, count too)."""
+    if psutil.pid_exists(sid):
+        return True
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE:
+                return True
+    return False
 
 
 if __name__ == "__main__":
