@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from vllm_lab import attach, configs, hypotheses, issue_report, load_report, plots
+from vllm_lab import attach, configs, engines_report, hypotheses, issue_report, load_report, plots
 from vllm_lab.gpu_axis import gpu_axis_blocks
 from vllm_lab.install_compare import compare_blocks
 from vllm_lab.record import TRIALS_FILE, read_records
@@ -454,6 +454,7 @@ def report_blocks(df: pd.DataFrame, plot_paths: dict[str, Path | None]) -> list[
         ("heading", 2, "Search trajectory"),
         _image("search_trajectory", plot_paths, "This run has no max_model_len search step."),
         *load_report.load_blocks(df, plot_paths),  # under load: frontier, throughput, TTFT/ITL (issue 11)
+        *engines_report.engine_blocks(df),  # engines side by side (issue 23); nothing without engines
         ("heading", 2, "Trials"),
         ("table", trial_table(df)),
         *_lost_blocks(df),

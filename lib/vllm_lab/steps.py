@@ -20,6 +20,7 @@ NOTEBOOKS = (
     "02_context_budget",
     "03_max_context_search",
     "04_hypotheses",
+    "05_engines",
 )
 
 

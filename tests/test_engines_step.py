@@ -1,0 +1,125 @@
+"""Notebook 05_engines (engine_compare), its dry run on the team's P40 plan, and the report's "Engines side by
+side" section (engines_report). Unit tiers use records and plans only; the real tier runs the notebook
+through the batch with llama-server (the xllamacpp wheel) on the tiny GGUF under an address-space limit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from conftest import ROOT
+from vllm_lab import engine_compare, engines_report
+from vllm_lab.batch import run_plan
+from vllm_lab.cli import main
+from vllm_lab.errors import SpecError
+
+TINY_GGUF = ROOT / ".cache" / "models" / "tiny-qwen2.gguf"
+LIMIT = 210 * 2**20
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("entries", "says"),
+    [
+        ([], "ENGINES: give a list"),
+        ([{"name": "a", "engine": "tgi"}], "ENGINES[0].engine"),
+        ([{"name": "a/b"}], "ENGINES[0].name"),
+        ([{"name": "a"}, {"name": "a"}], "ENGINES[1].name: 'a' twice"),
+        ([{"name": "a", "memory_limit_bytes": -1}], "ENGINES[0].memory_limit_bytes"),
+        ([{"name": "a", "ctx": 1}], "ENGINES[0].ctx: unknown key"),
+    ],
+)
+def test_bad_engines_are_one_line_before_any_launch(entries, says):
+    with pytest.raises(SpecError) as e:
+        engine_compare.check_entries(entries)
+    assert says in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.unit
+def test_p40_plan_dry_run_predicts_each_engine(capsys):
+    assert main(["run", str(ROOT / "params" / "p40-engines.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    lines = {ln.split(" (")[0].strip(): ln for ln in out.splitlines() if "search, then LOAD" in ln}
+    assert set(lines) == {"vllm-awq", "vllm-fp16", "llamacpp-q4km-f16kv", "llamacpp-q4km-q8kv"}
+    assert "failed (quantization_unsupported_gpu)" in lines["vllm-awq"]  # what crashes on the P40
+    assert "predicted: failed" in lines["vllm-fp16"]  # mainline vLLM has no sm_61 kernels
+    for name, kv in (("llamacpp-q4km-f16kv", "KV 5.62 GiB (f16/f16)"), ("llamacpp-q4km-q8kv", "(q8_0/q8_0)")):
+        assert "predicted: ready, largest -c 40960" in lines[name] and kv in lines[name]
+        assert "a prediction" in lines[name]
+
+
+def _rec(step, n, outcome="ready", **kw):
+    return {"step": step, "engine": kw.pop("engine", "llamacpp"), "model": "/m/tiny.gguf", "max_model_len": n,
+            "outcome": outcome, "long_request_ok": outcome == "ready", "memory_limit": LIMIT,
+            "backend": "llamacpp-cpu", **kw}  # fmt: skip
+
+
+@pytest.mark.unit
+def test_side_by_side_from_records_and_engines_json(tmp_path):
+    level = {
+        "concurrency": 2,
+        "output_tokens_per_s": 123.456,
+        "ttft_ms": {"p90": 7.25},
+        "completed": 8,
+        "requests": 8,
+    }
+    recs = [
+        _rec("05_engines.lc", 13568, kv_cache_mib=6.62, n_ctx=13568),
+        _rec("05_engines.lc", 13824, "unstable", failure=None),
+        _rec("05_engines.lc", 13568, load={"levels": [level], "knee_concurrency": 2}, load_stable=True),
+        _rec("05_engines.awq", 16384, "failed", engine="vllm", failure="quantization_unsupported_gpu",
+             evidence="awq is not supported", memory_limit=None, gpu_memory_utilization=0.9),
+        _rec("03_max_context_search", 20352),  # another step: not an engine entry
+    ]  # fmt: skip
+    summ = [{"step": "05_engines", "name": "lc", "verdict": "found", "predicted_context": 13312},
+            {"step": "05_engines", "name": "awq", "verdict": "stopped"}]  # fmt: skip
+    (tmp_path / "engines.json").write_text(json.dumps(summ))
+    t = engines_report.table(recs, tmp_path).set_index("entry")
+    assert list(t.index) == ["lc", "awq"]
+    assert t.loc["lc", "starts"] == "yes" and t.loc["lc", "largest stable context"] == 13568
+    assert t.loc["lc", "launches"] == 2 and t.loc["lc", "KV at it"] == "6.62 MiB (13568 cells)"
+    assert t.loc["lc", "memory"] == "address space 210 MiB" and t.loc["lc", "knee (concurrency)"] == 2
+    assert t.loc["lc", "predicted (memory model, a prediction)"] == 13312
+    assert t.loc["awq", "starts"] == "no" and t.loc["awq", "why not"].startswith(
+        "quantization_unsupported_gpu"
+    )
+    lt = engines_report.load_table(recs, tmp_path)
+    assert (lt["output tok/s"].tolist(), lt["TTFT p90 ms"].tolist(), lt["knee"].tolist()) == (
+        [123.5],
+        [7.2],
+        ["*"],
+    )
+
+
+@pytest.mark.unit
+def test_no_section_without_engines():
+    import pandas as pd
+
+    df = pd.DataFrame([_rec("03_max_context_search", 20352, engine="vllm")])
+    assert engines_report.engine_blocks(df) == []
+
+
+@pytest.mark.llamacpp
+def test_notebook_05_with_the_real_llama_server(tmp_path):
+    plan = {
+        "name": "engines", "model": str(ROOT / ".cache" / "models" / "tiny-qwen2"),
+        "vllm_cmd": str(ROOT / ".venv-vllm" / "bin" / "python") + " -m vllm.entrypoints.openai.api_server",
+        "defaults": {"startup_timeout_s": 120, "request_timeout_s": 120},
+        "steps": [{"name": "05_engines", "notebook": "05_engines", "parameters": {
+            "LOAD": {"concurrency": [1, 2], "requests": 4, "prompt_tokens": 64, "output_tokens": 16},
+            "ENGINES": [{"name": "lc", "engine": "llamacpp", "model": str(TINY_GGUF), "memory_limit_bytes": LIMIT}],
+        }}],
+    }  # fmt: skip
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    res = run_plan(str(path), out=str(tmp_path / "out"))
+    assert not res.errors, res.errors
+    run_dir = res.run_dir
+    summ = json.loads((run_dir / "engines.json").read_text())[0]
+    assert summ["verdict"] == "found" and summ["block_size"] == 256 and summ["max_context"] % 256 == 0
+    assert summ["memory_limit"] == LIMIT and summ["load_stable"] is True and summ["launches"] <= 3
+    md = (run_dir / "report.md").read_text()
+    assert "## Engines side by side" in md and "address space 210 MiB" in md
+    assert "Engines side by side" in (run_dir / "report-issue.md").read_text()
+    assert "Engines side by side" in (run_dir / "report.html").read_text()
