@@ -42,10 +42,10 @@ def test_p40_plan_dry_run_predicts_each_engine(capsys):
     out = capsys.readouterr().out
     lines = {ln.split(" (")[0].strip(): ln for ln in out.splitlines() if "search, then LOAD" in ln}
     assert set(lines) == {"vllm-awq", "vllm-fp16", "llamacpp-q4km-f16kv", "llamacpp-q4km-q8kv"}
-    assert "failed (quantization_unsupported_gpu)" in lines["vllm-awq"]  # what crashes on the P40
-    assert "predicted: failed" in lines["vllm-fp16"]  # mainline vLLM has no sm_61 kernels
+    assert "does not start (quantization_unsupported_gpu)" in lines["vllm-awq"]  # what crashes on the P40
+    assert "does not start" in lines["vllm-fp16"]  # mainline vLLM has no sm_61 kernels
     for name, kv in (("llamacpp-q4km-f16kv", "KV 5.62 GiB (f16/f16)"), ("llamacpp-q4km-q8kv", "(q8_0/q8_0)")):
-        assert "predicted: ready, largest -c 40960" in lines[name] and kv in lines[name]
+        assert "predicted: starts, largest -c 40960" in lines[name] and kv in lines[name]
         assert "a prediction" in lines[name]
 
 

@@ -159,10 +159,14 @@ def predict_entry(e: dict, gpu: str | None, vllm_version: str | None, default_mo
                                   vllm_version=vllm_version)  # fmt: skip
     except Exception as err:  # a dry run prints every entry, also where nothing can be predicted
         return f"no prediction ({type(err).__name__}: {err})"
-    verdict = p.get("outcome", "?") + (f" ({p['failure']})" if p.get("failure") else "")
+    from vllm_lab.search import LENGTH_DEPENDENT
+
     cap = p.get("predicted_max_model_len")
-    return f"predicted: {verdict}" + (f", largest context about {cap}" if cap else "") + (
-        f"; {p['reason']}" if p.get("reason") else "")  # fmt: skip
+    if p.get("failure") and p["failure"] not in LENGTH_DEPENDENT:  # no context changes it: does not start
+        return f"predicted: does not start ({p['failure']}): {p.get('reason') or ''}".rstrip(": ")
+    return (
+        f"predicted: starts, largest context about {cap}" if cap else "predicted: starts (no capacity figure)"
+    )
 
 
 def _predict_llamacpp(e: dict, model: str, gpu: str | None) -> str:
@@ -197,7 +201,7 @@ def _predict_llamacpp(e: dict, model: str, gpu: str | None) -> str:
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if lc.bytes_at(facts, mid * lc.BLOCK, k, base) <= avail else (lo, mid - 1)
         edge = lo * lc.BLOCK
-    return (f"predicted: {'ready' if edge else 'failed (weights_oom)'}, largest -c {edge} of n_ctx_train {top} "
+    return (f"predicted: {'starts' if edge else 'does not start (weights_oom)'}, largest -c {edge} of n_ctx_train {top} "
             f"on {where}; at {top}: weights {full.weights_gib:.2f} GiB + KV {full.kv_gib:.2f} GiB "
             f"({k.cache_k}/{k.cache_v}) + compute {full.compute_gib:.2f} GiB (a prediction)")  # fmt: skip
 
