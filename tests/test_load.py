@@ -114,6 +114,16 @@ def test_parse_metrics_reads_the_fake_and_older_names():
     assert parse_metrics(page) == {"vllm:gpu_cache_usage_perc": 0.5, "vllm:num_preemptions_total": 3.0}
 
 
+def test_the_records_metrics_combine_data_parallel_engines():
+    """Before: the record kept the last engine listed (preemptions on engine 0 showed as 0)."""
+    page = ('vllm:num_preemptions_total{engine="0"} 3.0\nvllm:num_preemptions_total{engine="1"} 0.0\n'
+            'vllm:kv_cache_usage_perc{engine="0"} 0.9\nvllm:kv_cache_usage_perc{engine="1"} 0.2\n'
+            'vllm:num_requests_running{engine="0"} 2\nvllm:num_requests_running{engine="1"} 1\n')  # fmt: skip
+    got = parse_metrics(page)
+    assert got["vllm:num_preemptions_total"] == 3.0 and got["vllm:num_requests_running"] == 3.0
+    assert got["vllm:kv_cache_usage_perc"] == 0.9
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 

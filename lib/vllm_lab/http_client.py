@@ -107,7 +107,6 @@ def body_message(raw: bytes) -> str:
         return raw.decode(errors="replace")[:300]
 
 
-_METRIC = re.compile(r"^([a-z]+:[a-z_]+)(?:\{[^}]*\})?\s+([0-9.eE+-]+)$")
 RECORDED = ("kv_usage", "running", "waiting", "preemptions")  # what a record's `metrics` keeps
 
 
@@ -121,16 +120,33 @@ def read_metrics(base_url: str, *, api_key: str | None = None) -> dict:
     return parse_metrics(text)
 
 
-def parse_metrics(text: str) -> dict:
-    """Those metrics from a Prometheus text page (/metrics), the last value of each name, under the engine's
-    own series names (a page holds one engine's)."""
-    keep = engines.metric_series(RECORDED)
-    info = engines.metric_series(("cache_config_info",))
-    out = {}
+# With --data-parallel-size N vLLM exports each series once per engine ({engine="0"}, ...): the server's load
+# is the sum of the engines' counters and queues; its KV pressure is the fullest engine's cache.
+_SERIES = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{[^}]*\})?\s+([0-9.eE+-]+|NaN)$")
+
+
+def combine_series(text: str, summed: tuple[str, ...], maxed: tuple[str, ...]) -> dict:
+    """Those series from a Prometheus page, each combined over every engine that exports it."""
+    out: dict = {}
     for line in text.splitlines():
-        m = _METRIC.match(line.strip())
-        if m and m.group(1) in keep:
-            out[m.group(1)] = float(m.group(2))
+        m = _SERIES.match(line.strip())
+        if not m or m.group(1) not in summed + maxed or m.group(2) == "NaN":
+            continue
+        name, value = m.group(1), float(m.group(2))
+        out[name] = (
+            value if name not in out else (out[name] + value if name in summed else max(out[name], value))
+        )
+    return out
+
+
+def parse_metrics(text: str) -> dict:
+    """Those metrics from a Prometheus text page (/metrics) under the engine's own series names (a page holds
+    one engine's), combined over data-parallel engines as combine_series does."""
+    summed = tuple(engines.metric_series(tuple(n for n in RECORDED if n != "kv_usage")))
+    out = combine_series(text, summed, tuple(engines.metric_series(("kv_usage",))))
+    info = engines.metric_series(("cache_config_info",))
+    for line in text.splitlines():
+        m = _SERIES.match(line.strip())
         if m and m.group(1) in info:  # the KV pool as vLLM sized it (search's +1 proof)
             for k, v in re.findall(
                 r'[{,](num_gpu_blocks|block_size|kv_cache_max_concurrency)="([0-9.]+)"', line

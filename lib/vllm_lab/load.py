@@ -25,7 +25,6 @@ import contextlib
 import json
 import math
 import random
-import re
 import sys
 import threading
 import time
@@ -41,7 +40,7 @@ import numpy as np
 from vllm_lab import engines
 from vllm_lab.engines import vllm_log as logscan  # vLLM's fatal lines (the load knows no engine yet)
 from vllm_lab.http_client import StreamState as _StreamState
-from vllm_lab.http_client import body_message, sse_data, token_prompt
+from vllm_lab.http_client import body_message, combine_series, sse_data, token_prompt
 from vllm_lab.http_client import loopback as _loopback
 from vllm_lab.load_spec import MAX_CONCURRENCY, MAX_LEVELS, MAX_REQUESTS, LoadSpec  # noqa: F401
 from vllm_lab.spec import SpecError
@@ -242,27 +241,16 @@ class _Scraper:
             self.note(await self.read())
 
 
-# With --data-parallel-size N vLLM exports each series once per engine ({engine="0"}, ...): the server's load
-# is the sum of the engines' counters and queues; its KV pressure is the fullest engine's cache.
-# The series names are every engine's (engines/*.py `metrics`; a page holds one engine's).
+# The series names are every engine's (engines/*.py `metrics`; a page holds one engine's), each combined over
+# data-parallel engines (http_client.combine_series: counters and queues summed, KV usage the fullest).
 SUMMED = tuple(sorted(engines.metric_series(("running", "waiting", "preemptions", "prefix_cache_hits"))))
 MAXED = tuple(sorted(engines.metric_series(("kv_usage",))))
-_SERIES = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{[^}]*\})?\s+([0-9.eE+-]+|NaN)$")
 COUNTED = ("preemptions", "prefix_cache_hits")  # counters: a level's figure is the difference
 
 
 def combined_metrics(text: str) -> dict:
     """The load's series from a /metrics page, each combined over every engine that exports it."""
-    out: dict = {}
-    for line in text.splitlines():
-        m = _SERIES.match(line.strip())
-        if not m or m.group(1) not in SUMMED + MAXED or m.group(2) == "NaN":
-            continue
-        name, value = m.group(1), float(m.group(2))
-        out[name] = (
-            value if name not in out else (out[name] + value if name in SUMMED else max(out[name], value))
-        )
-    return out
+    return combine_series(text, SUMMED, MAXED)
 
 
 def _peak(old: float | None, new: float | None) -> float | None:
