@@ -86,7 +86,7 @@ def test_side_by_side_from_records_and_engines_json(tmp_path):
     )
     lt = engines_report.load_table(recs, tmp_path)
     assert (lt["output tok/s"].tolist(), lt["TTFT p90 ms"].tolist(), lt["knee"].tolist()) == (
-        [123.5],
+        [123],
         [7.2],
         ["*"],
     )

@@ -80,10 +80,10 @@ def _summaries(run_dir) -> dict[str, dict]:
 
 def _kv(r: dict) -> str:
     if r.get("kv_cache_mib") is not None:
-        return f"{r['kv_cache_mib']:g} MiB ({r.get('n_ctx') or r.get('max_model_len')} cells)"
+        return f"{r['kv_cache_mib']:g} MiB ({int(r.get('n_ctx') or r.get('max_model_len'))} cells)"
     if r.get("kv_cache_tokens") is not None:
         gib = r.get("available_kv_gib")
-        return f"{r['kv_cache_tokens']} tokens" + (f" ({gib:g} GiB)" if gib is not None else "")
+        return f"{int(r['kv_cache_tokens'])} tokens" + (f" ({gib * 1024:.1f} MiB)" if gib is not None else "")
     return "-"
 
 
@@ -147,7 +147,10 @@ def load_table(records, run_dir=None) -> pd.DataFrame:
 
 
 def _round(v):
-    return round(float(v), 1) if isinstance(v, int | float) else v
+    """Whole numbers from 100 up (the renderer prints 3 significant digits of a float: 4.74e+03)."""
+    if not isinstance(v, int | float):
+        return v
+    return round(v) if abs(v) >= 100 else round(float(v), 1)
 
 
 def frame(records, run_dir=None) -> pd.DataFrame:
