@@ -23,6 +23,7 @@ import fcntl
 import json
 import os
 import platform
+import shlex
 import shutil
 import sys
 import tempfile
@@ -227,7 +228,7 @@ def refuse_cuda_without_gpus(cmds: list[tuple], address: str) -> None:
         return
     from vllm_lab.launcher import backend_of_command
 
-    for cmd, env in dict.fromkeys((c if isinstance(c, str) else " ".join(c), tuple(sorted((e or {}).items())))
+    for cmd, env in dict.fromkeys((c if isinstance(c, str) else shlex.join(c), tuple(sorted((e or {}).items())))
                                   for c, e in cmds):  # fmt: skip
         if backend_of_command(cmd, dict(env)).endswith("-cuda"):
             raise SpecError(
