@@ -111,6 +111,17 @@ more launch confirms it, and the next step up is proven by the same report (free
 put between launches). Otherwise it bisects. Failures that mean "too little memory" (kv_cache_insufficient,
 no_kv_memory) bound the answer from below instead of above.
 
+llama.cpp
+---------
+``run_search`` on a trial with ``engine: llamacpp`` searches ``-c`` at llama.cpp's own block, 256 (it pads
+n_ctx to it), up to the GGUF's n_ctx_train (search_llamacpp). Its failures name no capacity, so the memory
+model's guess (memory_gguf: weights + KV + compute in the budget: an address-space limit on this CPU box,
+the card on a GPU) is launched first, unmoved, and then guides as an approximate report: +1 block after a
+pass, -1 after a failure, so a guess right to the block takes 2 launches (the answer and its +1 block).
+kv_cache_oom, compute_oom, context_exceeded and an out-of-memory after the start prove (they grow with
+-c); weights_oom, bad_model_file and gpu_unsupported stop the search. Under an address-space limit a request
+that fails (even the short chat) is proof: its memory comes out of what -c left.
+
 The algorithm never launches anything itself: it takes ``launch(max_model_len) -> record`` (a result record,
 keys as record.FIELDS). ``trial_launcher`` builds one from probe.run_trial. Stand-ins for tests and the
 benchmark live in vllm_lab/testing/simulated.py, the baselines (plain bisection, auto_tune) in benchmarks/.
