@@ -489,6 +489,7 @@ class _LenSearch:
         self.good_why = ""
         self.reports: list[Report] = []
         self.trust_reports = True
+        self.guess_report = guess_report
         if guess_report and first_guess is not None:
             # an engine whose failures name no capacity (llama.cpp): the memory model's guess guides the
             # launches after the first (+1 block after a pass, -1 after a failure) and never proves anything
@@ -598,6 +599,8 @@ class _LenSearch:
                 top = self.top()
                 if top is not None:
                     k = min(k, top)
+                if self.exact_first and self.guess_report:
+                    return k, f"the memory model's guess {self.first_guess}"
                 if self.exact_first:
                     return k, f"exact prediction {self.first_guess}"
                 k2 = self._clamp(k, bad)
