@@ -126,6 +126,8 @@ def _add_trial_flags(s: argparse.ArgumentParser) -> None:
     m.add_argument("--gpu-memory-utilization", type=float)
     m.add_argument("--kv-cache-memory-bytes", type=int)
     s.add_argument("--extra-args", default="", help="extra vLLM args as one string")
+    s.add_argument("--engine", default=None, help="which server: vllm (default) or llamacpp (model: a .gguf)")
+    s.add_argument("--memory-limit", type=int, metavar="BYTES", help="address-space limit on the server")
     _add_load_flag(s)
 
 
@@ -283,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("tiny-model", help="build the tiny offline Qwen2-style test model")
     s.add_argument("out_dir")
     s.add_argument("--awq", action="store_true", help="a variant whose config.json says AWQ")
+    s.add_argument("--gguf", action="store_true", help="one GGUF for llama.cpp (OUT: FILE.gguf or a folder)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_tiny_model)
     listed = {a.dest: a for a in sub._choices_actions}  # argparse keeps the help entries in this list
