@@ -28,7 +28,11 @@ MIB = 2**20
 # The server's address space besides weights, KV and compute buffers: measured with /proc/PID/status VmSize
 # on .venv-llamacpp/bin/llama-server (python + the xllamacpp wheel, MALLOC_ARENA_MAX=1, 15 threads on 2
 # cores): 183.3 MiB at -c 8192, 184.5 MiB at -c 32768 (the slots' token buffers: about 51 bytes per cell).
-# A plain llama-server binary maps less (no python): the guess is then low, and the search climbs.
+# A plain llama-server binary maps less (no python): the guess is then low, and the search climbs. Most of
+# it is thread stacks (8 MiB each; llama.cpp's HTTP and compute threads grow with the CPU count), so on
+# another machine the guess is off by about 19 blocks of the tiny model per thread, and the search walks
+# and bisects from there (never more than plain bisection's worst case + 2).
+MEASURED_ON_CPUS = 2
 ADDRESS_SPACE_BASE = int(183.3 * MIB)
 ADDRESS_SPACE_PER_CELL = 51
 # Serving the request that fills the context needs memory of its own (the prompt's tokens in the server's
