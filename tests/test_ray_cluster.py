@@ -179,7 +179,6 @@ class TestLocalCluster:
         assert not fake_servers(str(fake_model)) and not left.exists()
         server.stop()
 
-
     def test_the_local_cluster_listens_on_loopback_only(self):
         """`--ray local` needs no network: older Ray heads have no auth (issue 22, point 15)."""
         assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")

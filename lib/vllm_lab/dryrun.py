@@ -53,7 +53,10 @@ def print_dry_run(plan: Plan, steps: list[Step]) -> None:
         if s.notebook == "05_engines":  # each engine: the memory model's and the rules' prediction
             from vllm_lab.engine_compare import dry_run_lines
 
-            params = {**notebook_parameter_defaults(s.notebook), **plan.notebook_parameters(s, plan.path.parent)}
+            params = {
+                **notebook_parameter_defaults(s.notebook),
+                **plan.notebook_parameters(s, plan.path.parent),
+            }
             for line in dry_run_lines(params, plan.gpu, plan.vllm_version):
                 print(f"  {line}")
             continue

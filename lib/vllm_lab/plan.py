@@ -192,7 +192,9 @@ def load_plan(path: str | Path, *, check_command: bool = True) -> Plan:
     plan.retries = _expect("retries", raw.get("retries", 0), int, "1 (reruns of a trial lost with its node)")
     if plan.retries < 0:
         raise SpecError(f"retries: {plan.retries} must be 0 or more")
-    plan.cpu_trials_per_node = _expect("cpu_trials_per_node", raw.get("cpu_trials_per_node", 1), int, "2 (0: no limit)")
+    plan.cpu_trials_per_node = _expect(
+        "cpu_trials_per_node", raw.get("cpu_trials_per_node", 1), int, "2 (0: no limit)"
+    )
     if plan.cpu_trials_per_node < 0:
         raise SpecError(f"cpu_trials_per_node: {plan.cpu_trials_per_node} must be 0 (no limit) or more")
     from vllm_lab.installs import attach
