@@ -119,6 +119,16 @@ def test_swa_caches_are_summed_and_auto_flash_attention_resolved():
     assert scan.ready and scan.failure is None
 
 
+def test_flash_attention_as_the_builds_since_2026_resolve_auto():
+    """xllamacpp 11549 (llama.cpp build 11549) with -lv 4: `flash_attn = auto`, then this line (H2a's run)."""
+    log = (
+        "0.00.100 I llama_context: flash_attn    = auto\n"
+        "0.00.120 I llama_context: resolve_fused_ops: Flash Attention enabled\n"
+    )
+    assert scan_log(log).flash_attn is True
+    assert scan_log(log.replace("enabled", "disabled")).flash_attn is False
+
+
 @pytest.mark.parametrize(
     ("line", "mib"),
     [

@@ -229,6 +229,7 @@ FACTS: dict[str, tuple[str, ...]] = {
     "layers_total": (r"offloaded \d+/(\d+) layers to GPU",),
     "flash_attn": (
         r"Flash Attention was auto, set to (\w+)",
+        r"resolve_fused_ops: Flash Attention (enabled|disabled)\b",  # builds since ~2026: -fa auto resolved
         rf"^{_CTX}: flash_attn += (\w+)",
     ),
     "engine_version": (
@@ -258,7 +259,6 @@ _FALSE = {"0", "false", "disabled", "off", "no"}
 
 
 def _facts(records: list[str]) -> dict[str, object]:
-    joined = "\n".join(records)
     facts: dict[str, object] = {}
     for fact, patterns in _FACTS_RX.items():
         facts[fact] = None
@@ -283,7 +283,6 @@ def _facts(records: list[str]) -> dict[str, object]:
     dev = [m.group(1) for r in records if (m := _MODEL_BUFFER.search(r))]
     gpu = [v for d, v in zip(dev, gpu, strict=True) if not _HOST_DEVICES.match(d)]
     facts["model_buffer_mib"] = round(sum(gpu), 2) if gpu else None
-    del joined
     return facts
 
 
