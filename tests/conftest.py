@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -70,6 +71,17 @@ def fake_trial(model, **kw) -> Trial:
 
 def fake_env(**knobs) -> dict[str, str]:
     return {f"FAKE_VLLM_{k.upper()}": str(v) for k, v in knobs.items()}
+
+
+def wait_until(cond, timeout: float = 30.0, step: float = 0.2):
+    """cond()'s first truthy value within the timeout, else its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(step)
+    return cond()
 
 
 def processes_in_session(sid: int) -> list[int]:

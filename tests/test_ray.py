@@ -33,16 +33,6 @@ def fake_servers(marker: str) -> list[psutil.Process]:
     return out
 
 
-def wait_until(cond, timeout: float = 30.0, step: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(step)
-    return cond()
-
-
 # ---- without Ray ----------------------------------------------------------------------------------------
 
 

@@ -23,8 +23,8 @@ from pathlib import Path
 import psutil
 import pytest
 import ray  # the `ray` extra, installed by `make setup`
-from conftest import FAKE_MODEL_CONFIG, ROOT, fake_trial
-from test_ray import _plan, fake_servers, wait_until
+from conftest import FAKE_MODEL_CONFIG, ROOT, fake_trial, wait_until
+from test_ray import _plan, fake_servers
 from vllm_lab import ray_exec, record
 from vllm_lab.launcher import OWNER_ENV
 

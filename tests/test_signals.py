@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from conftest import FAKE_CMD, ROOT
+from conftest import FAKE_CMD, ROOT, wait_until
 from vllm_lab import record, signals
 from vllm_lab.launcher import OWNER_ENV
 
@@ -39,16 +39,6 @@ def owned(mark: str) -> list[psutil.Process]:
             if p.environ().get(OWNER_ENV) == mark and p.status() != psutil.STATUS_ZOMBIE:
                 out.append(p)
     return out
-
-
-def wait_for(cond, timeout: float = 60.0, step: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(step)
-    return cond()
 
 
 def _server(mark: str) -> psutil.Process | None:
@@ -91,11 +81,11 @@ def _terminate_at(argv: list[str], moment: str, tmp_path: Path, env: dict | None
         proc = subprocess.Popen(argv, env=full_env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=f,
                                 start_new_session=True)  # fmt: skip
     try:
-        reached = wait_for(lambda: MOMENTS[moment](mark) or proc.poll() is not None, timeout=120)
+        reached = wait_until(lambda: MOMENTS[moment](mark) or proc.poll() is not None, timeout=120)
         assert reached and proc.poll() is None, f"{moment} never came: {err.read_text()[-2000:]}"
         proc.send_signal(sig)
         rc = proc.wait(timeout=60)
-        left = wait_for(lambda: not owned(mark), timeout=5) or owned(mark)
+        left = wait_until(lambda: not owned(mark), timeout=5) or owned(mark)
         survivors = [] if left is True else [f"{p.pid} {' '.join(p.cmdline())[:120]}" for p in left]
         assert not survivors, (
             f"left behind after {signal.Signals(sig).name} at {moment} (exit {rc}): {survivors}; stderr: {err.read_text()[-1500:]}"

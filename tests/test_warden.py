@@ -14,8 +14,8 @@ import textwrap
 
 import psutil
 import pytest
-from conftest import FAKE_CMD, fake_env, processes_in_session
-from test_ray import fake_servers, wait_until
+from conftest import FAKE_CMD, fake_env, processes_in_session, wait_until
+from test_ray import fake_servers
 
 pytestmark = pytest.mark.fake
 
