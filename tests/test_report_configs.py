@@ -276,3 +276,17 @@ def test_seconds_to_outcome_names_the_model_of_each_bar():
     fig = plots.seconds_figure(hypotheses.prepare(two_models()))
     labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
     assert labels[0].startswith("01_restore_launcher") and labels[0].endswith("(tiny-qwen2-awq)")
+
+
+def test_a_llamacpp_row_names_its_memory_limit_and_no_vllm_launcher():
+    """Before: llama.cpp trials read "launcher head, memory default" (H7's run): a limit is its memory setting."""
+    rows = [
+        new_record(model="/x/tiny.gguf", engine="llamacpp", launcher="head", max_model_len=13568,
+                   memory_limit=210 << 20, outcome="ready", long_request_ok=True, argv=["llama-server"]),
+        new_record(model="/x/tiny", launcher="head", max_model_len=20352, kv_cache_memory_bytes=10 << 20,
+                   outcome="ready", long_request_ok=True, argv=["python", "-m", "vllm"]),
+    ]  # fmt: skip
+    df = hypotheses.prepare(rows)
+    by = df.set_index("engine")
+    assert by.loc["llamacpp", "memory_label"] == "limit 210 MiB" and by.loc["llamacpp", "launcher"] == "—"
+    assert by.loc["vllm", "memory_label"] == "KV 10 MiB" and by.loc["vllm", "launcher"] == "head"

@@ -107,6 +107,10 @@ def add_columns(df: pd.DataFrame) -> pd.DataFrame:
     gpu = df["gpu"] if "gpu" in df else pd.Series([None] * len(df), index=df.index, dtype=object)
     df["model_name"] = [model_name(m) or "—" for m in df["model"]]
     df["engine"] = [str(e) if _known(e) else DEFAULT_ENGINE for e in engine]
+    # legacy/head/explicit are vLLM's launcher generations: another engine has none
+    df["launcher"] = [
+        la if e == DEFAULT_ENGINE else "—" for la, e in zip(df["launcher"], df["engine"], strict=True)
+    ]
     df["install_label"] = install_labels(df["install"], df["vllm_version"])
     df["gpu_type"] = [str(g) if _known(g) else (str(n) if _known(n) else "—") for g, n in zip(gpu, df["gpu_name"], strict=True)]  # fmt: skip
     df["flags"] = [engine_flags(a) for a in df["argv"]]

@@ -57,14 +57,10 @@ def prepare(records) -> pd.DataFrame:
     for name in FIELDS:
         if name not in df.columns:
             df[name] = None
-    df["memory_kind"] = [
-        _memory_kind(u, kv)
-        for u, kv in zip(df["gpu_memory_utilization"], df["kv_cache_memory_bytes"], strict=True)
-    ]
-    df["memory_setting"] = [
-        _memory_value(u, kv)
-        for u, kv in zip(df["gpu_memory_utilization"], df["kv_cache_memory_bytes"], strict=True)
-    ]
+    limit = df["memory_limit"] if "memory_limit" in df else pd.Series([None] * len(df), index=df.index)
+    knobs = list(zip(df["gpu_memory_utilization"], df["kv_cache_memory_bytes"], limit, strict=True))
+    df["memory_kind"] = [_memory_kind(u, kv, lim) for u, kv, lim in knobs]
+    df["memory_setting"] = [_memory_value(u, kv, lim) for u, kv, lim in knobs]
     df["memory_label"] = [
         memory_label(k, v) for k, v in zip(df["memory_kind"], df["memory_setting"], strict=True)
     ]
@@ -84,29 +80,40 @@ def _known(v) -> bool:
     return v is not None and not (isinstance(v, float) and pd.isna(v))
 
 
-def _memory_kind(util, kv) -> str | None:
+def _memory_kind(util, kv, limit=None) -> str | None:
     if _known(util):
         return "util"
-    return "kv" if _known(kv) else None
+    if _known(kv):
+        return "kv"
+    return "limit" if _known(limit) else None  # an address-space limit on the server (a card's stand-in)
 
 
-def _memory_value(util, kv) -> float | None:
-    if _known(util):
-        return float(util)
-    return float(kv) if _known(kv) else None
+def _memory_value(util, kv, limit=None) -> float | None:
+    for v in (util, kv, limit):
+        if _known(v):
+            return float(v)
+    return None
+
+
+def _bytes(value: float) -> str:
+    gib = value / 2**30
+    return f"{gib:.3g} GiB" if gib >= 1 else f"{value / 2**20:.4g} MiB"
 
 
 def memory_label(kind: str | None, value: float | None) -> str:
-    """'util 0.85', 'KV 12 MiB', or 'default' when neither knob was set."""
+    """'util 0.85', 'KV 12 MiB', 'limit 210 MiB' (the server's address space), or 'default' when none was set."""
     if kind == "util":
         return f"util {value:g}"
     if kind == "kv":
-        gib = value / 2**30
-        return f"KV {gib:.3g} GiB" if gib >= 1 else f"KV {value / 2**20:.4g} MiB"
+        return f"KV {_bytes(value)}"
+    if kind == "limit":
+        return f"limit {_bytes(value)}"
     return "default"
 
 
 def memory_axis_name(kind: str | None) -> str:
+    if kind == "limit":
+        return "the server's memory limit (memory_limit_bytes)"
     return "gpu_memory_utilization" if kind == "util" else "KV budget (kv_cache_memory_bytes)"
 
 
