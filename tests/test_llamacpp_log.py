@@ -252,3 +252,12 @@ def test_real_cpu_runs_under_an_address_space_limit(name, kind, evidence):
     scan = scan_file(LOGS / "own-runs" / name)
     assert scan.failure == kind and evidence in scan.evidence
     assert scan.n_ctx == 4194304 and scan.engine == "llamacpp" and scan.engine_version is None
+
+
+def test_ggml_inits_failed_buffer_is_an_allocation_failure_named_by_the_phase():
+    """H7's run under a 150 MiB limit died with this assert; it was `other`, so the search stopped "twice"."""
+    log = (
+        "0.00.010 I llama_context: n_ctx         = 4096\n"
+        "0.00.020 E /src/ggml/src/ggml.c:1594: GGML_ASSERT(ctx->mem_buffer != NULL) failed\n"
+    )
+    assert scan_log(log).failure == "kv_cache_oom"

@@ -64,6 +64,7 @@ _PREFIXES = tuple(
         r"^\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d(?:[.,]\d+)?(?:Z|[+-]\d\d:?\d\d)? ",  # Docker Desktop timestamps
         r"^\[\d{9,}\] ",  # "[1724830909] " (--log-file era)
         r"^(?:\[\d+\] )?\d+\.\d\d\.\d{3}\.\d{3} [DIWE] ",  # "[47161] 0.14.912.338 D " (timestamped log)
+        r"^\d+\.\d\d\.\d{3} [DIWE] ",  # "0.00.009 I " (today's builds: minutes.seconds.millis and the level)
         r"^\[\d\d:\d\d:\d\d(?:\.\d+)?\] (?:[A-Z]+ +)?",  # "[14:50:11.903191] INFO     " (rich)
     )
 )
@@ -176,6 +177,8 @@ RULES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
             r"failed to allocate (?P<device>\S+) buffer of size (?P<bytes>\d+)",
             # std::thread could not map its stack: under an address-space limit, the memory ran out
             r"what\(\):\s+Resource temporarily unavailable",
+            # ggml_init could not allocate its context's buffer (seen under a 150 MiB address-space limit)
+            r"GGML_ASSERT\(ctx->mem_buffer != NULL\) failed",
         ),
     ),
     (
