@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -97,6 +98,9 @@ def processes_in_session(sid: int) -> list[int]:
 
 # Servers launched by this test run (also from notebook kernels, which inherit this) carry our pid.
 os.environ[OWNER_ENV] = str(os.getpid())
+# The batch lock is machine-wide (/tmp): each test process (an xdist worker) gets its own, so two workers'
+# batches, or a user's real run on this machine, never refuse each other. Lock tests set theirs.
+os.environ["VLLM_LAB_LOCK_DIR"] = tempfile.mkdtemp(prefix="vllm-lab-lock-")
 
 
 def _ray_own(p: psutil.Process) -> bool:

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 from vllm_lab import engines
-from vllm_lab.engines import ollama
+from vllm_lab.engines import ollama, ollama_check
 from vllm_lab.errors import SpecError
 from vllm_lab.probe import run_trial
 from vllm_lab.spec import Trial
@@ -272,12 +272,12 @@ def test_backend_from_the_install_layout(tmp_path):
 
 
 def test_a_model_wholly_on_the_cpu_beside_a_visible_gpu_is_said(store, monkeypatch):
-    monkeypatch.setattr(ollama, "_gpu_visible", lambda trial: True)
-    check = ollama.OllamaCheck(ollama_trial(store), "http://127.0.0.1:9", long=False)
+    monkeypatch.setattr(ollama_check, "_gpu_visible", lambda trial: True)
+    check = ollama_check.OllamaCheck(ollama_trial(store), "http://127.0.0.1:9", long=False)
     assert check._context({"context_length": 2048, "size": 6 << 30, "size_vram": 0})
     assert check.out["offload_fraction"] == 0 and "the whole model on the CPU" in check.notes[0]
-    monkeypatch.setattr(ollama, "_gpu_visible", lambda trial: False)  # a CPU-only box: nothing to say
-    check = ollama.OllamaCheck(ollama_trial(store), "http://127.0.0.1:9", long=False)
+    monkeypatch.setattr(ollama_check, "_gpu_visible", lambda trial: False)  # a CPU-only box: nothing to say
+    check = ollama_check.OllamaCheck(ollama_trial(store), "http://127.0.0.1:9", long=False)
     assert check._context({"context_length": 2048, "size": 6 << 30, "size_vram": 0}) and not check.notes
 
 

@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from vllm_lab.spec import SpecError
+from vllm_lab.errors import SpecError
 
 DESCRIPTION = (
     "Find out why a vLLM (or llama.cpp) server will not start on your GPU, and what does. vllm-lab launches the "

@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vllm_lab.errors import SpecError
 from vllm_lab.paths import params_dir
-from vllm_lab.spec import SpecError
 
 MIB = 1 << 20
 _NVML_OVERRIDE: Any = None

@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from vllm_lab import compat, memory, memory_gguf
+from vllm_lab.errors import SpecError
 from vllm_lab.gpu import GpuProfile, inventory, list_gpu_profiles, load_gpu_profile, profile_from_device
-from vllm_lab.spec import SpecError
 
 PREFLIGHT_UTILIZATIONS = (0.85, 0.95)
 DTYPES = ("auto", "float16", "bfloat16")

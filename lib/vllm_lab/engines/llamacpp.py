@@ -24,8 +24,6 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-import httpx
-
 from vllm_lab import commands
 from vllm_lab.engines import llamacpp_log
 from vllm_lab.engines.base import Engine
@@ -148,6 +146,8 @@ def version(cmd: str | list[str] | tuple[str, ...], env: Mapping[str, str] | Non
 def server_props(base_url: str, api_key: str | None = None, timeout: float = 10.0) -> dict:
     """llama-server's /props ({} when it does not answer): total_slots, default_generation_settings.n_ctx
     (per slot), build_info, model_path."""
+    import httpx  # here only: the engine registry imports on a bare python (`vllm-lab gpus`, gpu-check.sh)
+
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     try:  # our own loopback server: never through HTTP(S)_PROXY
         r = httpx.get(f"{base_url}/props", headers=headers, timeout=timeout, trust_env=False)
