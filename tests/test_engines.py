@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from vllm_lab import engines
 from vllm_lab.engines.base import METRIC_NAMES, Engine
@@ -132,6 +134,24 @@ def test_plan_step_and_install_take_an_engine_and_reject_an_unknown_one(tmp_path
         load_plan(_plan(tmp_path, fake_model, ", engine: tgi"), check_command=False)
     with pytest.raises(SpecError, match=r"^installs\.mine\.engine: 'tgi' is not one of"):
         load_plan(_plan(tmp_path, fake_model, install_extra=", engine: tgi"), check_command=False)
+
+
+def test_the_plans_vllm_defaults_do_not_reach_a_step_on_another_engine(tmp_path, fake_model):
+    """Before: the CPU demo's defaults (--enforce-eager, VLLM_ENABLE_V1_MULTIPROCESSING) ended a llama.cpp step
+    with "--enforce-eager is vLLM's", and the step could not override them (EXTRA_ARGS is the plan's)."""
+    from vllm_lab.plan import load_plan
+
+    text = _plan(tmp_path, fake_model, ", install: mine", ", engine: llamacpp")
+    text_path = tmp_path / "plan.yaml"
+    text_path.write_text(
+        text_path.read_text()
+        + "defaults: {extra_args: [--enforce-eager], env: {VLLM_ENABLE_V1_MULTIPROCESSING: '0'}}\n"
+    )
+    plan = load_plan(text, check_command=False)
+    params = plan.notebook_parameters(plan.steps[0], tmp_path)
+    assert params["EXTRA_ARGS"] == [] and "VLLM_ENABLE_V1_MULTIPROCESSING" not in params["ENV"]
+    vllm_step = dataclasses.replace(plan.steps[0], install=None)
+    assert plan.notebook_parameters(vllm_step, tmp_path)["EXTRA_ARGS"] == ["--enforce-eager"]
 
 
 @pytest.mark.fake

@@ -290,3 +290,13 @@ def test_a_llamacpp_row_names_its_memory_limit_and_no_vllm_launcher():
     by = df.set_index("engine")
     assert by.loc["llamacpp", "memory_label"] == "limit 210 MiB" and by.loc["llamacpp", "launcher"] == "—"
     assert by.loc["vllm", "memory_label"] == "KV 10 MiB" and by.loc["vllm", "launcher"] == "head"
+
+
+def test_an_install_of_another_engine_is_labelled_with_its_own_version():
+    """Before: a llama.cpp install read "llamacpp (vLLM version not reported)"."""
+    rows = [
+        new_record(model="/x/tiny.gguf", engine="llamacpp", engine_version="11549", install="cpp", outcome="failed"),
+        new_record(model="/x/tiny", install="new", vllm_version="0.32.0", outcome="ready"),
+    ]  # fmt: skip
+    labels = set(hypotheses.prepare(rows)["install_label"])
+    assert labels == {"cpp (llama.cpp build 11549)", "new (vLLM 0.32.0)"}

@@ -84,18 +84,26 @@ def engine_flags(argv, *, drop_eager: bool = False) -> str:
     return " ".join(sorted(kept)) or NONE
 
 
-def install_labels(install: pd.Series, version: pd.Series) -> list[str]:
-    """Per row, the plan's install name with the vLLM version(s) its servers reported ("—" where no install
-    was named: the plan's one command). Keyed by the name: a trial that failed before its log printed the
-    version is the same install as its neighbours."""
+ENGINE_NAMES = {"vllm": "vLLM", "llamacpp": "llama.cpp build", "ollama": "Ollama"}
+
+
+def install_labels(install: pd.Series, version: pd.Series, engine: pd.Series | None = None) -> list[str]:
+    """Per row, the plan's install name with the version(s) its servers reported ("—" where no install
+    was named: the plan's one command): vLLM's, or the engine's own (llama.cpp's build). Keyed by the name: a
+    trial that failed before its log printed the version is the same install as its neighbours."""
+    engine = engine if engine is not None else pd.Series([DEFAULT_ENGINE] * len(install), index=install.index)
     reported: dict[str, list[str]] = {}
-    for i, v in zip(install, version, strict=True):
+    named: dict[str, str] = {}
+    for i, v, e in zip(install, version, engine, strict=True):
         if _known(i):
+            named[str(i)] = ENGINE_NAMES.get(str(e), str(e))
             seen = reported.setdefault(str(i), [])
             if _known(v) and str(v) not in seen:
                 seen.append(str(v))
     labels = {
-        name: f"{name} (vLLM {', '.join(vs)})" if vs else f"{name} (vLLM version not reported)"
+        name: f"{name} ({named[name]} {', '.join(vs)})"
+        if vs
+        else f"{name} ({named[name]} version not reported)"
         for name, vs in reported.items()
     }
     return [labels[str(i)] if _known(i) else "—" for i in install]
@@ -111,7 +119,9 @@ def add_columns(df: pd.DataFrame) -> pd.DataFrame:
     df["launcher"] = [
         la if e == DEFAULT_ENGINE else "—" for la, e in zip(df["launcher"], df["engine"], strict=True)
     ]
-    df["install_label"] = install_labels(df["install"], df["vllm_version"])
+    version = df["engine_version"] if "engine_version" in df else df["vllm_version"]
+    version = version.where(version.notna(), df["vllm_version"])  # records before engines: vllm_version only
+    df["install_label"] = install_labels(df["install"], version, df["engine"])
     df["gpu_type"] = [str(g) if _known(g) else (str(n) if _known(n) else "—") for g, n in zip(gpu, df["gpu_name"], strict=True)]  # fmt: skip
     df["flags"] = [engine_flags(a) for a in df["argv"]]
     df["flags_but_eager"] = [engine_flags(a, drop_eager=True) for a in df["argv"]]

@@ -65,11 +65,21 @@ class Plan:
     cpu_trials_per_node: int = 1  # `run --ray`: each CPU-build server sizes itself for the whole machine
     installs: dict = field(default_factory=dict)  # name -> installs.Install
 
+    def step_engine(self, step: Step) -> str:
+        """The server a step runs: its own `engine:`, else its install's, else vLLM."""
+        if step.engine:
+            return step.engine
+        return self.installs[step.install].engine if step.install else "vllm"
+
     def notebook_parameters(self, step: Step, run_dir: Path) -> dict:
         d = self.defaults
+        # defaults' extra_args and env are the plan's vLLM command's: a step on another engine starts without
+        # them (--enforce-eager ends llama-server), as 05_engines' entries do
+        vllm_step = self.step_engine(step) == "vllm"
         base = {
             "RUN_DIR": str(run_dir), "STEP": step.name, "MODEL": step.model, "VLLM_CMD": self.vllm_cmd,
-            "EXTRA_ARGS": list(d.get("extra_args", [])), "ENV": dict(d.get("env", {})),
+            "EXTRA_ARGS": list(d.get("extra_args", [])) if vllm_step else [],
+            "ENV": dict(d.get("env", {})) if vllm_step else {},
             "STARTUP_TIMEOUT_S": float(d.get("startup_timeout_s", 600)),
             "REQUEST_TIMEOUT_S": float(d.get("request_timeout_s", 120)),
         }  # fmt: skip

@@ -42,6 +42,7 @@ class StepParams:
     startup_timeout_s: float = 600.0
     request_timeout_s: float = 120.0
     load: dict | None = None  # LOAD: a load phase after the long request (load_params), None: none
+    memory_limit_bytes: int | None = None  # MEMORY_LIMIT_BYTES: the server's address space (CPU)
 
     def trial(self, **override) -> Trial:
         values = {
@@ -50,6 +51,7 @@ class StepParams:
             "kv_cache_memory_bytes": self.kv_cache_memory_bytes, "vllm_cmd": self.vllm_cmd,
             "extra_args": list(self.extra_args), "env": dict(self.env), "startup_timeout_s": self.startup_timeout_s,
             "request_timeout_s": self.request_timeout_s, "step": self.step, "load": self.load,
+            "memory_limit_bytes": self.memory_limit_bytes,
         }  # fmt: skip
         values.update(override)
         return Trial(**values)
