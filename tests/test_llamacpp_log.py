@@ -261,3 +261,16 @@ def test_ggml_inits_failed_buffer_is_an_allocation_failure_named_by_the_phase():
         "0.00.020 E /src/ggml/src/ggml.c:1594: GGML_ASSERT(ctx->mem_buffer != NULL) failed\n"
     )
     assert scan_log(log).failure == "kv_cache_oom"
+
+
+def test_scan_log_tells_a_llamacpp_log_from_its_text(capsys):
+    """Before: the llama.cpp engine had no `detect`, so `vllm-lab scan-log` read its logs with vLLM's rules
+    (failure null, no facts)."""
+    import json
+
+    from vllm_lab import cli
+
+    log = Path(__file__).parent / "fixtures" / "logs" / "llamacpp" / "own-runs" / "cpu-compute-oom.txt"
+    assert cli.main(["scan-log", str(log), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["engine"] == "llamacpp" and out["failure"] == "compute_oom"

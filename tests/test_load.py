@@ -636,3 +636,24 @@ def test_failures_carry_a_kind_and_the_json_a_schema_version(fake_model, run_dir
     lv = out["levels"][0]
     assert lv["first_error_kind"] == "error_chunk" and lv["errors_by_kind"] == {"error_chunk": 1}, lv
     assert [p["kind"] for p in lv["problems"]] == ["error_chunk", "fatal_log"], lv["problems"]
+
+
+def test_a_llamacpp_servers_fatal_line_during_the_load_is_read_by_llamacpps_rules(tmp_path):
+    """Before: the load read every log with vLLM's rules; llama.cpp's own KV failure line was no cause."""
+    from vllm_lab.load import _Load
+
+    log = tmp_path / "server.log"
+    log.write_text(
+        "llama_model_loader: loaded meta data with 24 key-value pairs and 27 tensors from /m/tiny.gguf\n"
+    )
+    load = _Load("http://127.0.0.1:9", "m", LoadSpec(), None, log, None, None, "llamacpp")
+    with open(log, "a") as f:
+        f.write(
+            "llama_init_from_model: failed to initialize the context: failed to allocate buffer for kv cache\n"
+        )
+    assert load.fatal_log_line().startswith("kv_cache_oom: llama_init_from_model")
+    told = _Load(
+        "http://127.0.0.1:9", "m", LoadSpec(), None, log, None, None
+    )  # no engine: told from the text
+    told.log_offset = 0
+    assert told.fatal_log_line().startswith("kv_cache_oom")

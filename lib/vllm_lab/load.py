@@ -38,7 +38,7 @@ import aiohttp
 import numpy as np
 
 from vllm_lab import engines
-from vllm_lab.engines import vllm_log as logscan  # vLLM's fatal lines (the load knows no engine yet)
+from vllm_lab.engines import vllm_log as logscan  # vLLM's fatal lines; other engines: their `fatal`
 from vllm_lab.http_client import StreamState as _StreamState
 from vllm_lab.http_client import body_message, combine_series, sse_data, token_prompt
 from vllm_lab.http_client import loopback as _loopback
@@ -317,8 +317,9 @@ def unique_prompt(n: int, vocab: int, number: int) -> list[int]:
 class _Load:
     """One run of run_load: the client, the spec, the log offset and what was measured so far."""
 
-    def __init__(self, base_url, model, spec, api_key, log_path, server_alive, vocab_size):
+    def __init__(self, base_url, model, spec, api_key, log_path, server_alive, vocab_size, engine=None):
         self.base_url, self.model, self.spec = base_url.rstrip("/"), model, spec
+        self.engine = engine  # whose log rules read the fatal lines (None: told from the log's text)
         self.api_key, self.server_alive = api_key, server_alive
         self.vocab = vocab_size  # None: from the model card's root (check_reachable), else DEFAULT_VOCAB
         self.log_path = Path(log_path) if log_path else None
@@ -485,6 +486,13 @@ class _Load:
         with open(self.log_path, "rb") as f:
             f.seek(self.log_offset)
             text = f.read(MAX_LOG_READ).decode("utf-8", errors="replace")
+        engine = engines.get(self.engine) if self.engine else engines.of_log(text)
+        if engine.name != engines.DEFAULT:  # llama.cpp, Ollama: their own rules
+            for line in text.splitlines():
+                kind = engine.fatal(line)
+                if kind:
+                    return f"{kind}: {line.strip()[:300]}"
+            return None
         death = None
         for line in text.splitlines():
             kind = logscan.classify_line(line)
@@ -629,6 +637,7 @@ def run_load(
     log_path: str | Path | None = None,
     server_alive: Callable[[], bool] | None = None,
     vocab_size: int | None = None,
+    engine: str | None = None,
 ) -> LoadResult:
     """Run every level of `spec` against a loopback vLLM server; stop at the first level that is not stable.
 
@@ -644,7 +653,7 @@ def run_load(
         raise SpecError(
             f"--url {base_url}: the load goes to loopback servers only (127.0.0.1, ::1, localhost)"
         )
-    load = _Load(base_url, model, spec, api_key, log_path, server_alive, vocab_size)
+    load = _Load(base_url, model, spec, api_key, log_path, server_alive, vocab_size, engine)
     return _run_interruptible(load.run)
 
 

@@ -247,7 +247,7 @@ def _load_phase(trial: Trial, res: LaunchResult, server: VllmServer, model: str,
     spec = LoadSpec.from_params(trial.load, where="load")
     try:
         out = run_load(res.base_url, model, spec, api_key=key, log_path=server.live_log, server_alive=server.alive,
-                       vocab_size=vocab)  # fmt: skip
+                       vocab_size=vocab, engine=trial.engine)  # fmt: skip
     except SpecError as e:  # it served the long request, then stopped answering before the load began
         return {"load_stable": False, "load_reason": f"the load could not begin: {e}"}
     if out.interrupted:

@@ -273,6 +273,10 @@ class LlamaCppEngine(Engine):
     def fatal(self, line: str) -> str | None:
         return llamacpp_log.classify_line(line)
 
+    def detect(self, text: str) -> bool:
+        """llama.cpp wrote it (Ollama's log carries llama.cpp's lines too: its own markers win there)."""
+        return llamacpp_log.detect_engine(text) == "llamacpp"
+
     def scan(self, text: str) -> llamacpp_log.LlamaScan:
         return llamacpp_log.scan_log(text)
 
