@@ -657,3 +657,29 @@ def test_a_llamacpp_servers_fatal_line_during_the_load_is_read_by_llamacpps_rule
     )  # no engine: told from the text
     told.log_offset = 0
     assert told.fatal_log_line().startswith("kv_cache_oom")
+
+
+def test_a_stale_pooled_connection_is_sent_again_but_a_refused_one_is_not():
+    """The CPU demo's llama.cpp load lost 1 of 8 requests to "Can not write request body" (ClientOSError): the
+    server had closed the pooled connection after its last streamed response."""
+    import aiohttp
+    from vllm_lab.load import STALE_RETRIES, _one_request
+
+    class Client:
+        def __init__(self, errors):
+            self.errors, self.calls = list(errors), 0
+
+        async def post(self, url, json):
+            self.calls += 1
+            raise self.errors.pop(0) if self.errors else aiohttp.ClientConnectionError("gave up")
+
+    stale = Client(
+        [aiohttp.ClientOSError(None, "Can not write request body"), aiohttp.ServerDisconnectedError()]
+    )
+    body = {"max_tokens": 4, "prompt": [1, 2]}
+    asyncio.run(_one_request(stale, "http://127.0.0.1:9/v1/completions", body, 4, 5))
+    assert stale.calls == STALE_RETRIES + 1  # both stale errors were sent again
+    refused = Client([aiohttp.ClientConnectorError(None, OSError(111, "refused"))])
+    with contextlib.suppress(Exception):  # how it is reported is the caller's; here: sent once only
+        asyncio.run(_one_request(refused, "http://127.0.0.1:9/v1/completions", body, 4, 5))
+    assert refused.calls == 1

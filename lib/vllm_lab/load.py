@@ -152,11 +152,17 @@ async def _one_request(
 
     async def post() -> aiohttp.ClientResponse:
         # A server may close its keep-alive connection after a streamed response (llama.cpp's does, though
-        # it says Keep-Alive) and the pool hand it out before the close is seen: ServerDisconnectedError
-        # before any response. Sent again, it takes the next connection (the stale one is dropped).
+        # it says Keep-Alive) and the pool hand it out before the close is seen: ServerDisconnectedError, or
+        # "Can not write request body" (ClientOSError) when the close comes while the body is written; no
+        # response either way. Sent again, it takes the next connection (the stale one is dropped). A refused
+        # connection (ClientConnectorError) is no stale connection: the server is gone, said at once.
         for _ in range(STALE_RETRIES):
-            with contextlib.suppress(aiohttp.ServerDisconnectedError):
+            try:
                 return await client.post(url, json=body)
+            except aiohttp.ClientConnectorError:
+                raise
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                continue
         return await client.post(url, json=body)
 
     async def stream() -> tuple[int, str] | None:
