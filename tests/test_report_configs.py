@@ -300,3 +300,16 @@ def test_an_install_of_another_engine_is_labelled_with_its_own_version():
     ]  # fmt: skip
     labels = set(hypotheses.prepare(rows)["install_label"])
     assert labels == {"cpp (llama.cpp build 11549)", "new (vLLM 0.32.0)"}
+
+
+def test_an_install_of_another_engine_is_no_vllm_version_to_compare():
+    """Before: the CPU demo's llama.cpp install made "vLLM installs side by side" say "Nothing: every
+    configuration did the same on vLLM 0.32.0, llamacpp (llama.cpp build 11549)"."""
+    from vllm_lab.install_compare import compare_blocks
+
+    rows = [
+        new_record(model="/x/tiny.gguf", engine="llamacpp", engine_version="11549", install="cpp", outcome="failed",
+                   launcher="head", max_model_len=4096),
+        new_record(model="/x/tiny", vllm_version="0.32.0", outcome="ready", launcher="head", max_model_len=4096),
+    ]  # fmt: skip
+    assert compare_blocks(hypotheses.prepare(rows)) == []

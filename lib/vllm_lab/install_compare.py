@@ -108,9 +108,12 @@ def changes(grid: pd.DataFrame) -> list[str]:
 
 
 def compare_blocks(df: pd.DataFrame) -> list[tuple]:
-    """The report's install section; [] where the run has trials of fewer than two installs."""
+    """The report's install section; [] where the run has trials of fewer than two vLLM installs (another
+    engine's install is not a vLLM version: llama.cpp beside vLLM is "Engines side by side")."""
     if df.empty or "install" not in df or "vllm_version" not in df:
         return []
+    if "engine" in df:
+        df = df[df["engine"] == configs.DEFAULT_ENGINE]
     lab = labels(df)
     if lab.dropna().nunique() < 2:
         return []
