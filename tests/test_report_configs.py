@@ -91,7 +91,8 @@ def test_working_configs_headline_and_frontier_keep_every_configuration(eager_ru
     }  # fmt: skip
     assert working["ready"].tolist() == ["1/1"] * 3  # never "1/2": old without the flag is its own row
     headline = report.verdict(df)["headline"]
-    assert "install, flags `old (vLLM 0.27.0), none`: nothing started (1 trial(s))" in headline
+    assert "**Nothing started** for install, flags `old (vLLM 0.27.0), none` (1 trial(s))" in headline
+    assert "old (vLLM 0.27.0), none" not in headline.split("**Nothing started**")[0]  # not under "Works"
     frontier = report.load_report.frontier(df)
     assert len(frontier) == 3 and sorted(frontier["output tok/s at that"]) == [100.0, 101.0, 101.0]
 

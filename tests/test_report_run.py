@@ -39,5 +39,5 @@ def test_a_run_of_two_installs_with_and_without_enforce_eager_says_what_changed(
         in md
     )
     answer = out.stdout[out.stdout.index("Verdict (") :]
-    assert "install, flags old (vLLM 0.27.0), none: nothing started (1 trial(s))" in answer
+    assert "Nothing started for install, flags old (vLLM 0.27.0), none (1 trial(s))" in answer
     assert answer.index("Works") < answer.index("Reports in")

@@ -212,20 +212,18 @@ def _headline(df: pd.DataFrame, working: pd.DataFrame) -> str:
             f"**Works:** {_works(working.iloc[0])}; "
             f"{len(working)} working configuration(s), best first below."
         )
-    parts = []
+    works, fails = [], []
     for name in dict.fromkeys(labels):
         mine = working[working[heading] == name]
         tried = int((labels == name).sum())
-        parts.append(
-            f"{heading} `{name}`: {_works(mine.iloc[0])}"
-            if not mine.empty
-            else f"{heading} `{name}`: nothing started ({tried} trial(s))"
-        )
-    return (
-        f"**Works** (best per {heading}): "
-        + "; ".join(parts)
-        + f". {len(working)} working configuration(s) below."
-    )
+        if mine.empty:  # said apart: "Works" never heads a configuration where nothing started
+            fails.append(f"`{name}` ({tried} trial(s))")
+        else:
+            works.append(f"{heading} `{name}`: {_works(mine.iloc[0])}")
+    out = f"**Works** (best per {heading}): " + "; ".join(works) + "."
+    if fails:
+        out += f" **Nothing started** for {heading} " + ", ".join(fails) + "."
+    return out + f" {len(working)} working configuration(s) below."
 
 
 def _hypothesis_summary(hyp: pd.DataFrame) -> str:
