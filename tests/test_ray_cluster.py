@@ -35,6 +35,17 @@ TINY_CLUSTER = {"num_cpus": 2, "num_gpus": 2, "resources": {"accelerator_type:FA
                 "object_store_memory": 100 * 2**20}  # fmt: skip
 
 
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    """A run folder whose NAME is this test's own: a task's scratch lives in /tmp/vllm-lab-ray/<run name>, shared
+    by every checkout and test on the machine, and `reap --ray` clears that whole folder. conftest's `run`
+    (the same name in every test) let one test's scratch be cleared under another's running task (seen once,
+    FileNotFoundError on the task's own log, in a fresh-clone CI run)."""
+    d = tmp_path / f"run-{tmp_path.name}-{os.getpid()}"
+    d.mkdir()
+    return d
+
+
 # ---- a local cluster in this process, two fake GPUs -------------------------------------------------------
 
 
