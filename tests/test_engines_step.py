@@ -38,16 +38,20 @@ def test_bad_engines_are_one_line_before_any_launch(entries, says):
 
 
 @pytest.mark.unit
-def test_p40_plan_dry_run_predicts_each_engine(capsys):
+def test_p40_plan_dry_run_predicts_each_engine(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path))  # an empty store, whatever this box has
     assert main(["run", str(ROOT / "params" / "p40-engines.yaml"), "--dry-run"]) == 0
     out = capsys.readouterr().out
     lines = {ln.split(" (")[0].strip(): ln for ln in out.splitlines() if "search, then LOAD" in ln}
-    assert set(lines) == {"vllm-awq", "vllm-fp16", "llamacpp-q4km-f16kv", "llamacpp-q4km-q8kv"}
+    assert set(lines) == {"vllm-awq", "vllm-fp16", "llamacpp-q4km-f16kv", "llamacpp-q4km-q8kv", "ollama-q4km"}
     assert "does not start (quantization_unsupported_gpu)" in lines["vllm-awq"]  # what crashes on the P40
     assert "does not start" in lines["vllm-fp16"]  # mainline vLLM has no sm_61 kernels
     for name, kv in (("llamacpp-q4km-f16kv", "KV 5.62 GiB (f16/f16)"), ("llamacpp-q4km-q8kv", "(q8_0/q8_0)")):
         assert "predicted: starts, largest -c 40960" in lines[name] and kv in lines[name]
         assert "a prediction" in lines[name]
+    # Ollama's model is not in this box's store: predicted from the published size, and said how to get it
+    assert "predicted: starts, largest num_ctx 40960" in lines["ollama-q4km"]
+    assert "ollama pull qwen3:8b-q4_K_M" in lines["ollama-q4km"]
 
 
 def _rec(step, n, outcome="ready", **kw):
@@ -91,6 +95,30 @@ def test_side_by_side_from_records_and_engines_json(tmp_path):
         [7.2],
         ["*"],
     )
+
+
+@pytest.mark.unit
+def test_each_load_level_is_judged_on_its_own(tmp_path):
+    ok = {"concurrency": 1, "completed": 8, "requests": 8, "problems": []}
+    bad = {"concurrency": 4, "completed": 7, "requests": 8,
+           "problems": [{"kind": "failed", "words": "1 of 8 requests failed at concurrency 4"}]}  # fmt: skip
+    recs = [_rec("05_engines.lc", 4096, load={"levels": [ok, bad]}, load_stable=False)]
+    (tmp_path / "engines.json").write_text(json.dumps([{"step": "05_engines", "name": "lc"}]))
+    lt = engines_report.load_table(recs, tmp_path)
+    assert lt["clean"].tolist() == ["yes", "no: failed"]  # not the whole load's "no" on every level
+
+
+@pytest.mark.unit
+def test_an_ollama_context_partly_on_the_cpu_is_shown_not_counted(tmp_path):
+    recs = [
+        _rec("05_engines.ol", 5120, engine="ollama", offload_fraction=1.0, memory_limit=None, context_used=5120),
+        _rec("05_engines.ol", 5376, engine="ollama", offload_fraction=0.995, memory_limit=None),
+    ]  # fmt: skip
+    (tmp_path / "engines.json").write_text(json.dumps([{"step": "05_engines", "name": "ol"}]))
+    t = engines_report.table(recs, tmp_path).set_index("entry")
+    assert t.loc["ol", "largest stable context"] == 5120 and t.loc["ol", "context used"] == 5120
+    assert t.loc["ol", "on the GPU"].startswith("from 5376: only 99.5% of the model on the GPU")
+    assert "not a fit" in t.loc["ol", "on the GPU"]
 
 
 @pytest.mark.unit

@@ -128,6 +128,9 @@ def _add_trial_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--extra-args", default="", help="extra vLLM args as one string")
     s.add_argument("--engine", default=None, help="which server: vllm (default) or llamacpp (model: a .gguf)")
     s.add_argument("--memory-limit", type=int, metavar="BYTES", help="address-space limit on the server")
+    s.add_argument(
+        "--pull", action="store_true", help="Ollama: `ollama pull` the model at run time if missing"
+    )
     _add_load_flag(s)
 
 
@@ -199,8 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("search", help="the largest stable max_model_len, in as few launches as possible")
     s.add_argument("--model", required=True)
     s.add_argument("--vllm-cmd", default=None)
-    s.add_argument("--engine", choices=("vllm", "llamacpp"), default="vllm",
-                   help="llamacpp: the largest stable -c (block 256) of a .gguf")  # fmt: skip
+    s.add_argument("--engine", choices=("vllm", "llamacpp", "ollama"), default="vllm",
+                   help="llamacpp: the largest stable -c (block 256) of a .gguf; ollama: the largest stable "
+                        "num_ctx of a model in the Ollama store, wholly on the GPU where one is used")  # fmt: skip
     s.add_argument(
         "--memory-limit", type=int, metavar="BYTES", help="address-space limit on the server (CPU)"
     )

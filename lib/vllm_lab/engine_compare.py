@@ -10,6 +10,7 @@ The step's ENGINES parameter lists the servers to compare, each a mapping:
   gpu_memory_utilization | kv_cache_memory_bytes   vLLM's memory setting (the CPU build needs a KV budget)
   memory_limit_bytes    an address-space limit on the server: on a CPU box it stands in for the card
   low, high             the context range to search (default: the step's LOW/HIGH, else the engine's own)
+  pull                  Ollama: true to `ollama pull` the model at run time where the store lacks it
 Per entry: the context search (search.run_search: vLLM's or llama.cpp's block and first guess), then, where
 something was stable, one trial at the found context with LOAD. A failure the context does not change
 (the search's `stopped` verdict) is the entry's answer to "does it start".
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
     from vllm_lab.steps import StepParams
 
 ENTRY_KEYS = {"name", "engine", "model", "vllm_cmd", "extra_args", "env", "gpu_memory_utilization",
-              "kv_cache_memory_bytes", "memory_limit_bytes", "low", "high"}  # fmt: skip
+              "kv_cache_memory_bytes", "memory_limit_bytes", "low", "high", "pull"}  # fmt: skip
 SUMMARY_FILE = "engines.json"
 PREDICTED = ("memory_model", "exact_prediction", "v1_prediction")  # first launches unmoved from the guess
 
@@ -88,6 +89,7 @@ def template(p: StepParams, e: dict, low: int | None, high: int | None):
         gpu_memory_utilization=e.get("gpu_memory_utilization"),
         kv_cache_memory_bytes=e.get("kv_cache_memory_bytes"),
         memory_limit_bytes=e.get("memory_limit_bytes"),
+        pull=e.get("pull", False),  # Trial.validate: a boolean, and Ollama's only
         max_model_len=e.get("high") or high or e.get("low") or low,
         step=f"{p.step}.{e['name']}",  # a trial id and a log file name: no "/"
         load=None,
@@ -102,8 +104,13 @@ def run_engines(
     from vllm_lab.steps import run_or_reuse
 
     rows = []
-    for e in check_entries(entries):
-        t = template(p, e, low, high).validate()
+    checked = []
+    for i, e in enumerate(check_entries(entries)):  # every entry's bad input before the first launch
+        try:
+            checked.append((e, template(p, e, low, high).validate()))
+        except SpecError as err:
+            raise SpecError(f"ENGINES[{i}] ({e['name']}): {err}") from None
+    for e, t in checked:
         print(f"[{e['name']}] {t.engine}: {t.model}", flush=True)
         res = search.run_search(
             t, p.run_dir, low=e.get("low", low), high=e.get("high", high), run_trial=run_or_reuse
@@ -148,8 +155,10 @@ def predict_entry(e: dict, gpu: str | None, vllm_version: str | None, default_mo
     """One line: what the memory model and the compatibility rules say about the entry (a prediction)."""
     engine = e.get("engine", "vllm")
     model = str(e.get("model") or default_model)
+    if engine == "ollama":
+        return _predict_gguf(e, model, gpu) + _ollama_store_note(e, model)
     if engine == "llamacpp":
-        return _predict_llamacpp(e, model, gpu)
+        return _predict_gguf(e, model, gpu)
     try:
         from vllm_lab.paths import resolve_path
         from vllm_lab.predict import predict_trial_outcome
@@ -169,18 +178,22 @@ def predict_entry(e: dict, gpu: str | None, vllm_version: str | None, default_mo
     )
 
 
-def _predict_llamacpp(e: dict, model: str, gpu: str | None) -> str:
+def _predict_gguf(e: dict, model: str, gpu: str | None) -> str:
+    """llama.cpp (the .gguf) or Ollama (the GGUF behind the name in its store): the memory model's largest
+    context on the card or under the address-space limit."""
     from vllm_lab import memory_gguf as mg
     from vllm_lab import search_llamacpp as lc
 
+    engine = e.get("engine", "vllm")
+    t = _entry_trial(e, model)
     try:
-        facts = mg.read_gguf(model)
+        facts = mg.read_gguf(lc.gguf_of(t) or model)
     except Exception:
-        if "qwen3-8b" in model.lower() and "q4_k_m" in model.lower():
+        if "qwen3" in model.lower() and "8b" in model.lower() and "q4_k_m" in model.lower():
             facts = mg.qwen3_8b_q4_k_m()  # the file is on the team's box, not here: config + published size
         else:
             return f"no prediction (cannot read {model} here)"
-    k = lc.knobs([str(a) for a in e.get("extra_args", [])])
+    k = lc.trial_knobs(t)
     if e.get("memory_limit_bytes"):
         avail, base = int(e["memory_limit_bytes"]), lc.ADDRESS_SPACE_BASE
         where = f"address-space limit {avail / 2**20:.0f} MiB"
@@ -193,17 +206,31 @@ def _predict_llamacpp(e: dict, model: str, gpu: str | None) -> str:
     else:
         return "no prediction (no card and no memory limit)"
     full = mg.fit(facts, int(avail / 2**20), None, k.slots, k.cache_k, k.cache_v, k.flash_attn, k.kv_unified)
-    top = facts.n_ctx_train
-    edge = top if lc.bytes_at(facts, top, k, base) <= avail else None
-    if edge is None:
-        lo, hi = 0, top // lc.BLOCK
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if lc.bytes_at(facts, mid * lc.BLOCK, k, base) <= avail else (lo, mid - 1)
-        edge = lo * lc.BLOCK
-    return (f"predicted: {'starts' if edge else 'does not start (weights_oom)'}, largest -c {edge} of n_ctx_train {top} "
-            f"on {where}; at {top}: weights {full.weights_gib:.2f} GiB + KV {full.kv_gib:.2f} GiB "
-            f"({k.cache_k}/{k.cache_v}) + compute {full.compute_gib:.2f} GiB (a prediction)")  # fmt: skip
+    edge = lc.largest_fitting(facts, k, avail, base, per_slot=engine == "ollama")
+    flag = "num_ctx" if engine == "ollama" else "-c"
+    return (f"predicted: {'starts' if edge else 'does not start (weights_oom)'}, largest {flag} {edge} of "
+            f"n_ctx_train {facts.n_ctx_train} on {where}; at {facts.n_ctx_train}: weights {full.weights_gib:.2f} "
+            f"GiB + KV {full.kv_gib:.2f} GiB ({k.cache_k}/{k.cache_v}) + compute {full.compute_gib:.2f} GiB "
+            "(a prediction)")  # fmt: skip
+
+
+def _ollama_store_note(e: dict, model: str) -> str:
+    """Where the model is not in the store the run will use: how to get it (the run refuses it before any launch)."""
+    from vllm_lab.engines.ollama import manifest_path, store
+
+    root = store({str(k): str(v) for k, v in (e.get("env") or {}).items()})
+    if e.get("pull") or manifest_path(root, model).is_file():
+        return ""
+    return f"; not in the Ollama store {root} here: `ollama pull {model}` before the run"
+
+
+def _entry_trial(e: dict, model: str):
+    """Enough of the entry's trial for the GGUF knobs (no validation: a dry run predicts what it can)."""
+    from vllm_lab.spec import Trial
+
+    env = {str(k): str(v) for k, v in (e.get("env") or {}).items()}
+    return Trial(model=model, engine=e.get("engine", "vllm"), extra_args=[str(a) for a in e.get("extra_args", [])],
+                 env=env, memory_limit_bytes=e.get("memory_limit_bytes"))  # fmt: skip
 
 
 def dry_run_lines(params: dict, gpu: str | None, vllm_version: str | None) -> list[str]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from vllm_lab.load_report import _pct, _true
+from vllm_lab.load_report import _pct
 from vllm_lab.search import passes, started
 
 HEADING = "Engines side by side"
@@ -117,11 +117,11 @@ def table(records, run_dir=None) -> pd.DataFrame:
             "starts": "yes" if up else "no", "why not": why,
             "largest stable context": best.get("max_model_len") if best else None,
             "verdict": s.get("verdict") or ("-" if best is None else "stable (from the records)"),
-            "context used": best.get("n_ctx") or best.get("max_model_len") if best else None,
+            "context used": best.get("n_ctx") or best.get("context_used") or best.get("max_model_len") if best else None,
             "KV at it": _kv(best) if best else "-",
             "launches": len(search),
             "predicted (memory model, a prediction)": predicted if predicted else "-",
-            "knee (concurrency)": knee,
+            "knee (concurrency)": knee, "on the GPU": _residency(rs),
         })  # fmt: skip
     return pd.DataFrame(out)
 
@@ -141,9 +141,37 @@ def load_table(records, run_dir=None) -> pd.DataFrame:
                 "entry": label, "engine": r.get("engine") or "vllm", "context": r.get("max_model_len"),
                 "concurrency": c, "output tok/s": _round(lv.get("output_tokens_per_s")),
                 "TTFT p90 ms": _round(_pct(lv, "ttft_ms", "p90")), "completed": f"{lv.get('completed')}/{lv.get('requests')}",
-                "knee": "*" if c == knee else "", "stable": _true(r.get("load_stable")),
+                "knee": "*" if c == knee else "", "clean": _clean(lv),
             })  # fmt: skip
     return pd.DataFrame(out)
+
+
+def _clean(lv: dict) -> str:
+    """The level's own verdict (its problems), not the whole load's: a failure at 4 users leaves 1 and 2 clean."""
+    if "problems" not in lv:
+        return "-"  # a record from before levels carried their problems
+    kinds = [p.get("kind") for p in lv.get("problems") or []]
+    return "yes" if not kinds else "no: " + ", ".join(str(k) for k in kinds)
+
+
+def _residency(rs: list[dict]) -> str:
+    """Where the model ran, where a record says (Ollama's /api/ps): the smallest context partly on the CPU."""
+    from vllm_lab.search import gpu_residency
+
+    off = sorted(
+        (r for r in rs if gpu_residency(r) == "partial_offload"), key=lambda r: r.get("max_model_len") or 0
+    )
+    unused = [r for r in rs if gpu_residency(r) == "gpu_unused"]
+    if unused:
+        return "the whole model on the CPU beside a GPU: no usable GPU"
+    if off:
+        r = off[0]
+        return (f"from {r.get('max_model_len')}: only {r['offload_fraction']:.1%} of the model on the GPU, the "
+                "rest on the CPU (runs, at a fraction of the speed: not a fit)")  # fmt: skip
+    fracs = [r["offload_fraction"] for r in rs if isinstance(r.get("offload_fraction"), int | float)]
+    if fracs and all(f == 1 for f in fracs):
+        return "wholly on the GPU"
+    return "-"
 
 
 def _round(v):
@@ -167,10 +195,13 @@ def engine_blocks(df: pd.DataFrame) -> list[tuple]:
     lt = load_table(df, run_dir)
     intro = (
         "The same question on each engine: does it start, the largest context that starts and serves a request "
-        "filling it (the next block, 16/128 tokens on vLLM and 256 on llama.cpp, proven to fail where the verdict "
-        "says `found`), the KV cache at it, and output tokens/s and TTFT p90 under the same load. On a CPU box "
+        "filling it (the next block, 16/128 tokens on vLLM and 256 on llama.cpp and Ollama, proven to fail where "
+        "the verdict says `found`), the KV cache at it, and output tokens/s and TTFT p90 under the same load. "
+        "Ollama's context is the num_ctx it reported loading (/api/ps), and a context it serves only with part of "
+        "the model on the CPU does not count as stable (the `on the GPU` column says from where). On a CPU box "
         "an address-space limit on the server stands in for the card (the memory column says which limit "
-        "applied). The memory model's column is a prediction, not a measurement."
+        "applied). The memory model's column is a prediction, not a measurement. A load level is `clean` on its "
+        "own: a failure at a higher concurrency leaves the lower ones clean."
     )
     blocks = [("heading", 2, HEADING), ("text", intro), ("table", t)]
     if not lt.empty:

@@ -179,18 +179,47 @@ MEMORY_UNRELATED = frozenset(UNRELATED_FAILURES - {"gpu_mem_util_unavailable"} |
 # address-space limit): proof. The weights, the file and the card are the same at every -c: the verdict.
 LLAMACPP_LENGTH_DEPENDENT = frozenset({"kv_cache_oom", "compute_oom", "context_exceeded", "cuda_oom"})
 LLAMACPP_UNRELATED = frozenset({"weights_oom", "bad_model_file", "gpu_unsupported", "port_in_use"})
+# Ollama (engines/ollama_check) runs llama-server: its rules, plus what Ollama does silently. A context it
+# lowered (context_reduced) or a prompt it cut (context_truncated) came with the length; a model missing
+# from the store does not.
+GGUF_ENGINES = ("llamacpp", "ollama")
+OLLAMA_LENGTH_DEPENDENT = LLAMACPP_LENGTH_DEPENDENT | {"context_reduced", "context_truncated"}
+OLLAMA_UNRELATED = LLAMACPP_UNRELATED | {"model_not_found"}
 
 
 # ---- reading a record -----------------------------------------------------------------------------------
 
 
 def failure_kind(rec: dict) -> str:
-    """The failure as one name: the record's kind, else timeout, else other."""
-    return rec.get("failure") or ("timeout" if rec.get("outcome") == "timeout" else "other")
+    """The failure as one name: the record's kind, else where the model ran (gpu_residency), else timeout,
+    else other."""
+    return (rec.get("failure") or gpu_residency(rec)
+            or ("timeout" if rec.get("outcome") == "timeout" else "other"))  # fmt: skip
+
+
+def gpu_residency(rec: dict) -> str | None:
+    """partial_offload | gpu_unused | None: a started model not wholly on the GPU (Ollama's /api/ps).
+
+    Ollama serves a context too big for the card by putting part of the model on the CPU, at a fraction of
+    the speed, with no error: for the search that is not a fit (a longer context only moves more of it to
+    the CPU), and its answer is the largest context wholly on the GPU. A model all on the CPU while a GPU was
+    visible (gpu_name in the record: Ollama found no usable GPU, e.g. a Pascal card under a driver older than
+    570) does not change with the context. A server with no GPU at all runs on the CPU by design: None."""
+    frac = rec.get("offload_fraction")
+    if not isinstance(frac, (int, float)) or rec.get("outcome") not in ("ready", "unstable"):
+        return None
+    if 0 < frac < 1:
+        return "partial_offload"
+    return "gpu_unused" if frac == 0 and rec.get("gpu_name") else None
 
 
 def failure_class(rec: dict) -> str:
     """pass | proof | independent | retry | load | control: what a launch at n says about every longer n."""
+    residency = gpu_residency(rec)
+    if residency == "gpu_unused":
+        return "independent"
+    if residency == "partial_offload":
+        return "proof"
     if passes(rec):
         return "pass"
     if load_only_failure(rec):
@@ -206,6 +235,10 @@ def failure_class(rec: dict) -> str:
         if kind in LLAMACPP_LENGTH_DEPENDENT:
             return "proof"
         return "independent" if kind in LLAMACPP_UNRELATED else "retry"
+    if rec.get("engine") == "ollama":
+        if kind in OLLAMA_LENGTH_DEPENDENT:
+            return "proof"
+        return "independent" if kind in OLLAMA_UNRELATED else "retry"
     if kind in UNRELATED_FAILURES:
         return "independent"
     if kind == "cuda_oom" and (
@@ -235,9 +268,11 @@ def load_only_failure(rec: dict) -> bool:
 
 
 def passes(rec: dict) -> bool:
-    """Stable: started and completed the request that fills max_model_len (and its load, where it ran one)."""
+    """Stable: started and completed the request that fills max_model_len (and its load, where it ran one),
+    with the model where it was meant to run (gpu_residency)."""
     load_ok = rec.get("load_stable") is True or (rec.get("load") is None and rec.get("load_stable") is None)
-    return rec.get("outcome") == "ready" and rec.get("long_request_ok") is True and load_ok
+    served = rec.get("outcome") == "ready" and rec.get("long_request_ok") is True and load_ok
+    return served and gpu_residency(rec) is None
 
 
 def started(rec: dict) -> bool:
@@ -696,7 +731,7 @@ class _LenSearch:
             self.launched[k] = rec
             ok = passes(rec)
             self.steps.append({"max_model_len": k * self.b, "why": why, "outcome": rec.get("outcome"),
-                               "failure": rec.get("failure"), "stable": ok})  # fmt: skip
+                               "failure": rec.get("failure") or gpu_residency(rec), "stable": ok})  # fmt: skip
             if ok and k > self.good:
                 self.good, self.good_why = k, why
             rep = capacity_report(rec)
@@ -721,6 +756,9 @@ class _LenSearch:
             self.ambiguous.clear()
         elif cls == "proof":
             self.proof.add(k)
+        elif cls == "independent" and gpu_residency(rec):
+            return self._stop_on(rec, f"the launch at {n} ran with the model wholly on the CPU ({kind}), which "
+                                 "max_model_len does not change", evidence=str(rec.get("note") or ""))  # fmt: skip
         elif cls == "independent":
             return self._stop_on(
                 rec, f"the launch at {n} failed with {kind}, which max_model_len does not change"
@@ -1217,8 +1255,8 @@ def run_search(
     what the vLLM command runs, else detect_install asks its python). llama.cpp: search_llamacpp's block
     (256), range (up to n_ctx_train) and memory-model guess.
     """
-    if template.engine == "llamacpp":
-        return _write(run_dir, _run_llamacpp(template, run_dir, low=low, high=high, run_trial=run_trial))
+    if template.engine in GGUF_ENGINES:
+        return _write(run_dir, _run_gguf(template, run_dir, low=low, high=high, run_trial=run_trial))
     if exact:
         guess, case, why = first_launch_plan(template, run_dir, install=install,
                                              predict_first_guess=predict_first_guess)  # fmt: skip
@@ -1242,8 +1280,9 @@ def _write(run_dir: str | Path, res: SearchResult) -> SearchResult:
     return res
 
 
-def _run_llamacpp(template: Trial, run_dir, *, low, high, run_trial) -> SearchResult:
-    """The largest stable -c: block 256, at most n_ctx_train, the memory model's guess first (a guess).
+def _run_gguf(template: Trial, run_dir, *, low, high, run_trial) -> SearchResult:
+    """The largest stable -c (Ollama: num_ctx): block 256, at most n_ctx_train, the memory model's guess
+    first (a guess).
 
     The guess then guides the launches one block at a time (its failures name no capacity to jump to);
     ``extra_launches=1`` lets a guess a few blocks off be walked rather than moved away by the worst-case
@@ -1252,6 +1291,11 @@ def _run_llamacpp(template: Trial, run_dir, *, low, high, run_trial) -> SearchRe
     from vllm_lab import search_llamacpp as lc
 
     limit = lc.model_limit(template)
+    if limit is None and high is None:
+        what = "the model's GGUF blob in the Ollama store" if template.engine == "ollama" else template.model
+        raise SpecError(
+            f"high: the search needs a top: {what} gives no n_ctx_train here; give high (e.g. 40960)"
+        )
     found = lc.first_guess(template)
     guess, why = found if found else (None, "")
     res = search_max_model_len(trial_launcher(template, run_dir, run_trial=run_trial), low=low or lc.BLOCK,
@@ -1259,7 +1303,7 @@ def _run_llamacpp(template: Trial, run_dir, *, low, high, run_trial) -> SearchRe
                                exact_first=guess is not None, first_why=why, guess_report=True,
                                first_case="memory_model" if guess is not None else None,
                                extra_launches=1)  # fmt: skip
-    res.engine, res.memory_limit = "llamacpp", template.memory_limit_bytes
+    res.engine, res.memory_limit = template.engine, template.memory_limit_bytes
     return res
 
 
@@ -1331,6 +1375,8 @@ def format_result(res: SearchResult) -> str:
         head = f"search stopped on {res.failure or 'a limit'}{best}"
     elif res.max_model_len is not None and res.engine == "llamacpp":
         head = f"largest stable -c (llama.cpp, block {res.block_size}): {res.max_model_len}"
+    elif res.max_model_len is not None and res.engine == "ollama":
+        head = f"largest stable num_ctx (Ollama, block {res.block_size}): {res.max_model_len}"
     elif res.max_model_len is not None:
         head = f"largest stable max_model_len: {res.max_model_len}"
     else:

@@ -1,6 +1,8 @@
 """What the context search needs to know about llama.cpp: its block, its range, and the memory model's guess.
 
-search.py runs the same bracket for every engine; for `engine: llamacpp` it asks this module:
+search.py runs the same bracket for every engine; for `engine: llamacpp` and `engine: ollama` (Ollama runs
+llama-server itself since 0.30, with `-c num_ctx x OLLAMA_NUM_PARALLEL -np OLLAMA_NUM_PARALLEL`, and reads
+the GGUF in its store: the same block, range and memory model) it asks this module:
 - the block is 256: llama.cpp pads `-c` (each slot's share) to a multiple of 256, so `-c 1000` and `-c 1024`
   are the same launch and the answer's precision is 256 tokens;
 - the top of the range is the GGUF's own n_ctx_train: above it a slot is capped at n_ctx_train while the KV
@@ -14,7 +16,9 @@ search.py runs the same bracket for every engine; for `engine: llamacpp` it asks
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vllm_lab.commands import flag_values
@@ -74,11 +78,56 @@ def knobs(extra_args: list[str]) -> Knobs:
     )
 
 
+def ollama_knobs(trial: Trial) -> Knobs:
+    """What Ollama hands its llama-server, from the trial's OLLAMA_* settings (env, or extra_args NAME=value).
+
+    Flash attention counts as off unless OLLAMA_FLASH_ATTENTION is set (its default changed across versions;
+    off needs the bigger compute buffer, so the guess errs low and the search climbs), and the KV cache type
+    applies only with it, as in Ollama. Several slots are separate caches of num_ctx each (no -kvu)."""
+    knob = dict(trial.env)
+    knob.update(a.split("=", 1) for a in trial.extra_args if a.startswith("OLLAMA_") and "=" in a)
+    par = str(knob.get("OLLAMA_NUM_PARALLEL", "1"))
+    slots = int(par) if par.isdigit() and int(par) > 0 else 1
+    fa = str(knob.get("OLLAMA_FLASH_ATTENTION", "")).lower() in ("1", "true", "on", "yes")
+    kv = str(knob.get("OLLAMA_KV_CACHE_TYPE") or "f16") if fa else "f16"
+    return Knobs(slots=slots, kv_unified=slots == 1, flash_attn=fa, cache_k=kv, cache_v=kv)
+
+
+def trial_knobs(trial: Trial) -> Knobs:
+    return ollama_knobs(trial) if trial.engine == "ollama" else knobs(trial.extra_args)
+
+
+def ollama_blob(trial: Trial) -> Path | None:
+    """The GGUF behind an Ollama model name: its manifest's model layer, as a file in the store's blobs/."""
+    from vllm_lab.engines.ollama import manifest_path, store
+
+    root = store(trial.env)
+    try:
+        layers = json.loads(manifest_path(root, trial.model).read_text()).get("layers") or []
+    except (OSError, ValueError, AttributeError):
+        return None
+    digests = [
+        lay.get("digest", "")
+        for lay in layers
+        if lay.get("mediaType") == "application/vnd.ollama.image.model"
+    ]
+    blob = root / "blobs" / digests[0].replace(":", "-") if digests and digests[0] else None
+    return blob if blob is not None and blob.is_file() else None
+
+
+def gguf_of(trial: Trial) -> str | Path | None:
+    """The GGUF file the trial serves: the model itself for llama.cpp, the store's blob for Ollama."""
+    return ollama_blob(trial) if trial.engine == "ollama" else trial.model
+
+
 def facts(trial: Trial) -> GgufFacts | None:
     from vllm_lab.memory_gguf import read_gguf
 
+    path = gguf_of(trial)
+    if path is None:
+        return None
     try:
-        return read_gguf(trial.model)
+        return read_gguf(path)
     except Exception:  # not a readable GGUF here (a container path, a hub name): no guess, no cap
         return None
 
@@ -134,28 +183,38 @@ def budget(trial: Trial) -> tuple[int, int, str] | None:
     )
 
 
+def largest_fitting(f: GgufFacts, k: Knobs, avail: int, base: int, per_slot: bool = False) -> int:
+    """The largest context (a block multiple, at most n_ctx_train; 0: not even one block) whose start the
+    memory model fits in ``avail`` bytes. ``per_slot``: the context is each slot's (Ollama's num_ctx; its
+    llama-server gets -c context x slots), else the whole -c."""
+    top = max(BLOCK, f.n_ctx_train // BLOCK * BLOCK) if f.n_ctx_train else 1 << 24
+    scale = k.slots if per_slot else 1
+
+    def fits(blocks: int) -> bool:
+        return bytes_at(f, blocks * BLOCK * scale, k, base) <= avail
+
+    lo, hi = 0, top // BLOCK  # largest block count that fits: binary search on the (monotone) model
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo * BLOCK
+
+
 def first_guess(trial: Trial) -> tuple[int, str] | None:
-    """The largest `-c` (a block multiple, at most n_ctx_train) the memory model fits in the budget."""
+    """The largest context (a block multiple, at most n_ctx_train) the memory model fits in the budget."""
     f = facts(trial)
     b = budget(trial)
     if f is None or b is None:
         return None
     avail, base, where = b
-    k = knobs(trial.extra_args)
-    top = max(BLOCK, f.n_ctx_train // BLOCK * BLOCK) if f.n_ctx_train else 1 << 24
-    lo, hi = 0, top // BLOCK  # largest block count that fits: binary search on the (monotone) model
-    if bytes_at(f, BLOCK, k, base) > avail:
-        return BLOCK, f"the memory model: not even -c {BLOCK} fits {where}"
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if bytes_at(f, mid * BLOCK, k, base) <= avail:
-            lo = mid
-        else:
-            hi = mid - 1
-    c = max(lo, 1) * BLOCK
+    k = trial_knobs(trial)
+    flag = "num_ctx" if trial.engine == "ollama" else "-c"
+    c = largest_fitting(f, k, avail, base, per_slot=trial.engine == "ollama")
+    if c == 0:
+        return BLOCK, f"the memory model: not even {flag} {BLOCK} fits {where}"
     per = (bytes_at(f, c + BLOCK, k, base) - bytes_at(f, c, k, base)) / BLOCK
     return c, (
-        f"the memory model (a guess): -c {c} fits {where}; weights {f.weights_bytes / MIB:.1f} MiB, "
+        f"the memory model (a guess): {flag} {c} fits {where}; weights {f.weights_bytes / MIB:.1f} MiB, "
         f"KV {k.cache_k}/{k.cache_v} + compute (flash attention {'on' if k.flash_attn else 'off'}) "
         f"{per:.0f} bytes per token"
     )
