@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import numpy as np
 
-from vllm_lab import engines
+from vllm_lab import engines, prompt_text
 from vllm_lab.engines import vllm_log as logscan  # vLLM's fatal lines; other engines: their `fatal`
 from vllm_lab.http_client import StreamState as _StreamState
 from vllm_lab.http_client import body_message, combine_series, sse_data, token_prompt
@@ -59,10 +59,14 @@ HTTP_TIMEOUT = aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)
 STALE_RETRIES = 2  # a request that met a connection the server had closed is sent again
 DRAIN_S = 1.0  # for what follows [DONE] (the end of the chunked body); past it the connection is dropped
 MAX_LOG_READ = 64 * 2**20  # of the server's log written during the load
+# A response that counted fewer prompt tokens than aimed, by more than this share (or 8 tokens), had its prompt
+# cut without an error (Ollama does that past its context); text prompts wobble by a token or two only
+CUT_SHARE = 0.02
 
 
 class Problem(TypedDict):
-    kind: str  # server_ended | error_chunk | failed | unfinished | health | fatal_log | interrupted
+    # server_ended | error_chunk | truncated | failed | unfinished | health | fatal_log | interrupted
+    kind: str
     words: str  # as the verdict's reason says it
 
 
@@ -76,12 +80,14 @@ class Level(TypedDict, total=False):
     failed: int
     errors_in_stream: int
     first_error: str | None
-    first_error_kind: str | None  # http_status | error_chunk | no_done | broke_off | not_json | short
+    # http_status | error_chunk | no_done | broke_off | not_json | short | truncated (prompt cut silently)
+    first_error_kind: str | None
     errors_by_kind: dict[str, int]
     ttft_ms: dict  # p50/p90/p99
     itl_ms: dict
     e2e_ms: dict
     output_tokens: int
+    prompt_tokens_counted: dict | None  # mean/min/max of usage.prompt_tokens over its finished requests
     output_tokens_per_s: float | None
     requests_per_s: float | None
     seconds: float
@@ -106,6 +112,9 @@ class LoadResult:
     knee_concurrency: int | None = None
     knee_reason: str | None = None
     interrupted: bool = False  # Ctrl-C: the levels hold what was measured until then
+    # what the prompts were: kind token_ids (exact lengths) or text (words calibrated to a length), the
+    # tokens aimed at, and what the server counted (mean/min/max of usage.prompt_tokens); see _Load.prompts
+    prompts: dict | None = None
 
     def to_dict(self) -> dict:
         """The `vllm-lab load --json` object."""
@@ -113,7 +122,7 @@ class LoadResult:
             "schema_version": SCHEMA_VERSION,
             "url": self.url, "model": self.model, "levels": self.levels, "stable": self.stable,
             "reason": self.reason, "knee_concurrency": self.knee_concurrency, "knee_reason": self.knee_reason,
-            "interrupted": self.interrupted, "spec": self.spec.to_dict(),
+            "interrupted": self.interrupted, "spec": self.spec.to_dict(), "prompts": self.prompts,
         }  # fmt: skip
 
 
@@ -131,22 +140,41 @@ class _Request:
     gaps: list[float] = field(default_factory=list)  # between chunks that carry tokens
     e2e: float | None = None
     output_tokens: int = 0
+    prompt_tokens: int | None = None  # as the server counted them (usage.prompt_tokens)
 
 
 class _Stream(_StreamState):
-    """The stream's state, and whether its error came in an error chunk (the only error take() sets)."""
+    """The stream's state, whether its error came in an error chunk (the only error take() sets), the prompt
+    tokens the server counted and the last finish_reason."""
 
     chunk_error = False
+    prompt_tokens: int | None = None
+    finish: str | None = None
 
     def take(self, chunk: dict, t: float) -> None:
         before = self.error
         super().take(chunk, t)
         self.chunk_error = self.chunk_error or (before is None and self.error is not None)
+        usage = chunk.get("usage")
+        if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
+            self.prompt_tokens = usage["prompt_tokens"]
+        for c in chunk.get("choices") or ():
+            if isinstance(c, dict) and c.get("finish_reason"):
+                self.finish = c["finish_reason"]
 
 
 async def _one_request(
-    client: aiohttp.ClientSession, url: str, body: dict, expected: int, timeout: float
+    client: aiohttp.ClientSession,
+    url: str,
+    body: dict,
+    expected: int,
+    timeout: float,
+    prompt_tokens: int | None = None,
+    stop_ok: bool = False,
 ) -> _Request:
+    """One streamed request. `prompt_tokens`: what the server should count (fewer: cut silently, kind
+    truncated); `stop_ok`: a stream that ends at EOS (finish_reason stop) before `expected` tokens is complete
+    (a server without ignore_eos)."""
     s = _Stream()
     t0 = time.perf_counter()
 
@@ -197,12 +225,26 @@ async def _one_request(
         s.error = s.error or f"sent a chunk that is not JSON ({e})"
     if s.chunk_error:
         kind = "error_chunk"  # the stream's own error came first, whatever followed it
-    res = s.result(body["max_tokens"] + len(body["prompt"]), expected, timeout)
+    if stop_ok and s.finish == "stop" and s.done and s.error is None:
+        expected = min(expected, s.usage if s.usage is not None else s.chunks)  # ended at EOS: complete
+    aimed = prompt_tokens if prompt_tokens is not None else len(body["prompt"])
+    res = s.result(body["max_tokens"] + aimed, expected, timeout)
     if not res.ok and kind is None:
         kind = "short" if s.done else "no_done"
+    ok, error = res.ok, res.error
+    counted = s.prompt_tokens
+    if (
+        ok
+        and prompt_tokens is not None
+        and counted is not None
+        and counted < prompt_tokens - max(8, prompt_tokens * CUT_SHARE)
+    ):
+        ok, kind = False, "truncated"
+        error = (f"the server counted {counted} prompt tokens of the {prompt_tokens} sent (usage.prompt_tokens) "
+                 "and answered without an error: it cut the prompt silently")  # fmt: skip
     gaps = [b - a for a, b in zip(s.times, s.times[1:], strict=False)]
-    return _Request(res.ok, res.error, None if res.ok else kind, None, s.ttft, gaps, time.perf_counter() - t0,
-                    res.output_tokens or 0)  # fmt: skip
+    return _Request(ok, error, None if ok else kind, None, s.ttft, gaps, time.perf_counter() - t0,
+                    res.output_tokens or 0, counted)  # fmt: skip
 
 
 async def _lines(r: aiohttp.ClientResponse):
@@ -220,13 +262,15 @@ async def _lines(r: aiohttp.ClientResponse):
 class _Scraper:
     """/metrics every METRICS_INTERVAL_S during a level: the peaks of KV usage and of the queue."""
 
-    def __init__(self, client: aiohttp.ClientSession, base_url: str):
-        self.client, self.url = client, f"{base_url}/metrics"
+    def __init__(self, client: aiohttp.ClientSession, base_url: str, enabled: bool = True):
+        self.client, self.url, self.enabled = client, f"{base_url}/metrics", enabled
         self.kv_max: float | None = None
         self.waiting_max: float | None = None
         self.running_max: float | None = None
 
     async def read(self) -> dict:
+        if not self.enabled:
+            return {}
         try:
             async with self.client.get(self.url, timeout=HTTP_TIMEOUT) as r:
                 return combined_metrics(await r.text()) if r.status == 200 else {}
@@ -278,6 +322,7 @@ def _level_summary(conc: int, planned: int | None, done: list[_Request], wall: f
     ok = [r for r in done if r.ok]
     first = next((r for r in done if not r.ok), None)
     tokens = sum(r.output_tokens for r in ok)
+    counted = [r.prompt_tokens for r in done if r.prompt_tokens is not None]  # the cut ones too
     kinds: dict[str, int] = {}
     for r in done:
         if not r.ok:
@@ -296,6 +341,7 @@ def _level_summary(conc: int, planned: int | None, done: list[_Request], wall: f
         "itl_ms": _pcts([g for r in ok for g in r.gaps]),
         "e2e_ms": _pcts([r.e2e for r in ok if r.e2e is not None]),
         "output_tokens": tokens,
+        "prompt_tokens_counted": _counted(counted),
         "output_tokens_per_s": round(tokens / wall, 2) if wall > 0 else None,
         "requests_per_s": round(len(ok) / wall, 3) if wall > 0 else None,
         "seconds": round(wall, 3),
@@ -306,6 +352,12 @@ def _level_summary(conc: int, planned: int | None, done: list[_Request], wall: f
         "running_max": scraper.running_max,
         "health_after": health,
     }
+
+
+def _counted(values: list[int]) -> dict | None:
+    if not values:
+        return None
+    return {"mean": round(sum(values) / len(values), 1), "min": min(values), "max": max(values)}
 
 
 def unique_prompt(n: int, vocab: int, number: int) -> list[int]:
@@ -337,12 +389,34 @@ class _Load:
         self.first = random.randrange(PROMPT_NUMBERS // 2)
         self.sent = 0
         self.current: tuple[int, list[_Request], float] | None = None  # the level in progress: its requests
+        # text prompts (an engine whose load_prompts is "text"): words per prompt and the prompt tokens that
+        # many words came to, from calibrate(); token ids: the ids are the tokens
+        self.words: int | None = None
+        self.aimed = spec.prompt_tokens
+        self.calibration: dict | None = None
+        self.counted: list[int] = []  # usage.prompt_tokens of every request in the levels
+
+    def _text_prompts(self) -> bool:
+        return bool(self.engine) and engines.get(self.engine).load_prompts == "text"
+
+    def _prompt(self, words: int | None = None) -> str | list[int]:
+        self.sent += 1
+        number = self.first + self.sent
+        if words is not None or self._text_prompts():
+            return prompt_text.unique_text(
+                words or self.words or self.spec.prompt_tokens, number, PROMPT_NUMBERS
+            )
+        return unique_prompt(self.spec.prompt_tokens, self.vocab or DEFAULT_VOCAB, number)
 
     def _body(self) -> dict:
-        self.sent += 1
-        prompt = unique_prompt(self.spec.prompt_tokens, self.vocab or DEFAULT_VOCAB, self.first + self.sent)
-        return {"model": self.model, "prompt": prompt, "max_tokens": self.spec.output_tokens, "temperature": 0,
-                "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}  # fmt: skip
+        return {"model": self.model, "prompt": self._prompt(), "max_tokens": self.spec.output_tokens,
+                "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
+                "ignore_eos": True}  # fmt: skip
+
+    async def _request(self, client: aiohttp.ClientSession) -> _Request:
+        spec = self.spec
+        return await _one_request(client, f"{self.base_url}/v1/completions", self._body(), spec.output_tokens,
+                                  spec.request_timeout_s, self.aimed, stop_ok=self._text_prompts())  # fmt: skip
 
     def _alive(self) -> bool:
         return self.server_alive is None or bool(self.server_alive())
@@ -401,6 +475,67 @@ class _Load:
         if self.vocab is None:  # vLLM's card names what it serves (root): a folder whose config.json says it
             root = cards[self.model].get("root")
             self.vocab = (_config_vocab(root) if isinstance(root, str) else None) or DEFAULT_VOCAB
+        if self.engine is None:
+            self.engine = await self.identify(client)
+
+    async def identify(self, client: aiohttp.ClientSession) -> str | None:
+        """The engine a caller that gave only a URL did not name, where one tells itself (its identify_path:
+        Ollama's /api/version); None: not told (vLLM, llama-server: token ids either way)."""
+        for name in engines.names():
+            path = engines.get(name).identify_path
+            if not path:
+                continue
+            try:
+                async with client.get(f"{self.base_url}{path}", timeout=HTTP_TIMEOUT) as r:
+                    body = json.loads(await r.read()) if r.status == 200 else None
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+                continue
+            if isinstance(body, dict) and "version" in body:
+                return name
+        return None
+
+    async def _count(self, client: aiohttp.ClientSession, words: int) -> tuple[int | None, str | None]:
+        """usage.prompt_tokens of a text prompt of `words` words (not streamed, one output token)."""
+        body = {"model": self.model, "prompt": self._prompt(words), "max_tokens": 1, "temperature": 0}
+        try:
+            async with client.post(f"{self.base_url}/v1/completions", json=body,
+                                   timeout=aiohttp.ClientTimeout(total=self.spec.request_timeout_s)) as r:  # fmt: skip
+                raw = await r.read()
+                if r.status != 200:
+                    return None, f"was refused: HTTP {r.status}: {body_message(raw)}"
+            return int(json.loads(raw)["usage"]["prompt_tokens"]), None
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            return None, f"broke off: {type(e).__name__}: {e}"
+        except (ValueError, KeyError, TypeError) as e:
+            return None, f"came back without usage.prompt_tokens ({type(e).__name__})"
+
+    async def calibrate(self, client: aiohttp.ClientSession) -> None:
+        """Text prompts: how many words make spec.prompt_tokens, from what the server counts of two prompts of
+        one and two cycles of the word list (the server has no tokenize endpoint: Ollama), after a warm-up (a
+        chat template's fixed start is then cached for every prompt alike). Once per load, before the levels;
+        a server that cannot count is a SpecError (nothing to aim at)."""
+        k = len(prompt_text.WORDS)
+        head = prompt_text.head_words(PROMPT_NUMBERS)
+        await self._count(client, head + 1)
+        (p1, e1), (p2, e2) = await self._count(client, head + k), await self._count(client, head + 2 * k)
+        if p1 is None or p2 is None or p2 <= p1:
+            why = e1 or e2 or f"counted {p2} tokens for {head + 2 * k} words, {p1} for {head + k}"
+            raise SpecError(f"calibrating the load's text prompts against {self.base_url}: a prompt {why}; "
+                            "the load cannot aim at --prompt-tokens")  # fmt: skip
+        rate = (p2 - p1) / k
+        fixed = p1 - rate * (head + k)  # the template's tokens, and what the words do not explain
+        self.words = max(head + 1, round((self.spec.prompt_tokens - fixed) / rate))
+        self.aimed = round(fixed + rate * self.words)
+        self.calibration = {"words": [head + k, head + 2 * k], "counted": [p1, p2]}
+
+    def prompts(self) -> dict:
+        """What the prompts were, for the result: exact token ids, or text aimed at a count by calibration;
+        with what the server counted over every level's requests (usage.prompt_tokens)."""
+        counted = _counted(self.counted)
+        if self.words is None:
+            return {"kind": "token_ids", "tokens": self.spec.prompt_tokens, "counted": counted}
+        return {"kind": "text", "asked_tokens": self.spec.prompt_tokens, "aimed_tokens": self.aimed,
+                "words": self.words, "calibration": self.calibration, "counted": counted}  # fmt: skip
 
     async def first_request(self, client: aiohttp.ClientSession) -> None:
         """One request before the levels, not counted (as `vllm bench serve`'s initial test run): one the
@@ -408,8 +543,7 @@ class _Load:
         (0.32 streams that as an error chunk) or one cut short without an error (0.32 serves what fits its
         max_model_len) is bad input, not instability. Other failures are left to the levels to count."""
         spec = self.spec
-        r = await _one_request(client, f"{self.base_url}/v1/completions", self._body(), spec.output_tokens,
-                               spec.request_timeout_s)  # fmt: skip
+        r = await self._request(client)  # a prompt cut silently is the levels' to say (truncated)
         err = (r.error or "")[:300]
         if r.kind == "http_status" and 400 <= (r.status or 0) < 500:
             raise SpecError(f"{self.base_url} refused the first request ({err}); check --prompt-tokens + "
@@ -425,7 +559,6 @@ class _Load:
 
     async def level(self, client: aiohttp.ClientSession, conc: int) -> dict:
         spec = self.spec
-        url = f"{self.base_url}/v1/completions"
         count = spec.requests if spec.requests is not None else MAX_REQUESTS
         t0 = time.monotonic()
         stop_sending = t0 + spec.duration_s if spec.duration_s is not None else math.inf
@@ -435,7 +568,7 @@ class _Load:
         )
         deadline = t0 + rounds + spec.request_timeout_s + 5
         done: list[_Request] = []
-        scraper = _Scraper(client, self.base_url)
+        scraper = _Scraper(client, self.base_url, self._scrapes())
         before = await scraper.read()
         issued = 0
 
@@ -443,9 +576,7 @@ class _Load:
             nonlocal issued
             while issued < count and time.monotonic() < stop_sending and self._alive():
                 issued += 1
-                done.append(
-                    await _one_request(client, url, self._body(), spec.output_tokens, spec.request_timeout_s)
-                )
+                done.append(await self._request(client))
 
         start = time.perf_counter()
         self.current = (conc, done, start)
@@ -473,7 +604,12 @@ class _Load:
                 break
             await asyncio.sleep(0.1)
         self.current = None
+        self.counted += [r.prompt_tokens for r in done if r.prompt_tokens is not None]
         return _level_summary(conc, spec.requests, done, wall, scraper, deltas, health)
+
+    def _scrapes(self) -> bool:
+        """/metrics is read unless the engine is known to serve none (Ollama: its figures stay None)."""
+        return not self.engine or any(engines.get(self.engine).metrics.values())
 
     async def health(self, client: aiohttp.ClientSession) -> int | str | None:
         """/health's status after a level; NOT_CHECKABLE where the server has none (404: OpenAI-compatible
@@ -517,6 +653,8 @@ class _Load:
                                          timeout=aiohttp.ClientTimeout(total=None)) as client:  # fmt: skip
             try:
                 await self.check_reachable(client)
+                if self._text_prompts():
+                    await self.calibrate(client)
                 await self.first_request(client)
                 for conc in self.spec.concurrency:
                     lvl = await self.level(client, conc)
@@ -537,7 +675,8 @@ class _Load:
 
     def problems(self, lvl: Level) -> list[Problem]:
         """Why this level is not stable (what the client saw first, then the server's side), each with its
-        kind: server_ended, error_chunk, failed, unfinished, health, fatal_log. Empty: the level is clean."""
+        kind: server_ended, error_chunk, truncated, failed, unfinished, health, fatal_log. Empty: the level is
+        clean."""
         c, n = lvl["concurrency"], lvl["requests"]
         parts = []
         if not self._alive():
@@ -545,10 +684,16 @@ class _Load:
         if lvl["errors_in_stream"]:
             parts.append(("error_chunk", f"{lvl['errors_in_stream']} of {n} streams at concurrency {c} ended in an "
                                          "error chunk (HTTP 200 all the same)"))  # fmt: skip
-        other = lvl["failed"] - lvl["errors_in_stream"]
+        cut = lvl["errors_by_kind"].get("truncated", 0)
+        if cut:
+            least = (lvl["prompt_tokens_counted"] or {}).get("min")
+            parts.append(("truncated", f"{cut} of {n} prompts at concurrency {c} were cut silently: the server "
+                                       f"counted as few as {least} prompt tokens of the {self.aimed} sent "
+                                       "(usage.prompt_tokens; HTTP 200, no error)"))  # fmt: skip
+        other = lvl["failed"] - lvl["errors_in_stream"] - cut
         if other:
             parts.append(("failed", f"{other} of {n} requests failed at concurrency {c}"))
-        if lvl["first_error"] and parts:
+        if lvl["first_error"] and parts and parts[-1][0] != "truncated":
             parts[-1] = (parts[-1][0], parts[-1][1] + f" (first: {lvl['first_error']})")
         expected = self.spec.requests
         if not n or (expected is not None and n < expected):
@@ -564,6 +709,7 @@ class _Load:
     def verdict(self) -> LoadResult:
         res = self.result
         levels = res.levels
+        res.prompts = self.prompts()
         if res.interrupted:
             lvl = levels[-1] if levels else None
             where = " before the first level"
@@ -588,6 +734,8 @@ class _Load:
             after = ("/health 200 after each" if health == {200} else "/health not checkable (HTTP 404)" if health == {NOT_CHECKABLE} else "/health 200 or not checkable (404) after each")  # fmt: skip
             res.reason = (f"all {sum(x['completed'] for x in levels)} requests over {len(levels)} level(s) completed, "
                           f"{after}" + (f"; {p:g} preemption(s), not failures" if p else ""))  # fmt: skip
+            if self.words is not None:  # never read as exact lengths
+                res.reason += f"; {prompts_words(res.prompts)}"
         res.knee_concurrency, res.knee_reason = knee(
             [x for x in levels if not x.get("interrupted") and not x["failed"]], self.spec.slo_ttft_ms
         )
@@ -739,10 +887,26 @@ def _human(res: LoadResult) -> str:
         rows.append(f"{x['concurrency']:>4} {x['completed']:>5} {x['failed']:>4} {_f(x['output_tokens_per_s']):>10} "
                     f"{_f(x['requests_per_s']):>7} {_f(t['p50']) + '/' + _f(t['p90']):>17} {_f(i['p50']):>10} "
                     f"{_f(e['p90']):>10} {_f(x['kv_cache_usage_max']):>6} {_f(x['preemptions']):>7}")  # fmt: skip
+    if res.prompts and res.prompts.get("kind") == "text":
+        rows.append(f"prompts: {prompts_words(res.prompts)}")
     rows.append(f"{'stable' if res.stable else 'NOT stable'}: {res.reason}")
     rows.append(f"knee: {res.knee_concurrency if res.knee_concurrency is not None else '-'}"
                 + (f" ({res.knee_reason})" if res.knee_reason else ""))  # fmt: skip
     return "\n".join(rows)
+
+
+def prompts_words(prompts: dict) -> str:
+    """Text prompts as the verdict says them: aimed by calibration, with what the server counted."""
+    c = prompts.get("counted")
+    counted = (f"counted by the server (usage.prompt_tokens): mean {c['mean']:g}, min {c['min']}, max {c['max']}"
+               if c else "no count came back")  # fmt: skip
+    asked = (
+        "" if prompts["aimed_tokens"] == prompts["asked_tokens"] else f" (asked {prompts['asked_tokens']})"
+    )
+    return (
+        f"text prompts of {prompts['words']} words, calibrated to {prompts['aimed_tokens']} tokens{asked}, "
+        f"{counted}"
+    )
 
 
 def _f(v) -> str:

@@ -48,6 +48,13 @@ class Engine:
     hub_models: bool = True  # a model that is not a local path is a Hugging Face hub id (prefetched once)
     # METRIC_NAMES -> the engine's /metrics series names
     metrics: Mapping[str, tuple[str, ...]] = MappingProxyType({})
+    # What a load's prompts are: "token_ids" (exact lengths, vLLM and llama-server), or "text" where
+    # /v1/completions takes only a string (Ollama): words calibrated to the length by usage.prompt_tokens,
+    # and a stream may stop at EOS (no ignore_eos there)
+    load_prompts: str = "token_ids"
+    # a GET path only this engine answers 200 with a JSON object holding `version`: how a load told only a
+    # URL tells the engine (Ollama: /api/version); None: not told this way
+    identify_path: str | None = None
 
     def validate(self, trial: Trial) -> None:
         """Engine-specific bad input (the model's shape, flags of another engine): SpecError, one line."""

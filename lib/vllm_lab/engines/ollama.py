@@ -86,6 +86,8 @@ class OllamaEngine(Engine):
     cmd_example = "`ollama serve`"
     hub_models = False  # names in Ollama's own store (OLLAMA_MODELS), never Hugging Face hub ids
     metrics = MappingProxyType(dict.fromkeys(METRIC_NAMES, ()))  # Ollama serves no /metrics
+    load_prompts = "text"  # its /v1/completions refuses token ids ("prompt must be a string")
+    identify_path = "/api/version"
 
     # ---------------------------------------------------------------- bad input
     def validate(self, trial: Trial) -> None:
@@ -119,11 +121,6 @@ class OllamaEngine(Engine):
             raise SpecError(
                 f"extra_args: {flag} is not Ollama's; `ollama serve` takes no flags"
                 + (f": for Ollama use {instead}" if instead else ": Ollama sizes its own memory")
-            )
-        if trial.load is not None:
-            raise SpecError(
-                "load: not with Ollama yet: the load sends token-id prompts, which Ollama's /v1/completions "
-                "refuses (it takes text); measure Ollama without load:"
             )
         for k in OWN_ENV:
             if k in trial.env:

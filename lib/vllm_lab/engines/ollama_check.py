@@ -15,19 +15,13 @@ from typing import TYPE_CHECKING
 
 import httpx
 
+from vllm_lab.prompt_text import text as _text  # the word list the load's text prompts use too
+
 if TYPE_CHECKING:
     from vllm_lab.spec import Trial
 
 LOAD_KEEP_ALIVE = "1h"  # the model stays loaded for the trial (the server is stopped after it anyway)
 LONG_OUTPUT_TOKENS = 4
-# A word list for text prompts: common words, most one token each with a leading space in BPE vocabularies.
-_WORD_TEXT = (
-    "the of and to in is was for on are with as at be this have from or one had by word but not what all were "
-    "we when your can said there use an each which she do how their if will up other about out many then them "
-    "these so some her would make like him into time has look two more write go see number no way could people "
-    "my than first water been call who oil its now find long down day did get come made may part"
-)
-_WORDS = tuple(_WORD_TEXT.split())
 
 
 class OllamaCheck:
@@ -214,10 +208,6 @@ class OllamaCheck:
             )  # fmt: skip
             return
         self.out.update(long_request_ok=True, ttft_s=round(ttft, 3) if ttft is not None else None)
-
-
-def _text(n: int, start: int) -> str:
-    return " ".join(_WORDS[(start * 7 + i) % len(_WORDS)] for i in range(n))
 
 
 def _message(r: httpx.Response, read: bool = False) -> str:

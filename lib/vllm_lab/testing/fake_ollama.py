@@ -23,6 +23,8 @@ The traps, by FAKE_OLLAMA_* knobs:
     FAKE_OLLAMA_VRAM_FRACTION=F   part of the model on the CPU: size_vram = F x size (needs a GPU, below)
     FAKE_OLLAMA_TRUNCATE_AT=N     prompts over N tokens are cut to N/2 even in a larger context (the cut a
                                   smaller slot, or Ollama's own "half the context" rule, makes)
+    FAKE_OLLAMA_EOS_AT=N          /v1 outputs end at EOS after N tokens (finish_reason stop): Ollama drops
+                                  ignore_eos, so max_tokens is only an upper bound
     FAKE_OLLAMA_RUNNER_DIES=load  the runner dies loading the model (llama.cpp's KV OOM lines, exit status 1)
                           =request  it dies at the first generation after the load (CUDA error: out of memory)
     FAKE_OLLAMA_RUNNER_ORPHAN=1   on SIGTERM the server exits without ending its runner, which ignores
@@ -433,21 +435,24 @@ def make_handler(state: State):
             if err:
                 self._send(500, {"error": {"message": err, "type": "api_error", "param": None, "code": None}})
                 return 500
+            eos_at = int(os.environ.get("FAKE_OLLAMA_EOS_AT") or 0)
+            end = "stop" if 0 < eos_at < out else "length"
+            out = eos_at if end == "stop" else out
             cid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().int % 1000}"
             obj = "chat.completion" if chat else "text_completion"
             usage = {"prompt_tokens": kept, "completion_tokens": out, "total_tokens": kept + out}
             base = {"id": cid, "created": int(time.time()), "model": name, "system_fingerprint": "fp_ollama"}
             if not body.get("stream"):
                 choice = ({"index": 0, "message": {"role": "assistant", "content": " ".join(["tok"] * out)},
-                           "finish_reason": "length"} if chat else
-                          {"text": " ".join(["tok"] * out), "index": 0, "finish_reason": "length"})  # fmt: skip
+                           "finish_reason": end} if chat else
+                          {"text": " ".join(["tok"] * out), "index": 0, "finish_reason": end})  # fmt: skip
                 self._send(200, {**base, "object": obj, "choices": [choice], "usage": usage})
                 return 200
             self._stream_start("text/event-stream")
             obj = "chat.completion.chunk" if chat else "text_completion"
             for i in range(out):
                 last = i == out - 1
-                reason = "length" if last else None
+                reason = end if last else None
                 choice = ({"index": 0, "delta": {"role": "assistant", "content": "tok "}, "finish_reason": reason}
                           if chat else {"text": "tok ", "index": 0, "finish_reason": reason})  # fmt: skip
                 self._chunk(f"data: {json.dumps({**base, 'object': obj, 'choices': [choice]})}\n\n")
