@@ -153,3 +153,15 @@ def test_notebook_05_with_the_real_llama_server(tmp_path):
     assert "## Engines side by side" in md and "address space 210 MiB" in md
     assert "Engines side by side" in (run_dir / "report-issue.md").read_text()
     assert "Engines side by side" in (run_dir / "report.html").read_text()
+
+
+@pytest.mark.unit
+def test_the_report_title_names_the_engines_the_run_started():
+    import pandas as pd
+    from vllm_lab import report
+
+    recs = [_rec("05_engines.lc", 4096), _rec("05_engines.ol", 4096, engine="ollama"),
+            _rec("05_engines.v", 4096, engine="vllm")]  # fmt: skip
+    assert report._engines_named(pd.DataFrame(recs)) == "vLLM, llama.cpp and Ollama"
+    old = pd.DataFrame([_rec("s", 1, engine=None)])  # records from before the engine field
+    assert report._engines_named(old) == "vLLM"

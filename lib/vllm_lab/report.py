@@ -410,12 +410,25 @@ def _image(name: str, paths: dict, note: str) -> tuple:
     return ("image", name, paths.get(name), note)
 
 
+ENGINE_NAMES = {"vllm": "vLLM", "llamacpp": "llama.cpp", "ollama": "Ollama"}
+
+
+def _engines_named(df: pd.DataFrame) -> str:
+    """The engines the run started, as users write them: "vLLM", "vLLM, llama.cpp and Ollama"."""
+    used = df["engine"].fillna("vllm").unique().tolist() if "engine" in df.columns and len(df) else ["vllm"]
+    names = [
+        ENGINE_NAMES.get(e, str(e))
+        for e in sorted(used, key=lambda e: list(ENGINE_NAMES).index(e) if e in ENGINE_NAMES else 9)
+    ]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
 def report_blocks(df: pd.DataFrame, plot_paths: dict[str, Path | None]) -> list[tuple]:
     """The whole report, verdict first, as ('heading'|'text'|'table'|'image', ...) blocks."""
     v = verdict(df)
     notices = [("text", "> " + line) for line in (v["banner"], _torn_line(df)) if line]
     return [
-        ("heading", 1, f"vLLM startup report: {df.attrs.get('run_id', MISSING)}"),
+        ("heading", 1, f"{_engines_named(df)} startup report: {df.attrs.get('run_id', MISSING)}"),
         *notices,
         ("heading", 2, "Verdict"),
         *verdict_blocks(v)[:1],  # the headline first, then what was run
