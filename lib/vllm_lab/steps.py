@@ -7,6 +7,7 @@ batch's --dry-run uses it); `run_or_reuse` launches a trial unless the run folde
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +116,16 @@ def run_or_reuse(trial: Trial, run_dir: str | Path) -> dict:
 
     for row in record.read_records(run_dir).rows:
         if row.get("trial_id") == trial.trial_id:
+            waited = row.get("seconds_to_outcome") or 0
+            if row.get("outcome") == "timeout" and waited < trial.startup_timeout_s * 0.95:
+                # the startup timeout is not in the trial id: a start given up sooner is no answer for
+                # a run that allows longer (a cold compile cache, a slow disk)
+                longer = dataclasses.replace(
+                    trial, trial_id=f"{trial.trial_id}-t{int(trial.startup_timeout_s)}"
+                )
+                print(f"{trial.trial_id}: the record from {row.get('started_at')} timed out after {waited:.0f} s; "
+                      f"this run allows {trial.startup_timeout_s:.0f} s: launched again as {longer.trial_id}")  # fmt: skip
+                return run_or_reuse(longer, run_dir)
             print(f"{trial.trial_id}: reused the record from {row.get('started_at')} in "
                   f"{Path(run_dir) / record.TRIALS_FILE} (same parameters; change one to launch again)")  # fmt: skip
             return row
