@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import pytest
 import yaml
@@ -130,14 +131,23 @@ def test_no_section_without_engines():
 
 
 @pytest.mark.llamacpp
-def test_notebook_05_with_the_real_llama_server(tmp_path):
+def test_notebook_05_with_the_real_llama_server_and_the_ollama_stand_in(tmp_path):
+    store = tmp_path / "ollama-models"  # as `ollama pull qwen3:8b-q4_K_M` leaves it (the manifest counts)
+    manifest = store / "manifests" / "registry.ollama.ai" / "library" / "qwen3" / "8b-q4_K_M"
+    manifest.parent.mkdir(parents=True)
+    layer = {"mediaType": "application/vnd.ollama.image.model", "digest": "sha256:ab", "size": 5_027_783_488}
+    manifest.write_text(json.dumps({"schemaVersion": 2, "layers": [layer]}))
+    ollama = {"name": "ol", "engine": "ollama", "model": "qwen3:8b-q4_K_M", "low": 1024, "high": 4096,
+              "vllm_cmd": f"{sys.executable} -m vllm_lab.testing.fake_ollama serve",
+              "env": {"OLLAMA_MODELS": str(store), "FAKE_OLLAMA_FIT_CTX": "3000"}}  # fmt: skip
     plan = {
         "name": "engines", "model": str(ROOT / ".cache" / "models" / "tiny-qwen2"),
         "vllm_cmd": str(ROOT / ".venv-vllm" / "bin" / "python") + " -m vllm.entrypoints.openai.api_server",
         "defaults": {"startup_timeout_s": 120, "request_timeout_s": 120},
         "steps": [{"name": "05_engines", "notebook": "05_engines", "parameters": {
             "LOAD": {"concurrency": [1, 2], "requests": 4, "prompt_tokens": 64, "output_tokens": 16},
-            "ENGINES": [{"name": "lc", "engine": "llamacpp", "model": str(TINY_GGUF), "memory_limit_bytes": LIMIT}],
+            "ENGINES": [{"name": "lc", "engine": "llamacpp", "model": str(TINY_GGUF), "memory_limit_bytes": LIMIT},
+                        ollama],
         }}],
     }  # fmt: skip
     path = tmp_path / "plan.yaml"
@@ -145,12 +155,26 @@ def test_notebook_05_with_the_real_llama_server(tmp_path):
     res = run_plan(str(path), out=str(tmp_path / "out"))
     assert not res.errors, res.errors
     run_dir = res.run_dir
-    summ = json.loads((run_dir / "engines.json").read_text())[0]
+    summ, ol = json.loads((run_dir / "engines.json").read_text())
     assert summ["verdict"] == "found" and summ["block_size"] == 256 and summ["max_context"] % 256 == 0
     assert summ["memory_limit"] == LIMIT and summ["load_stable"] is True
     assert summ["launches"] <= (3 if os.cpu_count() == search_llamacpp.MEASURED_ON_CPUS else 10)
+    # Ollama (the stand-in: backend fake): lowered silently above 3000, so 2816 at its block; then the load
+    assert (ol["engine"], ol["verdict"], ol["max_context"], ol["block_size"]) == (
+        "ollama",
+        "found",
+        2816,
+        256,
+    )
+    assert ol["load_stable"] is True
     md = (run_dir / "report.md").read_text()
     assert "## Engines side by side" in md and "address space 210 MiB" in md
+    section = md[md.index("## Engines side by side") :]
+    row = next(ln for ln in section.splitlines() if ln.startswith("| ollama"))
+    assert (
+        "| ol |" in row and "| fake |" in row and "| 2816 |" in row
+    )  # beside llama.cpp, said to be the fake
+    assert md.startswith("# llama.cpp and Ollama startup report")
     assert "Engines side by side" in (run_dir / "report-issue.md").read_text()
     assert "Engines side by side" in (run_dir / "report.html").read_text()
 
