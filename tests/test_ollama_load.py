@@ -65,7 +65,7 @@ def test_a_load_trial_on_ollama_runs_its_levels_with_counted_prompt_tokens(store
     assert [lv["concurrency"] for lv in out["levels"]] == [1, 2]
     _clean(out["levels"])
     for lv in out["levels"]:
-        assert lv["output_tokens"] == 4 * 8
+        assert lv["output_tokens"] == 4 * 8 and lv["ended_early"] == 0
         assert lv["prompt_tokens_counted"] == {"mean": 48.0, "min": 48, "max": 48}  # a token a word there
     p = out["prompts"]
     assert (p["kind"], p["asked_tokens"], p["aimed_tokens"], p["words"]) == ("text", 48, 48, 48)
@@ -112,6 +112,7 @@ def test_an_output_that_ends_at_eos_is_complete_on_ollama(store, run_dir):
         )
     assert res.stable is True, res.reason
     assert res.levels[0]["output_tokens"] == 4 * 3 and res.levels[0]["completed"] == 4
+    assert res.levels[0]["ended_early"] == 4 and "4 output(s) ended at EOS before 8 tokens" in res.reason
 
 
 def test_text_prompts_are_unique_per_request_and_per_run():

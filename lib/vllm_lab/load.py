@@ -87,6 +87,7 @@ class Level(TypedDict, total=False):
     itl_ms: dict
     e2e_ms: dict
     output_tokens: int
+    ended_early: int  # of its completed requests, those whose output stopped at EOS (text prompts: Ollama)
     prompt_tokens_counted: dict | None  # mean/min/max of usage.prompt_tokens over its finished requests
     output_tokens_per_s: float | None
     requests_per_s: float | None
@@ -141,6 +142,7 @@ class _Request:
     e2e: float | None = None
     output_tokens: int = 0
     prompt_tokens: int | None = None  # as the server counted them (usage.prompt_tokens)
+    ended_early: bool = False  # stopped at EOS before max_tokens, where that is complete (stop_ok)
 
 
 class _Stream(_StreamState):
@@ -225,8 +227,9 @@ async def _one_request(
         s.error = s.error or f"sent a chunk that is not JSON ({e})"
     if s.chunk_error:
         kind = "error_chunk"  # the stream's own error came first, whatever followed it
-    if stop_ok and s.finish == "stop" and s.done and s.error is None:
-        expected = min(expected, s.usage if s.usage is not None else s.chunks)  # ended at EOS: complete
+    got = s.usage if s.usage is not None else s.chunks
+    early = stop_ok and s.finish == "stop" and s.done and s.error is None and got < expected
+    expected = got if early else expected  # ended at EOS: complete
     aimed = prompt_tokens if prompt_tokens is not None else len(body["prompt"])
     res = s.result(body["max_tokens"] + aimed, expected, timeout)
     if not res.ok and kind is None:
@@ -244,7 +247,7 @@ async def _one_request(
                  "and answered without an error: it cut the prompt silently")  # fmt: skip
     gaps = [b - a for a, b in zip(s.times, s.times[1:], strict=False)]
     return _Request(ok, error, None if ok else kind, None, s.ttft, gaps, time.perf_counter() - t0,
-                    res.output_tokens or 0, counted)  # fmt: skip
+                    res.output_tokens or 0, counted, early and ok)  # fmt: skip
 
 
 async def _lines(r: aiohttp.ClientResponse):
@@ -341,6 +344,7 @@ def _level_summary(conc: int, planned: int | None, done: list[_Request], wall: f
         "itl_ms": _pcts([g for r in ok for g in r.gaps]),
         "e2e_ms": _pcts([r.e2e for r in ok if r.e2e is not None]),
         "output_tokens": tokens,
+        "ended_early": sum(r.ended_early for r in ok),
         "prompt_tokens_counted": _counted(counted),
         "output_tokens_per_s": round(tokens / wall, 2) if wall > 0 else None,
         "requests_per_s": round(len(ok) / wall, 3) if wall > 0 else None,
@@ -736,6 +740,10 @@ class _Load:
                           f"{after}" + (f"; {p:g} preemption(s), not failures" if p else ""))  # fmt: skip
             if self.words is not None:  # never read as exact lengths
                 res.reason += f"; {prompts_words(res.prompts)}"
+            early = sum(x["ended_early"] for x in levels)
+            if early:  # the output tok/s are then of shorter outputs than asked
+                res.reason += (f"; {early} output(s) ended at EOS before {self.spec.output_tokens} tokens (the server "
+                               "takes no ignore_eos)")  # fmt: skip
         res.knee_concurrency, res.knee_reason = knee(
             [x for x in levels if not x.get("interrupted") and not x["failed"]], self.spec.slo_ttft_ms
         )
