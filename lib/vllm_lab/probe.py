@@ -339,6 +339,7 @@ def trial_from_args(args, *, step: str) -> Trial:
         step=step,
         engine=getattr(args, "engine", None) or engines.DEFAULT,
         memory_limit_bytes=getattr(args, "memory_limit", None),
+        pull=bool(getattr(args, "pull", False)),
     )
 
 

@@ -39,6 +39,9 @@ FIELDS = (
     # sent and as the server counted them (fewer: it was cut)
     "context_used", "model_size_bytes", "model_vram_bytes", "offload_fraction", "prompt_tokens_sent",
     "prompt_tokens_counted",
+    # what the trial put into Ollama's store at run time: a model created from a .gguf (name, blob digest,
+    # whether the blob was uploaded, seconds) or a model pulled on request (Trial.pull); None: nothing
+    "ollama_store",
 )  # fmt: skip
 
 OUTCOMES = ("ready", "failed", "timeout", "unstable")

@@ -71,6 +71,7 @@ class Trial:
     load: dict | None = None  # a load phase after the long request (load.LoadSpec's fields); None: none
     engine: str = engines.DEFAULT  # which inference server (engines.names()); vllm_cmd is its command
     memory_limit_bytes: int | None = None  # RLIMIT_AS of the server process (a card's size, on a CPU box)
+    pull: bool = False  # Ollama: `ollama pull` a model missing from the store at run time (never by default)
 
     def __post_init__(self) -> None:
         if INSTALL_ENV in self.env:  # a plan step's install: its name, never passed on to vLLM
@@ -117,6 +118,8 @@ class Trial:
             key["engine"] = self.engine
         if self.memory_limit_bytes is not None:
             key["memory_limit_bytes"] = self.memory_limit_bytes
+        if self.pull:  # likewise: only a trial that asks for a pull gets another id
+            key["pull"] = True
         return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
     def default_id(self) -> str:
@@ -144,7 +147,11 @@ class Trial:
     def served_model_name(self) -> str:
         """The name requests must use: the first `--served-model-name`, else the model as given."""
         names = flag_values(self.extra_args, "--served-model-name")
-        return names[0] if names else self.model
+        if names:
+            return names[0]
+        with contextlib.suppress(SpecError):  # Ollama: a .gguf is served as the model created from it
+            return engines.get(self.engine).served_name(self) or self.model
+        return self.model
 
     def validate(self, *, check_command: bool = True) -> Trial:
         """Raise SpecError for the first problem found; return self when the trial can launch."""
@@ -176,6 +183,10 @@ class Trial:
         lim = self.memory_limit_bytes
         if lim is not None and (isinstance(lim, bool) or not isinstance(lim, int) or lim <= 0):
             raise SpecError(f"memory_limit_bytes: {lim!r} must be a positive integer number of bytes")
+        if not isinstance(self.pull, bool):
+            raise SpecError(f"pull: {self.pull!r} must be true or false")
+        if self.pull and not engine.pulls:
+            raise SpecError(f"pull: is Ollama's (`ollama pull` at run time); engine {self.engine} has no store")
         engine.validate(self)  # the model's shape, flags of another engine
         if self.load is not None:
             LoadSpec.from_params(self.load, where="load")

@@ -46,6 +46,7 @@ class Engine:
     install_hint: str = ""  # the fix when the command is not found
     cmd_example: str = ""  # what an empty command should say instead
     hub_models: bool = True  # a model that is not a local path is a Hugging Face hub id (prefetched once)
+    pulls: bool = False  # Trial.pull applies: the server fetches a model missing from its store on request
     # METRIC_NAMES -> the engine's /metrics series names
     metrics: Mapping[str, tuple[str, ...]] = MappingProxyType({})
     # What a load's prompts are: "token_ids" (exact lengths, vLLM and llama-server), or "text" where
@@ -58,6 +59,10 @@ class Engine:
 
     def validate(self, trial: Trial) -> None:
         """Engine-specific bad input (the model's shape, flags of another engine): SpecError, one line."""
+
+    def served_name(self, trial: Trial) -> str | None:
+        """The model name requests must use where it is not the trial's model (None: the model as given)."""
+        return None
 
     def check_command(self, cmd: str | list[str]) -> list[str]:
         """The command resolves and has a shape the launcher can follow; its argv. SpecError otherwise."""

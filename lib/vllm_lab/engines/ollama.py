@@ -15,6 +15,10 @@ shared. What makes Ollama different from vLLM and llama-server:
   has no tokenize endpoint); a shortfall is the failure `context_truncated`, never long_request_ok.
 - Its log is Go's slog lines plus, since 0.30, the llama-server runner's llama.cpp lines: llamacpp_log reads
   both (Ollama's own failure lines are in its rules).
+- The model is a name in the store, or a .gguf file: after ready the trial uploads the file as a blob and
+  creates `vllm-lab-<stem>:<digest prefix>` from it through the API (ollama_store), so a container's server
+  works too. A name missing from the store is refused before launch unless the trial asks for a pull
+  (Trial.pull): then `POST /api/pull` after ready, its progress printed.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import TYPE_CHECKING
 from vllm_lab import commands
 from vllm_lab.engines import llamacpp_log
 from vllm_lab.engines.base import METRIC_NAMES, Engine
+from vllm_lab.engines.ollama_gguf import check_file, created_name, is_file_model
 from vllm_lab.errors import SpecError
 
 if TYPE_CHECKING:
@@ -85,6 +90,7 @@ class OllamaEngine(Engine):
     install_hint = INSTALL_HINT
     cmd_example = "`ollama serve`"
     hub_models = False  # names in Ollama's own store (OLLAMA_MODELS), never Hugging Face hub ids
+    pulls = True  # Trial.pull: `POST /api/pull` after ready for a model missing from the store
     metrics = MappingProxyType(dict.fromkeys(METRIC_NAMES, ()))  # Ollama serves no /metrics
     load_prompts = "text"  # its /v1/completions refuses token ids ("prompt must be a string")
     identify_path = "/api/version"
@@ -92,14 +98,12 @@ class OllamaEngine(Engine):
     # ---------------------------------------------------------------- bad input
     def validate(self, trial: Trial) -> None:
         model = trial.model
-        if model.endswith(".gguf") or Path(model).expanduser().is_file():
-            stem = Path(model).stem.lower().replace("_", "-")
-            raise SpecError(
-                f"model: {model} is a file; Ollama serves models from its store: write a Modelfile with "
-                f"`FROM {Path(model).expanduser().resolve()}`, run `ollama create {stem} -f Modelfile`, "
-                f"then use model: {stem}"
-            )
-        if not re.match(r"^[\w.-]+(/[\w.-]+){0,2}(:[\w.-]+)?$", model):
+        from_file = is_file_model(model)
+        if from_file:
+            check_file(model)  # created in the store after ready (ollama_store)
+            if trial.pull:
+                raise SpecError(f"pull: is for a name in the Ollama store; {model} is a file, created from itself")
+        elif not re.match(r"^[\w.-]+(/[\w.-]+){0,2}(:[\w.-]+)?$", model):
             raise SpecError(f"model: {model!r} is not an Ollama model name (e.g. qwen3:8b-q4_K_M)")
         if trial.gpu_memory_utilization is not None or trial.kv_cache_memory_bytes is not None:
             raise SpecError(
@@ -125,13 +129,22 @@ class OllamaEngine(Engine):
         for k in OWN_ENV:
             if k in trial.env:
                 raise SpecError(f"env: {k} is set from the trial's {OWN_ENV[k]}; set that instead")
-        if commands.analyse(trial.vllm_cmd).run_at is None:  # a container's store is inside it
+        # a container's store is inside it; a pull fetches a missing model after ready
+        if not from_file and not trial.pull and commands.analyse(trial.vllm_cmd).run_at is None:
             root = store(trial.env)
             if not manifest_path(root, model).is_file():
                 raise SpecError(
                     f"model: {model} is not in the Ollama store {root}; run `ollama pull {model}` first "
-                    "(or set OLLAMA_MODELS to the store that has it)"
+                    "(or set OLLAMA_MODELS to the store that has it, or pull: true / --pull to pull it at run time)"
                 )
+
+    def served_name(self, trial: Trial) -> str | None:
+        if not is_file_model(trial.model):
+            return None
+        try:
+            return created_name(trial.model)
+        except OSError:  # validate says what is wrong with the file
+            return None
 
     # ---------------------------------------------------------------- the server
     def argv(self, trial: Trial, port: int, host: str) -> list[str]:

@@ -1,4 +1,5 @@
-"""What Ollama really did after it said it was ready (engines/ollama.py's after_ready): load the model with
+"""What Ollama really did after it said it was ready (engines/ollama.py's after_ready): put the model into
+the store where the trial asks (a .gguf created from its blob, a pull on request), load the model with
 the trial's context, read /api/ps (context_reduced, part of the model on the CPU), then a long text request
 whose usage.prompt_tokens must match what was sent (context_truncated).
 
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 
+from vllm_lab.engines import ollama_store
 from vllm_lab.prompt_text import text as _text  # the word list the load's text prompts use too
 
 if TYPE_CHECKING:
@@ -27,7 +29,7 @@ LONG_OUTPUT_TOKENS = 4
 class OllamaCheck:
     def __init__(self, trial: Trial, base_url: str, long: bool) -> None:
         self.trial, self.url, self.long = trial, base_url, long
-        self.name = trial.model
+        self.name = trial.served_model_name()  # a .gguf: the model created from it
         self.asked = trial.max_model_len
         self.timeout = trial.request_timeout_s
         self.out: dict = {}
@@ -40,6 +42,10 @@ class OllamaCheck:
     def run(self) -> dict:
         if self.long:
             self.out["long_request_ok"] = None  # the generic (token-id) long request must not run here
+        store = ollama_store.prepare(self.trial, self.url, self.name, self.timeout)  # a .gguf, a pull
+        self.out.update(store)
+        if "outcome" in store:
+            return self._done()
         if not self._load():
             return self._done()
         ps = self._ps()

@@ -29,6 +29,12 @@ The traps, by FAKE_OLLAMA_* knobs:
                           =request  it dies at the first generation after the load (CUDA error: out of memory)
     FAKE_OLLAMA_RUNNER_ORPHAN=1   on SIGTERM the server exits without ending its runner, which ignores
                                   SIGTERM (the launcher must end the whole tree)
+The store, as Ollama's API fills it: `HEAD`/`POST /api/blobs/sha256:<digest>` (an upload is checked against
+its digest), `POST /api/create` with `files` (a GGUF blob becomes a model: manifest written, then listed and
+loadable), `POST /api/pull` (progress lines, a placeholder blob, the manifest), all streaming Ollama's
+ProgressResponse wording (server/images.go, create.go). FAKE_OLLAMA_PULL_FAILS=1: every pull ends in
+Ollama's "pull model manifest: file does not exist" (no such model); FAKE_OLLAMA_PULL_BYTES: the pulled
+model layer's size (default a Qwen3-8B Q4_K_M's; only the manifest says it, the blob is a placeholder).
 Other knobs: FAKE_OLLAMA_VERSION (default 0.31.2), FAKE_OLLAMA_VRAM_MIB (simulated total VRAM, default 0:
 a CPU-only server), FAKE_OLLAMA_CTX_TRAIN (the model's n_ctx_train, default 40960), FAKE_OLLAMA_RUNNER_PIDFILE
 (the runner writes its pid there). Tokens are counted as whitespace-separated words.
@@ -38,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -158,6 +165,8 @@ class State:
         self.truncate_at = int(env["FAKE_OLLAMA_TRUNCATE_AT"]) if env.get("FAKE_OLLAMA_TRUNCATE_AT") else None
         self.dies = env.get("FAKE_OLLAMA_RUNNER_DIES", "")
         self.orphan = env.get("FAKE_OLLAMA_RUNNER_ORPHAN") == "1"
+        self.pull_fails = env.get("FAKE_OLLAMA_PULL_FAILS") == "1"
+        self.pull_bytes = int(env.get("FAKE_OLLAMA_PULL_BYTES") or 5_027_783_488)
         self.lock = threading.Lock()
         self.runner: subprocess.Popen | None = None
         self.loaded: dict | None = None  # name, ctx (per slot), size, size_vram, expires
@@ -323,6 +332,11 @@ def make_handler(state: State):
             self.wfile.flush()
 
         def do_HEAD(self):
+            if self.path.startswith("/api/blobs/"):  # does the store have this blob (routes.go HeadBlobHandler)
+                t0 = time.monotonic()
+                code = self._blob_head(self.path.split("?")[0][len("/api/blobs/") :])
+                self._gin(code, t0)
+                return
             self.do_GET()
 
         def do_GET(self):
@@ -357,6 +371,10 @@ def make_handler(state: State):
         def do_POST(self):
             t0 = time.monotonic()
             path = self.path.split("?")[0]
+            if path.startswith("/api/blobs/") or path in ("/api/create", "/api/pull"):  # the store's own calls
+                code = self._store_call(path)
+                self._gin(code, t0)
+                return
             body = self._body()
             code = 200
             try:
@@ -369,6 +387,89 @@ def make_handler(state: State):
                     self._send(404, "404 page not found", "text/plain")
             finally:
                 self._gin(code, t0)
+
+        # ------------------------------------------------------------------ the store (blobs, create, pull)
+        def _store_call(self, path: str) -> int:
+            if path.startswith("/api/blobs/"):
+                return self._blob_upload(path[len("/api/blobs/") :])
+            body = self._body()
+            return self._create(body) if path == "/api/create" else self._pull(body)
+
+        def _blob_head(self, digest: str) -> int:
+            blob = blob_path(state.store, digest)
+            if blob is None:
+                self._send(400, {"error": "invalid digest format"})
+                return 400
+            if not blob.is_file():
+                self._send(404, {"error": f'blob "{digest}" not found'})
+                return 404
+            self._send(200, "", "text/plain")
+            return 200
+
+        def _blob_upload(self, digest: str) -> int:
+            blob = blob_path(state.store, digest)
+            n = int(self.headers.get("Content-Length") or 0)
+            if blob is None:
+                self.rfile.read(n)
+                self._send(400, {"error": "invalid digest format"})
+                return 400
+            if blob.is_file():
+                self.rfile.read(n)
+                self._send(200, "", "text/plain")
+                return 200
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            tmp = blob.with_name(blob.name + "-partial")
+            h = hashlib.sha256()
+            with open(tmp, "wb") as f:
+                while n > 0:
+                    chunk = self.rfile.read(min(n, 1 << 20))
+                    if not chunk:
+                        break
+                    h.update(chunk)
+                    f.write(chunk)
+                    n -= len(chunk)
+            got = f"sha256:{h.hexdigest()}"
+            if got != digest.replace("sha256-", "sha256:"):
+                tmp.unlink()
+                self._send(400, {"error": f'digest mismatch, expected "{digest}", got "{got}"'})
+                return 400
+            tmp.rename(blob)
+            self._send(201, "", "text/plain")
+            return 201
+
+        def _progress(self, lines) -> int:
+            """Stream ProgressResponse lines; an error dict ends it (HTTP 500 where nothing was sent yet)."""
+            started = False
+            for item in lines:
+                if "error" in item and not started:
+                    self._send(500, {"error": item["error"]})
+                    return 500
+                if not started:
+                    self._stream_start("application/x-ndjson")
+                    started = True
+                self._chunk(json.dumps(item) + "\n")
+                if "error" in item:
+                    break
+            if started:
+                self._stream_end()
+            return 200
+
+        def _create(self, body: dict) -> int:
+            name, files = body.get("model") or body.get("name") or "", body.get("files")
+            if not name or any(c.isspace() for c in name) or name.count(":") > 1:
+                self._send(400, {"error": "invalid model name"})
+                return 400
+            if not files:
+                self._send(400, {"error": "neither 'from' or 'files' was specified"})
+                return 400
+            return self._progress(create_model(state.store, name, files))
+
+        def _pull(self, body: dict) -> int:
+            name = body.get("model") or body.get("name") or ""
+            if not name:
+                self._send(400, {"error": "invalid model name"})
+                return 400
+            return self._progress(pull_model(state, name))
 
         def _missing(self, name: str) -> bool:
             return not name or not manifest_path(state.store, name).is_file()
@@ -463,6 +564,77 @@ def make_handler(state: State):
             return 200
 
     return Handler
+
+
+# ---------------------------------------------------------------------- the store's writes
+
+
+def blob_path(store: Path, digest: str) -> Path | None:
+    """blobs/sha256-<hex>, as manifest.BlobsPath; None for a digest that is not sha256:<64 hex>."""
+    algo, sep, hexpart = digest.replace("sha256-", "sha256:", 1).partition(":")
+    if algo != "sha256" or not sep or len(hexpart) != 64 or any(c not in "0123456789abcdef" for c in hexpart):
+        return None
+    return store / "blobs" / f"sha256-{hexpart}"
+
+
+def _put_blob(store: Path, data: bytes) -> dict:
+    digest = f"sha256:{hashlib.sha256(data).hexdigest()}"
+    path = blob_path(store, digest)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return {"digest": digest, "size": len(data)}
+
+
+def write_manifest(store: Path, name: str, model_layer: dict) -> None:
+    """The manifest that makes a model listed and loadable (manifest.WriteManifest's shape)."""
+    config = _put_blob(store, json.dumps({"model_format": "gguf", "model_family": "qwen3",
+                                          "file_type": "Q4_K_M"}).encode())  # fmt: skip
+    m = {"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+         "config": {"mediaType": "application/vnd.docker.container.image.v1+json", **config},
+         "layers": [{"mediaType": "application/vnd.ollama.image.model", **model_layer}]}  # fmt: skip
+    path = manifest_path(store, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(m))
+
+
+def create_model(store: Path, name: str, files: dict):
+    """POST /api/create with files: one GGUF blob becomes a model (create.go's statuses)."""
+    yield {"status": "parsing GGUF"}
+    for digest in files.values():
+        blob = blob_path(store, str(digest))
+        if blob is None:
+            yield {"error": "invalid digest format"}
+            return
+        if not blob.is_file():
+            yield {"error": f"open {blob}: no such file or directory"}
+            return
+        with open(blob, "rb") as f:
+            if f.read(4) != b"GGUF":
+                yield {"error": "supplied file was not in GGUF format"}
+                return
+        yield {"status": f"using existing layer {digest}"}
+        write_manifest(store, name, {"digest": str(digest), "size": blob.stat().st_size})
+        break
+    yield {"status": "writing manifest"}
+    yield {"status": "success"}
+
+
+def pull_model(state: State, name: str):
+    """POST /api/pull: images.go's statuses; download.go's "pulling <digest[7:19]>" progress."""
+    yield {"status": "pulling manifest"}
+    if state.pull_fails:
+        yield {"error": "pull model manifest: file does not exist"}
+        return
+    placeholder = _put_blob(state.store, f"fake weights of {name}\n".encode())
+    digest, total = placeholder["digest"], state.pull_bytes
+    for i in range(11):
+        done = total * i // 10
+        yield {"status": f"pulling {digest[7:19]}", "digest": digest, "total": total, **({"completed": done} if done else {})}
+        time.sleep(0.01)
+    yield {"status": "verifying sha256 digest"}
+    yield {"status": "writing manifest"}
+    write_manifest(state.store, name, {"digest": digest, "size": total})
+    yield {"status": "success"}
 
 
 def serve() -> int:
