@@ -184,3 +184,12 @@ def test_vllm_lab_launch_pull_pulls_a_missing_model(store, run_dir):
     rec = json.loads(out.stdout.strip().splitlines()[-1])
     assert (rec["outcome"], rec["ollama_store"]["action"]) == ("ready", "pulled")
     assert f"ollama pull {MISSING}: pulling manifest" in out.stdout
+
+
+def test_the_dry_run_asks_no_pull_for_a_gguf_or_a_pull_entry(store):
+    from vllm_lab.engine_compare import _ollama_store_note
+
+    env = {"OLLAMA_MODELS": str(store)}
+    assert "`ollama pull" in _ollama_store_note({"engine": "ollama", "env": env}, MISSING)
+    assert _ollama_store_note({"engine": "ollama", "env": env, "pull": True}, MISSING) == ""
+    assert _ollama_store_note({"engine": "ollama", "env": env}, str(TINY_GGUF)) == ""  # created at run time

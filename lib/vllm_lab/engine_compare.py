@@ -217,9 +217,10 @@ def _predict_gguf(e: dict, model: str, gpu: str | None) -> str:
 def _ollama_store_note(e: dict, model: str) -> str:
     """Where the model is not in the store the run will use: how to get it (the run refuses it before any launch)."""
     from vllm_lab.engines.ollama import manifest_path, store
+    from vllm_lab.engines.ollama_gguf import is_file_model
 
     root = store({str(k): str(v) for k, v in (e.get("env") or {}).items()})
-    if e.get("pull") or manifest_path(root, model).is_file():
+    if e.get("pull") or is_file_model(model) or manifest_path(root, model).is_file():  # a .gguf: created at run time
         return ""
     return f"; not in the Ollama store {root} here: `ollama pull {model}` before the run"
 
