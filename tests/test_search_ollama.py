@@ -113,3 +113,15 @@ def test_vllm_lab_search_engine_ollama_through_the_cli(tmp_path):
     )  # fmt: skip
     assert p.returncode == 0, p.stdout + p.stderr
     assert "largest stable num_ctx (Ollama, block 256): 2816" in p.stdout
+
+
+def test_an_address_space_limit_is_refused_for_ollama(tmp_path):
+    store = make_store(tmp_path / "store")
+    t = Trial(**{**template(store).__dict__, "memory_limit_bytes": 2**30, "trial_id": ""})
+    with pytest.raises(SpecError, match="^memory_limit_bytes: stands in for a card with llama.cpp only"):
+        t.validate()
+
+
+def test_an_ollama_model_made_from_a_gguf_file_is_sized_from_that_file(tmp_path):
+    t = Trial(model=str(TINY_GGUF), engine="ollama", env={"OLLAMA_MODELS": str(tmp_path / "empty-store")})
+    assert lc.gguf_of(t) == str(TINY_GGUF) and lc.model_limit(t) == 40960

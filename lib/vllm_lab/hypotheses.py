@@ -18,7 +18,7 @@ from itertools import combinations, product
 import pandas as pd
 
 from vllm_lab import configs
-from vllm_lab.record import FIELDS
+from vllm_lab.record import FIELDS, gpu_residency
 
 FACTORIAL_STEP = "04_hypotheses"
 FACTORS = ("launcher", "max_model_len", "memory")  # always in the design (one level: not tested)
@@ -72,7 +72,9 @@ def prepare(records) -> pd.DataFrame:
     df["started"] = df["outcome"].isin(("ready", "unstable"))  # as search.started: the server came up
     # as search.passes: a trial that ran a load (Trial.load) is stable only when the load was too
     load_ok = df["load_stable"].map(lambda v: v is not False)
-    df["stable"] = df["started"] & df["long_request_ok"].map(lambda v: v is True) & load_ok
+    # and, as search.passes, with the model where it was meant to run (not partly on the CPU: Ollama)
+    on_gpu = pd.Series([gpu_residency(r) is None for r in df.to_dict("records")], index=df.index, dtype=bool)
+    df["stable"] = df["started"] & df["long_request_ok"].map(lambda v: v is True) & load_ok & on_gpu
     return df
 
 

@@ -119,6 +119,23 @@ def read_records(run_dir: str | Path, *, keep_torn_aside: bool = True) -> Record
     return out
 
 
+def gpu_residency(rec: dict) -> str | None:
+    """partial_offload | gpu_unused | None: a started model not wholly on the GPU (Ollama's /api/ps).
+
+    Ollama serves a context too big for the card by putting part of the model on the CPU, at a fraction of
+    the speed, with no error: for the search that is not a fit (a longer context only moves more of it to
+    the CPU), and its answer is the largest context wholly on the GPU. A model all on the CPU while a GPU was
+    visible (gpu_name in the record: Ollama found no usable GPU, e.g. a Pascal card under a driver older than
+    570) does not change with the context. A server with no GPU at all runs on the CPU by design: None."""
+    frac = rec.get("offload_fraction")
+    if not isinstance(frac, int | float) or rec.get("outcome") not in ("ready", "unstable"):
+        return None
+    if 0 < frac < 1:
+        return "partial_offload"
+    gpu = rec.get("gpu_name")
+    return "gpu_unused" if frac == 0 and isinstance(gpu, str) and gpu else None
+
+
 def recorded_trial_ids(run_dir: str | Path) -> set[str]:
     return {r.get("trial_id") for r in read_records(run_dir, keep_torn_aside=False).rows}
 

@@ -142,6 +142,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vllm_lab import record
+from vllm_lab.record import gpu_residency
 from vllm_lab.spec import DEFAULT_VLLM_CMD, SpecError, Trial, flag_values, load_option
 
 BLOCK = 16
@@ -195,22 +196,6 @@ def failure_kind(rec: dict) -> str:
     else other."""
     return (rec.get("failure") or gpu_residency(rec)
             or ("timeout" if rec.get("outcome") == "timeout" else "other"))  # fmt: skip
-
-
-def gpu_residency(rec: dict) -> str | None:
-    """partial_offload | gpu_unused | None: a started model not wholly on the GPU (Ollama's /api/ps).
-
-    Ollama serves a context too big for the card by putting part of the model on the CPU, at a fraction of
-    the speed, with no error: for the search that is not a fit (a longer context only moves more of it to
-    the CPU), and its answer is the largest context wholly on the GPU. A model all on the CPU while a GPU was
-    visible (gpu_name in the record: Ollama found no usable GPU, e.g. a Pascal card under a driver older than
-    570) does not change with the context. A server with no GPU at all runs on the CPU by design: None."""
-    frac = rec.get("offload_fraction")
-    if not isinstance(frac, (int, float)) or rec.get("outcome") not in ("ready", "unstable"):
-        return None
-    if 0 < frac < 1:
-        return "partial_offload"
-    return "gpu_unused" if frac == 0 and rec.get("gpu_name") else None
 
 
 def failure_class(rec: dict) -> str:

@@ -116,8 +116,11 @@ def ollama_blob(trial: Trial) -> Path | None:
 
 
 def gguf_of(trial: Trial) -> str | Path | None:
-    """The GGUF file the trial serves: the model itself for llama.cpp, the store's blob for Ollama."""
-    return ollama_blob(trial) if trial.engine == "ollama" else trial.model
+    """The GGUF file the trial serves: the model itself for llama.cpp and for an Ollama model made from a
+    file (created in the store at run time), else the store's blob behind the Ollama name."""
+    if trial.engine == "ollama" and not str(trial.model).endswith(".gguf"):
+        return ollama_blob(trial)
+    return trial.model
 
 
 def facts(trial: Trial) -> GgufFacts | None:

@@ -110,6 +110,11 @@ class OllamaEngine(Engine):
                 "gpu_memory_utilization / kv_cache_memory_bytes: are vLLM's; Ollama sizes its own memory "
                 "(limit the context with max_model_len, the KV with OLLAMA_KV_CACHE_TYPE)"
             )
+        if trial.memory_limit_bytes is not None:  # its estimate of the process is llama-server's (xllamacpp)
+            raise SpecError(
+                "memory_limit_bytes: stands in for a card with llama.cpp only; Ollama's Go server and its "
+                "runner share an address-space limit in ways not measured here: use engine: llamacpp for it"
+            )
         if trial.launcher == "explicit" and trial.quantization:
             raise SpecError(
                 "quantization: is vLLM's flag; an Ollama tag names its quantization (qwen3:8b-q4_K_M)"

@@ -20,7 +20,8 @@ WARN line only in the log; prompt_eval_count / usage.prompt_tokens say what was 
 
 The traps, by FAKE_OLLAMA_* knobs:
     FAKE_OLLAMA_FIT_CTX=N         the scheduler lowers any larger context to N, silently (does not fit)
-    FAKE_OLLAMA_VRAM_FRACTION=F   part of the model on the CPU: size_vram = F x size (needs a GPU, below)
+    FAKE_OLLAMA_VRAM_FRACTION=F   part of the model on the CPU: size_vram = F x size (needs a GPU, below);
+                                  without it what exceeds 97 % of FAKE_OLLAMA_VRAM_MIB goes to the CPU
     FAKE_OLLAMA_TRUNCATE_AT=N     prompts over N tokens are cut to N/2 even in a larger context (the cut a
                                   smaller slot, or Ollama's own "half the context" rule, makes)
     FAKE_OLLAMA_EOS_AT=N          /v1 outputs end at EOS after N tokens (finish_reason stop): Ollama drops
@@ -206,7 +207,9 @@ class State:
         )
         size = weights + kv + 300 * (1 << 20)
         on_gpu = self.vram_mib > 0
-        size_vram = int(size * min(1.0, self.vram_fraction)) if on_gpu else 0
+        # as Ollama's scheduler: what does not fit the card's free memory goes to the CPU, layer by layer
+        fits = min(size, int(self.vram_mib * (1 << 20) * 0.97))
+        size_vram = (int(size * min(1.0, self.vram_fraction)) if self.vram_fraction < 1 else fits) if on_gpu else 0
         layers_gpu = round(LAYERS * size_vram / size) if on_gpu else 0
         blob = self.store / "blobs" / f"sha256-{uuid.uuid5(uuid.NAMESPACE_URL, name).hex * 2}"
         ready = self.tmp / f"ready-{uuid.uuid4().hex[:6]}"
