@@ -118,7 +118,7 @@ def test_vllm_lab_search_engine_ollama_through_the_cli(tmp_path):
 def test_an_address_space_limit_is_refused_for_ollama(tmp_path):
     store = make_store(tmp_path / "store")
     t = Trial(**{**template(store).__dict__, "memory_limit_bytes": 2**30, "trial_id": ""})
-    with pytest.raises(SpecError, match="^memory_limit_bytes: stands in for a card with llama.cpp only"):
+    with pytest.raises(SpecError, match=r"^memory_limit_bytes: stands in for a card with llama\.cpp only"):
         t.validate()
 
 
