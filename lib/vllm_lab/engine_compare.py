@@ -220,7 +220,9 @@ def _ollama_store_note(e: dict, model: str) -> str:
     from vllm_lab.engines.ollama_gguf import is_file_model
 
     root = store({str(k): str(v) for k, v in (e.get("env") or {}).items()})
-    if e.get("pull") or is_file_model(model) or manifest_path(root, model).is_file():  # a .gguf: created at run time
+    if (
+        e.get("pull") or is_file_model(model) or manifest_path(root, model).is_file()
+    ):  # a .gguf: created at run time
         return ""
     return f"; not in the Ollama store {root} here: `ollama pull {model}` before the run"
 

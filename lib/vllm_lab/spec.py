@@ -186,7 +186,9 @@ class Trial:
         if not isinstance(self.pull, bool):
             raise SpecError(f"pull: {self.pull!r} must be true or false")
         if self.pull and not engine.pulls:
-            raise SpecError(f"pull: is Ollama's (`ollama pull` at run time); engine {self.engine} has no store")
+            raise SpecError(
+                f"pull: is Ollama's (`ollama pull` at run time); engine {self.engine} has no store"
+            )
         engine.validate(self)  # the model's shape, flags of another engine
         if self.load is not None:
             LoadSpec.from_params(self.load, where="load")

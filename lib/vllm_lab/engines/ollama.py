@@ -102,7 +102,9 @@ class OllamaEngine(Engine):
         if from_file:
             check_file(model)  # created in the store after ready (ollama_store)
             if trial.pull:
-                raise SpecError(f"pull: is for a name in the Ollama store; {model} is a file, created from itself")
+                raise SpecError(
+                    f"pull: is for a name in the Ollama store; {model} is a file, created from itself"
+                )
         elif not re.match(r"^[\w.-]+(/[\w.-]+){0,2}(:[\w.-]+)?$", model):
             raise SpecError(f"model: {model!r} is not an Ollama model name (e.g. qwen3:8b-q4_K_M)")
         if trial.gpu_memory_utilization is not None or trial.kv_cache_memory_bytes is not None:

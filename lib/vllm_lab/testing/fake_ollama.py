@@ -209,7 +209,9 @@ class State:
         on_gpu = self.vram_mib > 0
         # as Ollama's scheduler: what does not fit the card's free memory goes to the CPU, layer by layer
         fits = min(size, int(self.vram_mib * (1 << 20) * 0.97))
-        size_vram = (int(size * min(1.0, self.vram_fraction)) if self.vram_fraction < 1 else fits) if on_gpu else 0
+        size_vram = (
+            (int(size * min(1.0, self.vram_fraction)) if self.vram_fraction < 1 else fits) if on_gpu else 0
+        )
         layers_gpu = round(LAYERS * size_vram / size) if on_gpu else 0
         blob = self.store / "blobs" / f"sha256-{uuid.uuid5(uuid.NAMESPACE_URL, name).hex * 2}"
         ready = self.tmp / f"ready-{uuid.uuid4().hex[:6]}"
@@ -335,7 +337,9 @@ def make_handler(state: State):
             self.wfile.flush()
 
         def do_HEAD(self):
-            if self.path.startswith("/api/blobs/"):  # does the store have this blob (routes.go HeadBlobHandler)
+            if self.path.startswith(
+                "/api/blobs/"
+            ):  # does the store have this blob (routes.go HeadBlobHandler)
                 t0 = time.monotonic()
                 code = self._blob_head(self.path.split("?")[0][len("/api/blobs/") :])
                 self._gin(code, t0)
@@ -374,7 +378,10 @@ def make_handler(state: State):
         def do_POST(self):
             t0 = time.monotonic()
             path = self.path.split("?")[0]
-            if path.startswith("/api/blobs/") or path in ("/api/create", "/api/pull"):  # the store's own calls
+            if path.startswith("/api/blobs/") or path in (
+                "/api/create",
+                "/api/pull",
+            ):  # the store's own calls
                 code = self._store_call(path)
                 self._gin(code, t0)
                 return
@@ -632,7 +639,12 @@ def pull_model(state: State, name: str):
     digest, total = placeholder["digest"], state.pull_bytes
     for i in range(11):
         done = total * i // 10
-        yield {"status": f"pulling {digest[7:19]}", "digest": digest, "total": total, **({"completed": done} if done else {})}
+        yield {
+            "status": f"pulling {digest[7:19]}",
+            "digest": digest,
+            "total": total,
+            **({"completed": done} if done else {}),
+        }
         time.sleep(0.01)
     yield {"status": "verifying sha256 digest"}
     yield {"status": "writing manifest"}
