@@ -189,3 +189,21 @@ def test_the_report_title_names_the_engines_the_run_started():
     assert report._engines_named(pd.DataFrame(recs)) == "vLLM, llama.cpp and Ollama"
     old = pd.DataFrame([_rec("s", 1, engine=None)])  # records from before the engine field
     assert report._engines_named(old) == "vLLM"
+
+
+@pytest.mark.unit
+def test_a_start_partly_on_the_cpu_is_named_in_the_verdict_and_the_grid(tmp_path):
+    from vllm_lab import plots, record, report
+
+    for n, frac in ((1536, 1.0), (4608, 0.8)):
+        record.append_record(tmp_path, _rec("05_engines.ol", n, engine="ollama", offload_fraction=frac,
+                                            memory_limit=None, backend="fake", launcher="head",
+                                            trial_id=f"ol-{n}", argv=[]))  # fmt: skip
+    df = report.load_run(tmp_path)
+    working = report.verdict(df)["working"].set_index("max_model_len")
+    assert working.loc[1536, "long request"] == "ok"
+    assert working.loc[4608, "long request"] == "ok, but partial_offload: not stable"
+    largest = report.verdict(df)["largest_stable"]
+    assert largest["largest stable max_model_len"].tolist() == [1536]
+    rows = plots.grid_rows(df)
+    assert plots.cell_text(rows[rows["max_model_len"] == 4608]) == "partial_offload\n(fake)"

@@ -25,6 +25,7 @@ from matplotlib.patches import Patch
 
 from vllm_lab import configs
 from vllm_lab.hypotheses import memory_axis_name, prepare
+from vllm_lab.record import gpu_residency
 
 OUTCOME_COLORS = {"ready": "#2a9d47", "failed": "#d1372c", "timeout": "#e08a1e", "unstable": "#8a4fbf"}
 # The outcome grid's cell colours: a clean start, each way of not starting cleanly, and trials that disagree.
@@ -124,7 +125,10 @@ def cell_kind(g: pd.DataFrame) -> str:
 def cell_text(g: pd.DataFrame) -> str:
     """A grid cell's words: ready or the commonest failure kind, how many started, (fake)."""
     ready = int(g["started"].sum())
-    kinds = [str(f) for f in g["failure"].where(g["failure"].notna(), g["outcome"]) if f != "ready"]
+    # a start partly on the CPU (Ollama) is named, not plain "ready"
+    said = [f if isinstance(f, str) else (gpu_residency(r) or r["outcome"])
+            for f, r in zip(g["failure"], g.to_dict("records"), strict=True)]  # fmt: skip
+    kinds = [str(f) for f in said if f != "ready"]
     text = "ready" if not kinds else max(set(kinds), key=kinds.count)
     if len(g) > 1:
         text += f"\n{ready}/{len(g)} ready"

@@ -77,6 +77,19 @@ def _long_request(v) -> str:
     return "ok" if v is True else ("failed" if v is False else "not run")
 
 
+def _long_request_not_stable(g: pd.DataFrame) -> str:
+    """A configuration with no stable trial: failed, or served but not where it was meant to run (Ollama
+    with part of the model on the CPU), or not run."""
+    from vllm_lab.record import gpu_residency
+
+    if g["long_request_ok"].eq(False).any():
+        return "failed"
+    where = {gpu_residency(r) for r in g.to_dict("records")} - {None}
+    if where and g["long_request_ok"].eq(True).any():
+        return f"ok, but {'; '.join(sorted(where))}: not stable"
+    return "not run"
+
+
 def _with_variant(df: pd.DataFrame, table: pd.DataFrame, labels) -> pd.DataFrame:
     """table with a first column naming each row's model / install / ... where the run has several."""
     heading, _ = configs.variant(df)
@@ -124,9 +137,7 @@ def _config_summary(g: pd.DataFrame) -> pd.Series:
             "max_model_len": g["max_model_len"].iloc[0],
             "memory": g["memory_label"].iloc[0],
             "ready": _ready_count(g),
-            "long request": "ok"
-            if g["stable"].any()
-            else _long_request(False if g["long_request_ok"].eq(False).any() else None),
+            "long request": "ok" if g["stable"].any() else _long_request_not_stable(g),
             "kv_cache_tokens": pd.to_numeric(g["kv_cache_tokens"], errors="coerce").max(),
             "backend": ", ".join(sorted(g["backend"].dropna().astype(str).unique())),
             "_ready": int(g["started"].sum()),
