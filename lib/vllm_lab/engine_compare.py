@@ -3,15 +3,18 @@ output tok/s and TTFT under the same load.
 
 The step's ENGINES parameter lists the servers to compare, each a mapping:
   name                  a label (the report's row; every trial's step is "<step>.<name>")
-  engine                vllm | llamacpp (engines.names())
-  model                 a model folder / hub id for vLLM, a .gguf for llama.cpp (default: the plan's model)
+  engine                vllm | llamacpp | ollama (engines.names())
+  model                 a model folder / hub id for vLLM, a .gguf for llama.cpp, an Ollama name (or a .gguf,
+                        created in Ollama's store at run time) for Ollama (default: the plan's model)
+  pull                  Ollama: pull a name missing from the store at run time (else refused before any launch)
   vllm_cmd, extra_args, env   the server command and its own flags (default: the plan's for vLLM, the
                         engine's own command and none for the others: vLLM's flags would end llama-server)
   gpu_memory_utilization | kv_cache_memory_bytes   vLLM's memory setting (the CPU build needs a KV budget)
   memory_limit_bytes    an address-space limit on the server: on a CPU box it stands in for the card
   low, high             the context range to search (default: the step's LOW/HIGH, else the engine's own)
   pull                  Ollama: true to `ollama pull` the model at run time where the store lacks it
-Per entry: the context search (search.run_search: vLLM's or llama.cpp's block and first guess), then, where
+Per entry: the context search (search.run_search: vLLM's or llama.cpp's block and first guess; Ollama's
+num_ctx at llama.cpp's block, a context partly on the CPU no fit), then, where
 something was stable, one trial at the found context with LOAD. A failure the context does not change
 (the search's `stopped` verdict) is the entry's answer to "does it start".
 """
