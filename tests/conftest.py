@@ -29,6 +29,27 @@ TINY_AWQ_MODEL = ROOT / ".cache" / "models" / "tiny-qwen2-awq"
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
+FAKE_OLLAMA = f"{sys.executable} -m vllm_lab.testing.fake_ollama serve"  # the Ollama stand-in
+OLLAMA_MODEL = "qwen3:8b-q4_K_M"
+OLLAMA_MODEL_BYTES = 5_027_783_488  # its model layer (Qwen3-8B Q4_K_M): what the stand-in sizes it by
+
+
+def ollama_store(root: Path, model: str = OLLAMA_MODEL, blob: Path | None = None) -> Path:
+    """A model store holding ``model`` as `ollama pull` leaves it (the manifest is what counts); with ``blob``,
+    its model layer is that GGUF file (blobs/sha256-...), as the search reads it."""
+    from vllm_lab.engines.ollama import manifest_path
+
+    digest = "sha256:" + "ab" * 32
+    m = manifest_path(root, model)
+    m.parent.mkdir(parents=True)
+    layer = {"mediaType": "application/vnd.ollama.image.model", "digest": digest, "size": OLLAMA_MODEL_BYTES}
+    m.write_text(json.dumps({"schemaVersion": 2, "layers": [layer]}))
+    if blob is not None:
+        (root / "blobs").mkdir(exist_ok=True)
+        (root / "blobs" / digest.replace(":", "-")).write_bytes(blob.read_bytes())
+    return root
+
+
 # A config like the tiny model's (512 bytes of KV per token), enough for the fake, which reads only config.json.
 FAKE_MODEL_CONFIG = {
     "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 128, "num_hidden_layers": 2,

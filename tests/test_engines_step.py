@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import FAKE_OLLAMA, ROOT, ollama_store
 from vllm_lab import engine_compare, engines_report, search_llamacpp
 from vllm_lab.batch import run_plan
 from vllm_lab.cli import main
@@ -132,13 +131,9 @@ def test_no_section_without_engines():
 
 @pytest.mark.llamacpp
 def test_notebook_05_with_the_real_llama_server_and_the_ollama_stand_in(tmp_path):
-    store = tmp_path / "ollama-models"  # as `ollama pull qwen3:8b-q4_K_M` leaves it (the manifest counts)
-    manifest = store / "manifests" / "registry.ollama.ai" / "library" / "qwen3" / "8b-q4_K_M"
-    manifest.parent.mkdir(parents=True)
-    layer = {"mediaType": "application/vnd.ollama.image.model", "digest": "sha256:ab", "size": 5_027_783_488}
-    manifest.write_text(json.dumps({"schemaVersion": 2, "layers": [layer]}))
+    store = ollama_store(tmp_path / "ollama-models")  # as `ollama pull qwen3:8b-q4_K_M` leaves it
     ollama = {"name": "ol", "engine": "ollama", "model": "qwen3:8b-q4_K_M", "low": 1024, "high": 4096,
-              "vllm_cmd": f"{sys.executable} -m vllm_lab.testing.fake_ollama serve",
+              "vllm_cmd": FAKE_OLLAMA,
               "env": {"OLLAMA_MODELS": str(store), "FAKE_OLLAMA_FIT_CTX": "3000"}}  # fmt: skip
     plan = {
         "name": "engines", "model": str(ROOT / ".cache" / "models" / "tiny-qwen2"),

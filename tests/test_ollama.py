@@ -12,6 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import ollama_store
 from vllm_lab import engines
 from vllm_lab.engines import ollama, ollama_check, ollama_gguf
 from vllm_lab.errors import SpecError
@@ -24,13 +25,7 @@ MODEL = "qwen3:8b-q4_K_M"
 
 @pytest.fixture
 def store(tmp_path: Path) -> Path:
-    """A model store as `ollama pull qwen3:8b-q4_K_M` leaves it (the manifest is what counts)."""
-    root = tmp_path / "ollama-models"
-    m = root / "manifests" / "registry.ollama.ai" / "library" / "qwen3" / "8b-q4_K_M"
-    m.parent.mkdir(parents=True)
-    layer = {"mediaType": "application/vnd.ollama.image.model", "digest": "sha256:ab", "size": 5_027_783_488}
-    m.write_text(json.dumps({"schemaVersion": 2, "layers": [layer]}))
-    return root
+    return ollama_store(tmp_path / "ollama-models", MODEL)
 
 
 def ollama_trial(store: Path, ctx: int = 2048, extra_args=(), **knobs: str) -> Trial:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ollama_store
 from vllm_lab import engines, prompt_text
 from vllm_lab.engines import ollama_check
 from vllm_lab.launcher import VllmServer
@@ -25,13 +26,7 @@ SMALL = {"prompt_tokens": 48, "output_tokens": 8, "request_timeout_s": 30.0}
 
 @pytest.fixture
 def store(tmp_path: Path) -> Path:
-    """A model store as `ollama pull qwen3:8b-q4_K_M` leaves it (the manifest is what counts)."""
-    root = tmp_path / "ollama-models"
-    m = root / "manifests" / "registry.ollama.ai" / "library" / "qwen3" / "8b-q4_K_M"
-    m.parent.mkdir(parents=True)
-    layer = {"mediaType": "application/vnd.ollama.image.model", "digest": "sha256:ab", "size": 5_027_783_488}
-    m.write_text(json.dumps({"schemaVersion": 2, "layers": [layer]}))
-    return root
+    return ollama_store(tmp_path / "ollama-models", MODEL)
 
 
 def ollama_trial(store: Path, load: dict | None = None, **knobs: str) -> Trial:

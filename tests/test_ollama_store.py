@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, ollama_store
 from vllm_lab.engines import ollama, ollama_gguf
 from vllm_lab.errors import SpecError
 from vllm_lab.probe import run_trial
@@ -22,12 +22,7 @@ MISSING = "llama3.1:8b"
 
 @pytest.fixture
 def store(tmp_path: Path) -> Path:
-    """A model store holding MODEL, as `ollama pull` leaves it (the manifest is what counts)."""
-    m = ollama.manifest_path(tmp_path / "ollama-models", MODEL)
-    m.parent.mkdir(parents=True)
-    layer = {"mediaType": "application/vnd.ollama.image.model", "digest": "sha256:ab", "size": 5_027_783_488}
-    m.write_text(json.dumps({"schemaVersion": 2, "layers": [layer]}))
-    return tmp_path / "ollama-models"
+    return ollama_store(tmp_path / "ollama-models", MODEL)
 
 
 def ollama_trial(store: Path, ctx: int = 2048, **knobs: str) -> Trial:

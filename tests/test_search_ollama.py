@@ -4,36 +4,19 @@ model on the CPU as no fit, and the range from the GGUF in Ollama's store."""
 
 from __future__ import annotations
 
-import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import FAKE_OLLAMA, ROOT, ollama_store
+from conftest import OLLAMA_MODEL as MODEL
 from vllm_lab import search
 from vllm_lab import search_llamacpp as lc
 from vllm_lab.errors import SpecError
 from vllm_lab.spec import Trial
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY_GGUF = ROOT / ".cache" / "models" / "tiny-qwen2.gguf"
-FAKE_OLLAMA = f"{sys.executable} -m vllm_lab.testing.fake_ollama serve"
-MODEL = "qwen3:8b-q4_K_M"
-WEIGHTS = 5_027_783_488  # the manifest's model layer (Qwen3-8B Q4_K_M), what the stand-in sizes the model by
-
-
-def make_store(root: Path, blob: Path | None = None) -> Path:
-    """A store as `ollama pull` leaves it; with ``blob``, the model layer is that GGUF file."""
-    digest = "sha256:" + "ab" * 32
-    m = root / "manifests" / "registry.ollama.ai" / "library" / "qwen3" / "8b-q4_K_M"
-    m.parent.mkdir(parents=True)
-    layer = {"mediaType": "application/vnd.ollama.image.model", "digest": digest, "size": WEIGHTS}
-    m.write_text(json.dumps({"schemaVersion": 2, "layers": [layer]}))
-    if blob is not None:
-        (root / "blobs").mkdir()
-        shutil.copy(blob, root / "blobs" / digest.replace(":", "-"))
-    return root
 
 
 def template(store: Path, **env: str) -> Trial:
@@ -42,7 +25,7 @@ def template(store: Path, **env: str) -> Trial:
 
 
 def test_a_context_ollama_lowers_is_the_edge_found_at_its_block(tmp_path):
-    store = make_store(tmp_path / "store")
+    store = ollama_store(tmp_path / "store")
     res = search.run_search(
         template(store, FAKE_OLLAMA_FIT_CTX="8000"), tmp_path / "run", low=1024, high=16384
     )
@@ -57,7 +40,7 @@ def test_a_context_ollama_lowers_is_the_edge_found_at_its_block(tmp_path):
 def test_a_context_only_partly_on_the_gpu_is_not_a_fit(tmp_path):
     # 6000 MiB of VRAM: the stand-in puts what exceeds 97 % of it on the CPU, as Ollama's scheduler does;
     # weights 4.68 GiB + 300 MiB + 144 KiB per token fit up to 5156 tokens
-    store = make_store(tmp_path / "store")
+    store = ollama_store(tmp_path / "store")
     t = template(store, FAKE_OLLAMA_VRAM_MIB="6000")
     res = search.run_search(t, tmp_path / "run", low=1024, high=16384)
     assert (res.verdict, res.max_model_len) == ("found", 5120)
@@ -69,7 +52,7 @@ def test_a_context_only_partly_on_the_gpu_is_not_a_fit(tmp_path):
 
 
 def test_the_range_and_the_first_launch_come_from_the_gguf_in_the_store(tmp_path, monkeypatch):
-    store = make_store(tmp_path / "store", blob=TINY_GGUF)
+    store = ollama_store(tmp_path / "store", blob=TINY_GGUF)
     t = template(store)
     assert lc.model_limit(t) == 40960  # the blob's n_ctx_train
     assert lc.gguf_of(t) == store / "blobs" / ("sha256-" + "ab" * 32)
@@ -82,7 +65,7 @@ def test_the_range_and_the_first_launch_come_from_the_gguf_in_the_store(tmp_path
 
 
 def test_without_a_gguf_or_a_top_the_search_asks_for_high(tmp_path):
-    store = make_store(tmp_path / "store")  # manifest only: no blob to read n_ctx_train from
+    store = ollama_store(tmp_path / "store")  # manifest only: no blob to read n_ctx_train from
     with pytest.raises(SpecError, match=r"^high: .*give high"):
         search.run_search(template(store), tmp_path / "run", low=1024)
     assert not (tmp_path / "run" / "trials.jsonl").exists()  # before any launch
@@ -103,7 +86,7 @@ def test_a_model_all_on_the_cpu_beside_a_gpu_stops_the_search():
 
 
 def test_vllm_lab_search_engine_ollama_through_the_cli(tmp_path):
-    store = make_store(tmp_path / "store")
+    store = ollama_store(tmp_path / "store")
     env = {"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin", "OLLAMA_MODELS": str(store),
            "FAKE_OLLAMA_FIT_CTX": "3000", "HOME": str(tmp_path)}  # fmt: skip
     p = subprocess.run(
@@ -116,7 +99,7 @@ def test_vllm_lab_search_engine_ollama_through_the_cli(tmp_path):
 
 
 def test_an_address_space_limit_is_refused_for_ollama(tmp_path):
-    store = make_store(tmp_path / "store")
+    store = ollama_store(tmp_path / "store")
     t = Trial(**{**template(store).__dict__, "memory_limit_bytes": 2**30, "trial_id": ""})
     with pytest.raises(SpecError, match=r"^memory_limit_bytes: stands in for a card with llama\.cpp only"):
         t.validate()
