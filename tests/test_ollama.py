@@ -226,6 +226,7 @@ def test_preflight_states_ollamas_facts_for_the_card(tmp_path):
     (model / "config.json").write_text(json.dumps(cfg))
     text = format_preflight(preflight(str(model), "p40"))
     assert "Ollama" in text and "4096" in text and "driver 570" in text and "0.31.2" in text
+    assert text.splitlines()[-1].endswith("`vllm-lab run params/p40-engines.yaml` (`--dry-run` first)")
 
 
 # ------------------------------------------------------------------------------------------------ its log

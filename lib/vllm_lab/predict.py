@@ -453,6 +453,9 @@ def format_preflight(pf: Preflight) -> str:
         out += ["", *llamacpp_lines(pf.llamacpp, g["name"])]
     if pf.ollama:
         out += ["", f"Ollama on {g['name']}:", *(f"- {line}" for line in pf.ollama["lines"])]
+    if pf.llamacpp or pf.ollama:  # the predictions above, measured: each engine's start, context and speed
+        out += ["", "To measure these side by side (start, largest stable context, tok/s under one load): "
+                    "notebook 05_engines, e.g. `vllm-lab run params/p40-engines.yaml` (`--dry-run` first)"]  # fmt: skip
     return "\n".join(out)
 
 
