@@ -118,7 +118,9 @@ def ollama_blob(trial: Trial) -> Path | None:
 def gguf_of(trial: Trial) -> str | Path | None:
     """The GGUF file the trial serves: the model itself for llama.cpp and for an Ollama model made from a
     file (created in the store at run time), else the store's blob behind the Ollama name."""
-    if trial.engine == "ollama" and not str(trial.model).endswith(".gguf"):
+    from vllm_lab.engines.ollama_gguf import is_file_model
+
+    if trial.engine == "ollama" and not is_file_model(str(trial.model)):
         return ollama_blob(trial)
     return trial.model
 
