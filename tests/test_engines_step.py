@@ -86,6 +86,7 @@ def test_side_by_side_from_records_and_engines_json(tmp_path):
     assert t.loc["lc", "launches"] == 2 and t.loc["lc", "KV at it"] == "6.62 MiB (13568 cells)"
     assert t.loc["lc", "memory"] == "address space 210 MiB" and t.loc["lc", "knee (concurrency)"] == 2
     assert t.loc["lc", "predicted (memory model, a prediction)"] == 13312
+    assert "on the GPU" not in t.columns  # no record says where the model ran: no column of dashes
     assert t.loc["awq", "starts"] == "no" and t.loc["awq", "why not"].startswith(
         "quantization_unsupported_gpu"
     )

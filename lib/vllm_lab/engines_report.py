@@ -123,7 +123,10 @@ def table(records, run_dir=None) -> pd.DataFrame:
             "predicted (memory model, a prediction)": predicted if predicted else "-",
             "knee (concurrency)": knee, "on the GPU": _residency(rs),
         })  # fmt: skip
-    return pd.DataFrame(out)
+    t = pd.DataFrame(out)
+    if not t.empty and t["on the GPU"].eq("-").all():  # no record says where the model ran (not Ollama)
+        t = t.drop(columns="on the GPU")
+    return t
 
 
 def load_table(records, run_dir=None) -> pd.DataFrame:
@@ -174,6 +177,12 @@ def _residency(rs: list[dict]) -> str:
     return "-"
 
 
+OLLAMA_WORDS = (
+    "Ollama's context is the num_ctx it reported loading (/api/ps), and a context it serves only with part of "
+    "the model on the CPU does not count as stable (the `on the GPU` column says from where). "
+)
+
+
 def _round(v):
     """Whole numbers from 100 up (the renderer prints 3 significant digits of a float: 4.74e+03)."""
     if not isinstance(v, int | float):
@@ -197,9 +206,8 @@ def engine_blocks(df: pd.DataFrame) -> list[tuple]:
         "The same question on each engine: does it start, the largest context that starts and serves a request "
         "filling it (the next block, 16/128 tokens on vLLM and 256 on llama.cpp and Ollama, proven to fail where "
         "the verdict says `found`), the KV cache at it, and output tokens/s and TTFT p90 under the same load. "
-        "Ollama's context is the num_ctx it reported loading (/api/ps), and a context it serves only with part of "
-        "the model on the CPU does not count as stable (the `on the GPU` column says from where). On a CPU box "
-        "an address-space limit on the server stands in for the card (the memory column says which limit "
+        + (OLLAMA_WORDS if t["engine"].eq("ollama").any() else "")
+        + "On a CPU box an address-space limit on the server stands in for the card (the memory column says which limit "
         "applied). The memory model's column is a prediction, not a measurement. A load level is `clean` on its "
         "own: a failure at a higher concurrency leaves the lower ones clean."
     )
