@@ -107,6 +107,7 @@ def test_each_load_level_is_judged_on_its_own(tmp_path):
     (tmp_path / "engines.json").write_text(json.dumps([{"step": "05_engines", "name": "lc"}]))
     lt = engines_report.load_table(recs, tmp_path)
     assert lt["clean"].tolist() == ["yes", "no: failed"]  # not the whole load's "no" on every level
+    assert lt["backend"].tolist() == ["llamacpp-cpu"] * 2  # a stand-in's figures say so on every row
 
 
 @pytest.mark.unit

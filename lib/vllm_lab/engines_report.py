@@ -141,7 +141,8 @@ def load_table(records, run_dir=None) -> pd.DataFrame:
         for lv in r["load"].get("levels") or []:
             c = lv.get("concurrency")
             out.append({
-                "entry": label, "engine": r.get("engine") or "vllm", "context": r.get("max_model_len"),
+                "entry": label, "engine": r.get("engine") or "vllm", "backend": r.get("backend"),
+                "context": r.get("max_model_len"),
                 "concurrency": c, "output tok/s": _round(lv.get("output_tokens_per_s")),
                 "TTFT p90 ms": _round(_pct(lv, "ttft_ms", "p90")), "completed": f"{lv.get('completed')}/{lv.get('requests')}",
                 "knee": "*" if c == knee else "", "clean": _clean(lv),
