@@ -323,3 +323,11 @@ def test_vllm_lab_launch_a_model_not_pulled_is_one_line_exit_2(store, run_dir):
     out = subprocess.run([*VLLM_LAB, *args], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 2 and out.stderr.count("\n") == 1
     assert "`ollama pull llama3.1:8b`" in out.stderr and not (run_dir / "trials.jsonl").exists()
+
+
+def test_a_name_without_a_tag_is_found_as_ollama_lists_it(tmp_path, run_dir):
+    store = ollama_store(tmp_path / "models", "qwen3")  # `ollama pull qwen3`: the tag latest
+    t = Trial(**{**ollama_trial(store).__dict__, "model": "qwen3", "trial_id": ""})
+    rec = run_trial(t, run_dir)
+    assert rec["outcome"] == "ready", rec  # /api/ps says qwen3:latest
+    assert rec["context_used"] == 2048

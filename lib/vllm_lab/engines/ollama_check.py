@@ -91,7 +91,15 @@ class OllamaCheck:
                 models = c.get(f"{self.url}/api/ps").json().get("models") or []
         except (httpx.HTTPError, ValueError, AttributeError):
             models = []
-        mine = next((m for m in models if m.get("name") == self.name or m.get("model") == self.name), None)
+        want = _full_name(self.name)  # Ollama lists `qwen3` as qwen3:latest
+        mine = next(
+            (
+                m
+                for m in models
+                if want in (_full_name(m.get("name") or ""), _full_name(m.get("model") or ""))
+            ),
+            None,
+        )
         if mine is None:
             self._fail("failed", "other", f"/api/ps does not list {self.name} after loading it",
                        "read the log (log_path): the runner may have exited")  # fmt: skip
@@ -233,3 +241,7 @@ def _gpu_visible(trial: Trial) -> bool:
         return bool(gpu.visible_physical_indices(env={**os.environ, **trial.env}))
     except Exception:
         return False
+
+
+def _full_name(name: str) -> str:
+    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"

@@ -120,6 +120,11 @@ def split_name(name: str) -> tuple[str, str]:
     return "/".join(parts), tag
 
 
+def full_name(name: str) -> str:
+    """The name as Ollama lists it (/api/ps, /api/tags): with its tag, `:latest` where none was given."""
+    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
+
+
 def manifest_path(store: Path, name: str) -> Path:
     folder, tag = split_name(name)
     return store / "manifests" / folder / tag
@@ -184,7 +189,12 @@ class State:
                 ctx = self.ctx_train
             if self.fit_ctx is not None and ctx > self.fit_ctx:
                 ctx = self.fit_ctx  # lowered to what fits: Ollama says nothing about it
-            if self.loaded and self.loaded["name"] == name and self.loaded["ctx"] == ctx and self._alive():
+            if (
+                self.loaded
+                and self.loaded["name"] == full_name(name)
+                and self.loaded["ctx"] == ctx
+                and self._alive()
+            ):
                 return self.loaded, None
             self._stop_runner()
             return self._start_runner(name, ctx)
@@ -246,7 +256,7 @@ class State:
                 return None, err
             time.sleep(0.02)
         log("INFO", "llama_server.go:1274", f"llama-server started in {time.monotonic() - t0:.2f} seconds")
-        self.loaded = {"name": name, "ctx": ctx, "size": size, "size_vram": size_vram,
+        self.loaded = {"name": full_name(name), "ctx": ctx, "size": size, "size_vram": size_vram,
                        "expires_at": _now(), "weights": weights}  # fmt: skip
         return self.loaded, None
 
