@@ -204,3 +204,20 @@ def test_a_start_partly_on_the_cpu_is_named_in_the_verdict_and_the_grid(tmp_path
     assert largest["largest stable max_model_len"].tolist() == [1536]
     rows = plots.grid_rows(df)
     assert plots.cell_text(rows[rows["max_model_len"] == 4608]) == "partial_offload\n(fake)"
+
+
+@pytest.mark.unit
+def test_every_entry_is_checked_before_the_first_launch(tmp_path, monkeypatch):
+    from vllm_lab import search, steps
+
+    launched = []
+    monkeypatch.setattr(search, "run_search", lambda *a, **k: launched.append(a) or None)
+    p = steps.step_params({"RUN_DIR": str(tmp_path), "STEP": "05_engines", "MODEL": str(TINY_GGUF)})
+    entries = [{"name": "lc", "engine": "llamacpp", "model": str(TINY_GGUF), "memory_limit_bytes": LIMIT},
+               {"name": "ol", "engine": "ollama", "model": "qwen3:8b-q4_K_M",
+                "env": {"OLLAMA_MODELS": str(tmp_path / "empty-store")}}]  # fmt: skip
+    with pytest.raises(
+        SpecError, match=r"^ENGINES\[1\] \(ol\): model: qwen3:8b-q4_K_M is not in the Ollama store"
+    ):
+        engine_compare.run_engines(p, entries, low=None, high=None, load=None)
+    assert launched == []  # the llama.cpp entry before it did not run either
