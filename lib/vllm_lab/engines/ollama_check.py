@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 import httpx
 
 from vllm_lab.engines import ollama_store
+from vllm_lab.engines.ollama_gguf import full_name
+from vllm_lab.http_client import body_message
 from vllm_lab.prompt_text import text as _text  # the word list the load's text prompts use too
 
 if TYPE_CHECKING:
@@ -91,13 +93,9 @@ class OllamaCheck:
                 models = c.get(f"{self.url}/api/ps").json().get("models") or []
         except (httpx.HTTPError, ValueError, AttributeError):
             models = []
-        want = _full_name(self.name)  # Ollama lists `qwen3` as qwen3:latest
+        want = full_name(self.name)  # Ollama lists `qwen3` as qwen3:latest
         mine = next(
-            (
-                m
-                for m in models
-                if want in (_full_name(m.get("name") or ""), _full_name(m.get("model") or ""))
-            ),
+            (m for m in models if want in (full_name(m.get("name") or ""), full_name(m.get("model") or ""))),
             None,
         )
         if mine is None:
@@ -225,13 +223,7 @@ class OllamaCheck:
 
 
 def _message(r: httpx.Response, read: bool = False) -> str:
-    raw = r.read() if read else r.content
-    try:
-        body = json.loads(raw)
-        err = body.get("error")
-        return str(err.get("message") if isinstance(err, dict) else err)[:300]
-    except (ValueError, AttributeError):
-        return raw.decode(errors="replace")[:300]
+    return body_message(r.read() if read else r.content)[:300]
 
 
 def _gpu_visible(trial: Trial) -> bool:
@@ -241,7 +233,3 @@ def _gpu_visible(trial: Trial) -> bool:
         return bool(gpu.visible_physical_indices(env={**os.environ, **trial.env}))
     except Exception:
         return False
-
-
-def _full_name(name: str) -> str:
-    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"

@@ -1,5 +1,6 @@
-"""A .gguf as an Ollama model: which paths are files rather than store names, the blob digest, and the
-name the model is created under. Pure (no HTTP): ollama.py validates with it, ollama_store creates with it.
+"""Ollama's model names and a .gguf as an Ollama model: a name as Ollama lists it, which paths are files
+rather than store names, the blob digest, and the name the model is created under. Pure (no HTTP): ollama.py
+validates with it, ollama_store creates with it, ollama_check finds the loaded model by it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,11 @@ from pathlib import Path
 from vllm_lab.errors import SpecError
 
 GGUF_MAGIC = b"GGUF"
+
+
+def full_name(name: str) -> str:
+    """The name as Ollama lists it (/api/ps, /api/tags): with its tag, `:latest` where none was given."""
+    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
 
 
 def is_file_model(model: str) -> bool:

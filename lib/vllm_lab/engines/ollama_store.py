@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import httpx
 
 from vllm_lab.engines import ollama_gguf
+from vllm_lab.http_client import body_message
 
 if TYPE_CHECKING:
     from vllm_lab.spec import Trial
@@ -108,7 +109,7 @@ class _Store:
 
     def _listed(self) -> bool:
         """The store lists the model (GET /api/tags names carry a tag: `latest` where none was given)."""
-        want = self.name if ":" in self.name.rsplit("/", 1)[-1] else f"{self.name}:latest"
+        want = ollama_gguf.full_name(self.name)
         try:
             with httpx.Client(timeout=self.timeout, trust_env=False) as c:
                 models = c.get(f"{self.url}/api/tags").json().get("models") or []
@@ -158,9 +159,4 @@ class _Store:
 
 
 def _message(r: httpx.Response, read: bool = False) -> str:
-    raw = r.read() if read else r.content
-    try:
-        err = json.loads(raw).get("error")
-        return str(err.get("message") if isinstance(err, dict) else err)[:300]
-    except (ValueError, AttributeError):
-        return raw.decode(errors="replace")[:300]
+    return body_message(r.read() if read else r.content)[:300]
