@@ -183,9 +183,14 @@ LLAMACPP_UNRELATED = frozenset({"weights_oom", "bad_model_file", "gpu_unsupporte
 # Ollama (engines/ollama_check) runs llama-server: its rules, plus what Ollama does silently. A context it
 # lowered (context_reduced) or a prompt it cut (context_truncated) came with the length; a model missing
 # from the store does not.
-GGUF_ENGINES = ("llamacpp", "ollama")
 OLLAMA_LENGTH_DEPENDENT = LLAMACPP_LENGTH_DEPENDENT | {"context_reduced", "context_truncated"}
 OLLAMA_UNRELATED = LLAMACPP_UNRELATED | {"model_not_found"}
+# engine -> (failures that prove the edge, failures that stop the search); the rest is retried once
+GGUF_RULES = {
+    "llamacpp": (LLAMACPP_LENGTH_DEPENDENT, LLAMACPP_UNRELATED),
+    "ollama": (OLLAMA_LENGTH_DEPENDENT, OLLAMA_UNRELATED),
+}
+GGUF_ENGINES = tuple(GGUF_RULES)
 
 
 # ---- reading a record -----------------------------------------------------------------------------------
@@ -216,14 +221,11 @@ def failure_class(rec: dict) -> str:
     if rec.get("outcome") == "unstable" or rec.get("failure") in LENGTH_DEPENDENT:
         return "proof"
     kind = failure_kind(rec)
-    if rec.get("engine") == "llamacpp":
-        if kind in LLAMACPP_LENGTH_DEPENDENT:
+    if rec.get("engine") in GGUF_RULES:
+        proves, stops = GGUF_RULES[rec["engine"]]
+        if kind in proves:
             return "proof"
-        return "independent" if kind in LLAMACPP_UNRELATED else "retry"
-    if rec.get("engine") == "ollama":
-        if kind in OLLAMA_LENGTH_DEPENDENT:
-            return "proof"
-        return "independent" if kind in OLLAMA_UNRELATED else "retry"
+        return "independent" if kind in stops else "retry"
     if kind in UNRELATED_FAILURES:
         return "independent"
     if kind == "cuda_oom" and (
