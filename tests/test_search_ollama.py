@@ -4,6 +4,7 @@ model on the CPU as no fit, and the range from the GGUF in Ollama's store."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,8 +61,11 @@ def test_the_range_and_the_first_launch_come_from_the_gguf_in_the_store(tmp_path
     monkeypatch.setattr(lc, "budget", lambda trial: (100 * 2**20, 0, "a 100 MiB card"))
     guess, why = lc.first_guess(t)
     assert 0 < guess < 40960 and guess % 256 == 0 and why.startswith("the memory model (a guess): num_ctx")
-    two = lc.first_guess(Trial(**{**t.__dict__, "env": {**t.env, "OLLAMA_NUM_PARALLEL": "2"}}))[0]
+    two, why_two = lc.first_guess(Trial(**{**t.__dict__, "env": {**t.env, "OLLAMA_NUM_PARALLEL": "2"}}))
     assert two < guess  # each of two slots gets num_ctx: -c is twice num_ctx
+    per_token = [float(re.search(r"(\d+) bytes per token", w).group(1)) for w in (why, why_two)]
+    # a num_ctx token costs a KV cell in each slot (the compute buffer goes with one slot's length)
+    assert per_token[1] > per_token[0]
 
 
 def test_without_a_gguf_or_a_top_the_search_asks_for_high(tmp_path):

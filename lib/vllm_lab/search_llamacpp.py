@@ -84,8 +84,9 @@ def ollama_knobs(trial: Trial) -> Knobs:
     Flash attention counts as off unless OLLAMA_FLASH_ATTENTION is set (its default changed across versions;
     off needs the bigger compute buffer, so the guess errs low and the search climbs), and the KV cache type
     applies only with it, as in Ollama. Several slots are separate caches of num_ctx each (no -kvu)."""
-    knob = dict(trial.env)
-    knob.update(a.split("=", 1) for a in trial.extra_args if a.startswith("OLLAMA_") and "=" in a)
+    from vllm_lab.engines.ollama import extra_env
+
+    knob = {**trial.env, **extra_env(trial)}
     par = str(knob.get("OLLAMA_NUM_PARALLEL", "1"))
     slots = int(par) if par.isdigit() and int(par) > 0 else 1
     fa = str(knob.get("OLLAMA_FLASH_ATTENTION", "")).lower() in ("1", "true", "on", "yes")
@@ -213,11 +214,13 @@ def first_guess(trial: Trial) -> tuple[int, str] | None:
         return None
     avail, base, where = b
     k = trial_knobs(trial)
-    flag = "num_ctx" if trial.engine == "ollama" else "-c"
-    c = largest_fitting(f, k, avail, base, per_slot=trial.engine == "ollama")
+    per_slot = trial.engine == "ollama"
+    flag = "num_ctx" if per_slot else "-c"
+    c = largest_fitting(f, k, avail, base, per_slot=per_slot)
     if c == 0:
         return BLOCK, f"the memory model: not even {flag} {BLOCK} fits {where}"
-    per = (bytes_at(f, c + BLOCK, k, base) - bytes_at(f, c, k, base)) / BLOCK
+    scale = k.slots if per_slot else 1  # a num_ctx token is one cell in each slot
+    per = (bytes_at(f, (c + BLOCK) * scale, k, base) - bytes_at(f, c * scale, k, base)) / BLOCK
     return c, (
         f"the memory model (a guess): {flag} {c} fits {where}; weights {f.weights_bytes / MIB:.1f} MiB, "
         f"KV {k.cache_k}/{k.cache_v} + compute (flash attention {'on' if k.flash_attn else 'off'}) "

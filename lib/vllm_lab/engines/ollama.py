@@ -78,7 +78,8 @@ def manifest_path(root: Path, name: str) -> Path:
     return root / "manifests" / Path(*parts) / (tag or "latest")
 
 
-def _extra_env(trial: Trial) -> dict[str, str]:
+def extra_env(trial: Trial) -> dict[str, str]:
+    """The OLLAMA_* settings given in extra_args as NAME=value (they win over the trial's env, as env() sets)."""
     return {m.group(1): m.group(2) for a in trial.extra_args if (m := _ASSIGN.match(a))}
 
 
@@ -174,7 +175,7 @@ class OllamaEngine(Engine):
         out = {"OLLAMA_MODELS": str(store(trial.env))}
         if trial.max_model_len is not None:
             out["OLLAMA_CONTEXT_LENGTH"] = str(trial.max_model_len)
-        out.update(_extra_env(trial))
+        out.update(extra_env(trial))
         return out
 
     def fatal(self, line: str) -> str | None:
