@@ -182,9 +182,12 @@ def test_vllm_lab_launch_pull_pulls_a_missing_model(store, run_dir):
 
 
 def test_the_dry_run_asks_no_pull_for_a_gguf_or_a_pull_entry(store):
-    from vllm_lab.engine_compare import _ollama_store_note
+    from vllm_lab.engine_compare import _entry_trial, _ollama_store_note
+
+    def note(entry: dict, model: str) -> str:
+        return _ollama_store_note(_entry_trial(entry, model))
 
     env = {"OLLAMA_MODELS": str(store)}
-    assert "`ollama pull" in _ollama_store_note({"engine": "ollama", "env": env}, MISSING)
-    assert _ollama_store_note({"engine": "ollama", "env": env, "pull": True}, MISSING) == ""
-    assert _ollama_store_note({"engine": "ollama", "env": env}, str(TINY_GGUF)) == ""  # created at run time
+    assert "`ollama pull" in note({"engine": "ollama", "env": env}, MISSING)
+    assert note({"engine": "ollama", "env": env, "pull": True}, MISSING) == ""
+    assert note({"engine": "ollama", "env": env}, str(TINY_GGUF)) == ""  # created at run time

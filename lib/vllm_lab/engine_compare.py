@@ -6,7 +6,6 @@ The step's ENGINES parameter lists the servers to compare, each a mapping:
   engine                vllm | llamacpp | ollama (engines.names())
   model                 a model folder / hub id for vLLM, a .gguf for llama.cpp, an Ollama name (or a .gguf,
                         created in Ollama's store at run time) for Ollama (default: the plan's model)
-  pull                  Ollama: pull a name missing from the store at run time (else refused before any launch)
   vllm_cmd, extra_args, env   the server command and its own flags (default: the plan's for vLLM, the
                         engine's own command and none for the others: vLLM's flags would end llama-server)
   gpu_memory_utilization | kv_cache_memory_bytes   vLLM's memory setting (the CPU build needs a KV budget)
@@ -158,10 +157,9 @@ def predict_entry(e: dict, gpu: str | None, vllm_version: str | None, default_mo
     """One line: what the memory model and the compatibility rules say about the entry (a prediction)."""
     engine = e.get("engine", "vllm")
     model = str(e.get("model") or default_model)
-    if engine == "ollama":
-        return _predict_gguf(e, model, gpu) + _ollama_store_note(e, model)
-    if engine == "llamacpp":
-        return _predict_gguf(e, model, gpu)
+    if engine in ("llamacpp", "ollama"):
+        t = _entry_trial(e, model)
+        return _predict_gguf(t, gpu) + (_ollama_store_note(t) if engine == "ollama" else "")
     try:
         from vllm_lab.paths import resolve_path
         from vllm_lab.predict import predict_trial_outcome
@@ -181,14 +179,13 @@ def predict_entry(e: dict, gpu: str | None, vllm_version: str | None, default_mo
     )
 
 
-def _predict_gguf(e: dict, model: str, gpu: str | None) -> str:
+def _predict_gguf(t, gpu: str | None) -> str:
     """llama.cpp (the .gguf) or Ollama (the GGUF behind the name in its store): the memory model's largest
     context on the card or under the address-space limit."""
     from vllm_lab import memory_gguf as mg
     from vllm_lab import search_llamacpp as lc
 
-    engine = e.get("engine", "vllm")
-    t = _entry_trial(e, model)
+    engine, model = t.engine, t.model
     try:
         facts = mg.read_gguf(lc.gguf_of(t) or model)
     except Exception:
@@ -197,8 +194,8 @@ def _predict_gguf(e: dict, model: str, gpu: str | None) -> str:
         else:
             return f"no prediction (cannot read {model} here)"
     k = lc.trial_knobs(t)
-    if e.get("memory_limit_bytes"):
-        avail, base = int(e["memory_limit_bytes"]), lc.ADDRESS_SPACE_BASE
+    if t.memory_limit_bytes:
+        avail, base = int(t.memory_limit_bytes), lc.ADDRESS_SPACE_BASE
         where = f"address-space limit {avail / 2**20:.0f} MiB"
     elif gpu:
         from vllm_lab.gpu import load_gpu_profile
@@ -217,26 +214,27 @@ def _predict_gguf(e: dict, model: str, gpu: str | None) -> str:
             "(a prediction)")  # fmt: skip
 
 
-def _ollama_store_note(e: dict, model: str) -> str:
+def _ollama_store_note(t) -> str:
     """Where the model is not in the store the run will use: how to get it (the run refuses it before any launch)."""
     from vllm_lab.engines.ollama import manifest_path, store
     from vllm_lab.engines.ollama_gguf import is_file_model
 
-    root = store({str(k): str(v) for k, v in (e.get("env") or {}).items()})
+    root = store(t.env)
     if (
-        e.get("pull") or is_file_model(model) or manifest_path(root, model).is_file()
+        t.pull or is_file_model(t.model) or manifest_path(root, t.model).is_file()
     ):  # a .gguf: created at run time
         return ""
-    return f"; not in the Ollama store {root} here: `ollama pull {model}` before the run"
+    return f"; not in the Ollama store {root} here: `ollama pull {t.model}` before the run"
 
 
 def _entry_trial(e: dict, model: str):
-    """Enough of the entry's trial for the GGUF knobs (no validation: a dry run predicts what it can)."""
+    """Enough of the entry's trial for the GGUF knobs and the store (no validation: a dry run predicts what
+    it can)."""
     from vllm_lab.spec import Trial
 
     env = {str(k): str(v) for k, v in (e.get("env") or {}).items()}
     return Trial(model=model, engine=e.get("engine", "vllm"), extra_args=[str(a) for a in e.get("extra_args", [])],
-                 env=env, memory_limit_bytes=e.get("memory_limit_bytes"))  # fmt: skip
+                 env=env, memory_limit_bytes=e.get("memory_limit_bytes"), pull=e.get("pull") is True)  # fmt: skip
 
 
 def dry_run_lines(params: dict, gpu: str | None, vllm_version: str | None) -> list[str]:
