@@ -526,8 +526,8 @@ class _Load:
             why = e1 or e2 or f"counted {p2} tokens for {head + 2 * k} words, {p1} for {head + k}"
             raise SpecError(f"calibrating the load's text prompts against {self.base_url}: a prompt {why}; "
                             "the load cannot aim at --prompt-tokens")  # fmt: skip
-        rate = (p2 - p1) / k
-        fixed = p1 - rate * (head + k)  # the template's tokens, and what the words do not explain
+        # the template's tokens, and what the words do not explain
+        rate, fixed = prompt_text.token_line(head + k, p1, head + 2 * k, p2)
         self.words = max(head + 1, round((self.spec.prompt_tokens - fixed) / rate))
         self.aimed = round(fixed + rate * self.words)
         self.calibration = {"words": [head + k, head + 2 * k], "counted": [p1, p2]}

@@ -22,6 +22,13 @@ def text(n: int, start: int) -> str:
     return " ".join(WORDS[(start * 7 + i) % len(WORDS)] for i in range(n))
 
 
+def token_line(w1: int, p1: int, w2: int, p2: int) -> tuple[float, float]:
+    """(tokens per word, fixed tokens) through two prompts of w1 and w2 words the server counted as p1 and p2
+    tokens: a chat template's fixed part, then about one token per word."""
+    rate = (p2 - p1) / (w2 - w1)
+    return rate, p1 - rate * w1
+
+
 def head_words(numbers: int) -> int:
     """Words that spell any number below `numbers` in base len(WORDS)."""
     return max(1, math.ceil(math.log(numbers) / math.log(len(WORDS))))

@@ -20,6 +20,7 @@ from vllm_lab.engines import ollama_store
 from vllm_lab.engines.ollama_gguf import full_name
 from vllm_lab.http_client import body_message
 from vllm_lab.prompt_text import text as _text  # the word list the load's text prompts use too
+from vllm_lab.prompt_text import token_line
 
 if TYPE_CHECKING:
     from vllm_lab.spec import Trial
@@ -165,8 +166,7 @@ class OllamaCheck:
             self._fail("unstable", "other", f"a short prompt ({k} or {2 * k} words) {why}",
                        "read the log (log_path): the runner may have died")  # fmt: skip
             return
-        rate = (p2 - p1) / k
-        overhead = p1 - rate * k
+        rate, overhead = token_line(k, p1, 2 * k, p2)
         n = max(1, int((target * 0.98 - overhead) / rate))  # 2 % below the context: a tokenizer's wobble
         expected = round(overhead + rate * n)
         body = {"model": self.name, "prompt": _text(n, 3), "max_tokens": LONG_OUTPUT_TOKENS, "temperature": 0,
