@@ -52,6 +52,9 @@ def test_p40_plan_dry_run_predicts_each_engine(capsys, monkeypatch, tmp_path):
     # Ollama's model is not in this box's store: predicted from the published size, and said how to get it
     assert "predicted: starts, largest num_ctx 40960" in lines["ollama-q4km"]
     assert "ollama pull qwen3:8b-q4_K_M" in lines["ollama-q4km"]
+    # each of Ollama's slots holds num_ctx: two slots at the full context are twice the KV
+    two = {"name": "ol2", "engine": "ollama", "model": "qwen3:8b-q4_K_M", "env": {"OLLAMA_NUM_PARALLEL": "2"}}
+    assert "KV 11.25 GiB" in engine_compare.predict_entry(two, "p40", None, "")
 
 
 def _rec(step, n, outcome="ready", **kw):

@@ -205,8 +205,10 @@ def _predict_gguf(t, gpu: str | None) -> str:
         where = f"{prof.name} {prof.total_mib:.0f} MiB"
     else:
         return "no prediction (no card and no memory limit)"
-    full = mg.fit(facts, int(avail / 2**20), None, k.slots, k.cache_k, k.cache_v, k.flash_attn, k.kv_unified)
-    edge = lc.largest_fitting(facts, k, avail, base, per_slot=engine == "ollama")
+    per_slot = engine == "ollama"  # Ollama's num_ctx is each slot's: its llama-server gets -c num_ctx x slots
+    top_c = facts.n_ctx_train * (k.slots if per_slot else 1)
+    full = mg.fit(facts, int(avail / 2**20), top_c, k.slots, k.cache_k, k.cache_v, k.flash_attn, k.kv_unified)
+    edge = lc.largest_fitting(facts, k, avail, base, per_slot=per_slot)
     flag = "num_ctx" if engine == "ollama" else "-c"
     return (f"predicted: {'starts' if edge else 'does not start (weights_oom)'}, largest {flag} {edge} of "
             f"n_ctx_train {facts.n_ctx_train} on {where}; at {facts.n_ctx_train}: weights {full.weights_gib:.2f} "
