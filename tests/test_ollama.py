@@ -331,3 +331,16 @@ def test_a_name_without_a_tag_is_found_as_ollama_lists_it(tmp_path, run_dir):
     rec = run_trial(t, run_dir)
     assert rec["outcome"] == "ready", rec  # /api/ps says qwen3:latest
     assert rec["context_used"] == 2048
+
+
+def test_a_container_keeps_its_own_store_and_listens_where_it_is_published(tmp_path):
+    from vllm_lab.launcher import build_argv
+
+    cmd = "docker run --gpus all -v ollama:/root/.ollama ollama/ollama"
+    t = Trial(model=MODEL, engine="ollama", vllm_cmd=cmd, max_model_len=8192)
+    argv = build_argv(t.validate(check_command=False), 40001)
+    assert "OLLAMA_MODELS" not in argv  # this machine's store path means nothing inside the container
+    assert argv[argv.index("-p") + 1] == "127.0.0.1:40001:40001" and "OLLAMA_HOST=0.0.0.0:40001" in argv
+    assert argv[-2:] == ["ollama/ollama", "serve"] and "OLLAMA_CONTEXT_LENGTH" in argv
+    own = Trial(**{**t.__dict__, "env": {"OLLAMA_MODELS": "/models"}, "trial_id": ""})
+    assert build_argv(own, 40001).count("OLLAMA_MODELS") == 1  # the user's own, passed once by name

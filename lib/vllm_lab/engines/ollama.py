@@ -172,7 +172,9 @@ class OllamaEngine(Engine):
         return ["env", f"OLLAMA_HOST={host}:{port}", *shown, *cmd]
 
     def env(self, trial: Trial) -> dict[str, str]:
-        out = {"OLLAMA_MODELS": str(store(trial.env))}
+        # a container's store is its own (a volume at /root/.ollama): this machine's path would point nowhere
+        in_container = commands.analyse(trial.vllm_cmd).run_at is not None
+        out = {} if in_container else {"OLLAMA_MODELS": str(store(trial.env))}
         if trial.max_model_len is not None:
             out["OLLAMA_CONTEXT_LENGTH"] = str(trial.max_model_len)
         out.update(extra_env(trial))
